@@ -1,0 +1,54 @@
+"""Layer 4: backends. ``backend_for(address)`` picks one from the address a user gives."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+
+from ..errors import InvalidArgument
+from .base import Backend
+
+REMOTE_HINT = (
+    "the embedded backend serves this machine only; remote machines are served by the Ray backend "
+    "(a Ray address such as 'ray://head:10001')"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_local_ipv4(address: str) -> bool:
+    ip = ipaddress.IPv4Address(address)
+    if ip.is_loopback:
+        return True
+    if ip.is_unspecified or ip.is_multicast:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))  # succeeds only for an address of one of our interfaces
+        except OSError:
+            return False
+    return True
+
+
+def backend_for(address: object, *, inline_threshold: int | None = None) -> Backend:
+    """The backend that serves ``address``.
+
+    Raises:
+        InvalidArgument: ``address`` is not a string, not an IPv4 address, or not one of this
+            machine's addresses (the message names the backend for remote machines).
+    """
+    if not isinstance(address, str):
+        raise InvalidArgument(f"address must be a str (an IPv4 address of this machine), got {address!r} ({type(address).__name__})")
+    if address.startswith("ray:"):
+        raise InvalidArgument(f"address {address!r} selects the Ray backend, which this version does not include yet")
+    try:
+        local = _is_local_ipv4(address)
+    except ValueError:
+        raise InvalidArgument(
+            f"address must be an IPv4 address of this machine such as '127.0.0.1', got {address!r}; {REMOTE_HINT}"
+        ) from None
+    if not local:
+        raise InvalidArgument(f"address {address!r} is not an IPv4 address of this machine; {REMOTE_HINT}")
+    from .embedded import EmbeddedBackend
+
+    return EmbeddedBackend(inline_threshold=inline_threshold)

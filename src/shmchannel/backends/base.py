@@ -1,0 +1,61 @@
+"""The interface the public API (channel.py) calls; one implementation per backend.
+
+The API layer checks every argument and splits objects; a backend only moves the parts.
+Timeouts are ``None`` (wait forever) or seconds >= 0 (0: do not wait).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..store.table import StoreStats
+
+Queue = "list[str] | dict[int, list[str]]"
+
+
+class SenderEndpoint(Protocol):
+    def send(self, parts: list[Any], timeout: float | None) -> None:
+        """Enqueue one object: part i to shard i (one part for every shard with full_batch)."""
+
+    def queue(self, shard_id: int | None) -> Any:
+        """Keys not yet consumed: of one shard, or ``{shard: keys}`` when shard_id is None."""
+
+    def close(self, end_of_stream: bool) -> None:
+        """Leave the channel; with ``end_of_stream`` receivers drain and then get ChannelClosed."""
+
+
+class ReceiverEndpoint(Protocol):
+    num_shards: int
+
+    def recv(self, timeout: float | None, peek: bool) -> Any:
+        """The oldest object of this shard (removed unless ``peek``)."""
+
+    def queue(self, shard_id: int | None) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class DataSystemEndpoint(Protocol):
+    def put(self, obj: Any, timeout: float | None) -> str: ...
+
+    def get(self, key: str) -> Any: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def contains(self, key: str) -> bool: ...
+
+    def stats(self) -> StoreStats: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    def create_sender(
+        self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
+    ) -> SenderEndpoint: ...
+
+    def open_receiver(
+        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None
+    ) -> ReceiverEndpoint: ...
+
+    def data_system(self) -> DataSystemEndpoint: ...

@@ -1,0 +1,231 @@
+"""Find, start and stop the broker daemon; ``python -m shmchannel.broker.daemon`` runs one.
+
+Start is race-free: a starter takes an exclusive ``flock`` on ``broker.lock`` in the runtime
+directory, looks again whether a broker answers, and only then spawns one and waits for
+its "ready" line on a pipe -- so two processes starting at once end with one broker. The
+daemon double-forks (no zombie in the starter), removes /dev/shm entries that brokers of
+this user left when they died (their pid is in the name), creates its arena, and exits
+after ``idle_timeout`` seconds without clients, channels or objects, removing everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import config
+from ..errors import BrokerUnavailable
+from ..store.arena import ArenaFile
+from ..store.table import ObjectTable
+from .client import Connection
+from .server import Server
+from .state import BrokerState
+
+log = logging.getLogger("shmchannel.broker")
+
+START_TIMEOUT = 20.0
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (a zombie has released everything)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def connect(path: Path | None = None) -> Connection:
+    """A connection to the running broker; BrokerUnavailable if none answers."""
+    return Connection(path or config.socket_path())
+
+
+def ensure_running(memory: int | None = None, idle_timeout: float | None = None) -> Connection:
+    """A connection to this user's broker, starting one first if none runs."""
+    path = config.socket_path()
+    try:
+        return Connection(path)
+    except BrokerUnavailable:
+        pass
+    with open(config.runtime_dir() / "broker.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return Connection(path)  # another process won the race
+        except BrokerUnavailable:
+            pass
+        spawn(memory, idle_timeout)
+        return Connection(path)
+
+
+def spawn(memory: int | None = None, idle_timeout: float | None = None) -> int:
+    """Start a daemon (caller holds the start lock) and return its pid once it listens."""
+    memory = memory or config.default_memory()
+    idle = config.default_idle_timeout() if idle_timeout is None else idle_timeout
+    rt = config.runtime_dir()
+    env = dict(os.environ, SHMCHANNEL_RUNTIME_DIR=str(rt))
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    read_fd, write_fd = os.pipe()
+    try:
+        with open(rt / "broker.log", "ab") as logfile:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "shmchannel.broker.daemon", "--memory", str(memory),
+                 "--idle-timeout", str(idle), "--ready-fd", str(write_fd)],
+                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                start_new_session=True, env=env, close_fds=True,
+            )
+        os.close(write_fd)
+        write_fd = -1
+        launcher.wait(START_TIMEOUT)
+        answer = _read_line(read_fd, START_TIMEOUT)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BrokerUnavailable(f"could not start the broker: {exc}") from exc
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    if not answer.startswith("ready "):
+        raise BrokerUnavailable(
+            f"the broker did not start: {answer or 'no answer within %.0f s' % START_TIMEOUT} (log: {rt / 'broker.log'})"
+        )
+    return int(answer.split()[1])
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def stop(timeout: float = 10.0) -> int | None:
+    """Stop this user's broker; return its pid, or None if none was running.
+
+    Blocks until the process has exited and removed its shared memory.
+    """
+    try:
+        conn = connect()
+    except BrokerUnavailable:
+        return None
+    try:
+        reply, _ = conn.request({"op": "stop"})
+    finally:
+        conn.close()
+    pid = int(reply["pid"])
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            remove_stale_entries()
+            break
+        time.sleep(0.005)  # waiting for another process to exit: no event to wait on
+    return pid
+
+
+def status() -> dict[str, Any] | None:
+    """The broker's status (pid, store, channels), or None if no broker runs."""
+    try:
+        conn = connect()
+    except BrokerUnavailable:
+        return None
+    try:
+        reply, _ = conn.request({"op": "status"})
+    finally:
+        conn.close()
+    return reply
+
+
+def remove_stale_entries() -> list[Path]:
+    """Unlink /dev/shm entries of this user's brokers that are no longer running."""
+    removed = []
+    for entry in config.our_shm_entries():
+        try:
+            pid = int(entry.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not pid_alive(pid):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+# -- the daemon itself -----------------------------------------------------------------
+
+
+def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
+    rt = config.runtime_dir()
+    sock_path = rt / "broker.sock"
+    for entry in remove_stale_entries():
+        log.warning("removed %s left by a broker that died", entry)
+    sock_path.unlink(missing_ok=True)  # a dead broker's socket; the starter holds the lock
+    arena = ArenaFile(config.SHM_DIR / config.shm_name(os.getpid(), "arena"), memory)
+    try:
+        state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"))
+
+        async def main() -> None:
+            server = Server(state, arena, str(sock_path), idle_timeout, memory)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, server.stopping.set)
+
+            def ready() -> None:
+                log.info("broker %d listening on %s, arena %s of %d bytes", os.getpid(), sock_path, arena.path, memory)
+                if ready_fd >= 0:
+                    os.write(ready_fd, f"ready {os.getpid()}\n".encode())
+                    os.close(ready_fd)
+
+            try:
+                await server.serve(ready)
+            finally:
+                sock_path.unlink(missing_ok=True)
+
+        asyncio.run(main())
+    finally:
+        arena.destroy()
+        log.info("broker %d stopped; removed %s", os.getpid(), arena.path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shmchannel.broker.daemon")
+    parser.add_argument("--memory", type=int, default=config.default_memory())
+    parser.add_argument("--idle-timeout", type=float, default=config.default_idle_timeout())
+    parser.add_argument("--ready-fd", type=int, default=-1)
+    parser.add_argument("--foreground", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.foreground and os.fork() > 0:
+        os._exit(0)  # the launcher exits; the daemon is adopted by init
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        _run(args.memory, args.idle_timeout, args.ready_fd)
+    except BaseException as exc:
+        log.exception("broker failed")
+        if args.ready_fd >= 0:
+            try:
+                os.write(args.ready_fd, f"error {exc!r}\n".encode())
+            except OSError:
+                pass
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Wire format between clients and the broker (frames and names only; no sockets here).
+
+A frame is ``u32 json_len | u32 payload_len | json | payload``. The JSON object carries the
+operation and its small arguments; the payload carries inline blobs (small objects travel
+with their key instead of through the arena). JSON, not pickle: the broker must never
+unpickle what a client sends. Every request gets exactly one reply, except the one-way
+operations listed in ``ONE_WAY``; a client has at most one request outstanding.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+PROTOCOL_VERSION = 1
+HEAD = struct.Struct("<II")
+MAX_JSON = 1 << 20
+MAX_PAYLOAD = 256 << 20
+
+#: Operations that get no reply.
+ONE_WAY = frozenset({"release", "cancel", "requeue"})
+
+
+class FrameError(ValueError):
+    """A frame is malformed (sizes out of bounds, JSON not an object)."""
+
+
+def encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[Any]:
+    """The parts of one frame, ready for ``socket.sendmsg`` or a transport's writelines."""
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    return [HEAD.pack(len(body), len(payload)), body, payload] if len(payload) else [HEAD.pack(len(body), 0), body]
+
+
+def parse_head(head: bytes | bytearray | memoryview) -> tuple[int, int]:
+    json_len, payload_len = HEAD.unpack(head)
+    if json_len > MAX_JSON or json_len == 0:
+        raise FrameError(f"frame JSON length {json_len} outside 1..{MAX_JSON}")
+    if payload_len > MAX_PAYLOAD:
+        raise FrameError(f"frame payload length {payload_len} above {MAX_PAYLOAD}")
+    return json_len, payload_len
+
+
+def parse_body(body: bytes | bytearray | memoryview, *, request: bool = True) -> dict[str, Any]:
+    try:
+        msg = json.loads(bytes(body))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError(f"frame body is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise FrameError("frame body must be a JSON object")
+    if request and not isinstance(msg.get("op"), str):
+        raise FrameError("request must have a string 'op'")
+    return msg
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": code, "message": message}

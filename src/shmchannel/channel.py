@@ -1,0 +1,371 @@
+"""The public API: DataSender, DataReceiver, DataSystem (``mindpandas.channel`` compatible).
+
+Each class checks its arguments once, here, and delegates to a backend endpoint chosen by
+``address``; what it adds to the reference is keyword-only.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+import functools
+from typing import Any, Callable, Iterator
+
+from .backends import backend_for
+from .errors import ChannelClosed, EndpointClosed, InvalidArgument
+from .serialization import row_count, split
+from .store.table import StoreStats
+
+MAX_NAME = 1024
+
+
+def _check_name(param: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{param} must be a str, got {value!r} ({type(value).__name__})")
+    if not value or len(value) > MAX_NAME or "\x00" in value:
+        raise InvalidArgument(f"{param} must be 1 to {MAX_NAME} characters without NUL, got {value[:40]!r} (length {len(value)})")
+    return value
+
+
+def _check_int(param: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise InvalidArgument(f"{param} must be {what}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_timeout(param: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidArgument(f"{param} must be None or a number of seconds >= 0, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _warn_unclosed(what: str, close: Callable[[], None]) -> None:
+    """Finalizer of a forgotten endpoint: warn, then leave the channel without ending it."""
+    warnings.warn(f"{what} was never closed; call close() or use it in a with block", ResourceWarning, stacklevel=2)
+    try:
+        close()
+    except Exception:
+        pass
+
+
+class DataSender:
+    """The producing end of a channel: splits each object into shards and queues them.
+
+    Example::
+
+        with DataSender(address="127.0.0.1", dataset_name="clicks", num_shards=2) as sender:
+            sender.send(df)        # rows [0, n/2) to shard 0, [n/2, n) to shard 1
+
+    The broker is started if none runs. Raises ValueError (``InvalidArgument``) for a bad
+    parameter and ``NameInUse`` (a ValueError) if another sender owns the name.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        namespace: str = "default",
+        num_shards: int = 1,
+        dataset_name: str = "dataset",
+        full_batch: bool = False,
+        max_queue_size: int = 10,
+        *,
+        inline_threshold: int | None = None,
+    ) -> None:
+        self._endpoint: Any = None
+        self._namespace = _check_name("namespace", namespace)
+        self._dataset_name = _check_name("dataset_name", dataset_name)
+        self._num_shards = _check_int("num_shards", num_shards, 1)
+        if not isinstance(full_batch, bool):
+            raise InvalidArgument(f"full_batch must be a bool, got {full_batch!r} ({type(full_batch).__name__})")
+        self._full_batch = full_batch
+        self._max_queue_size = _check_int("max_queue_size", max_queue_size, 1)
+        if inline_threshold is not None:
+            _check_int("inline_threshold", inline_threshold, 0)
+        backend = backend_for(address, inline_threshold=inline_threshold)
+        self._address = address
+        self._endpoint = backend.create_sender(namespace, dataset_name, num_shards, full_batch, max_queue_size)
+        self._finalizer = weakref.finalize(
+            self, _warn_unclosed, repr(self), functools.partial(self._endpoint.close, end_of_stream=False)
+        )
+
+    # -- reference API -------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return self._num_shards
+
+    @property
+    def full_batch(self) -> bool:
+        return self._full_batch
+
+    def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Split ``obj`` row-wise into ``num_shards`` blocks and queue block i for shard i.
+
+        With ``full_batch`` every shard gets the whole object. Blocks while a shard's queue
+        holds ``max_queue_size`` objects (or the store is full), at most ``timeout`` seconds.
+        All shards are queued or none.
+
+        Raises:
+            TypeError: ``obj`` is not a numpy.ndarray, list, pandas DataFrame/Series or pyarrow.Table.
+            ValueError: ``len(obj)`` is not a positive multiple of ``num_shards``.
+            TimeoutError: ``timeout`` ran out; nothing was queued (``StoreFullTimeout`` if
+                the store stayed full).
+            StoreFull: one object is larger than the whole store.
+            EndpointClosed: this sender was closed.
+        """
+        endpoint = self._live()
+        timeout = _check_timeout("timeout", timeout)
+        rows = row_count(obj)
+        divisor = 1 if self._full_batch else self._num_shards
+        if rows == 0 or rows % divisor:
+            raise InvalidArgument(
+                f"len(obj) must be a positive multiple of num_shards ({divisor}), got {rows}"
+                if divisor > 1
+                else f"len(obj) must be positive, got {rows}"
+            )
+        parts = [obj] if self._full_batch else split(obj, self._num_shards)
+        endpoint.send(parts, timeout)
+
+    def get_queue(self, shard_id: int | None = None) -> Any:
+        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""
+        if shard_id is not None:
+            _check_int("shard_id", shard_id, 0)
+            if shard_id >= self._num_shards:
+                raise InvalidArgument(f"shard_id must be less than num_shards ({self._num_shards}), got {shard_id}")
+        return self._live().queue(shard_id)
+
+    # -- beyond the reference ------------------------------------------------------------
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def dataset_name(self) -> str:
+        return self._dataset_name
+
+    @property
+    def max_queue_size(self) -> int:
+        return self._max_queue_size
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint is None
+
+    def close(self) -> None:
+        """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._finalizer.detach()
+            endpoint.close(end_of_stream=True)
+
+    def _live(self) -> Any:
+        if self._endpoint is None:
+            raise EndpointClosed(f"{self!r} is closed")
+        return self._endpoint
+
+    def __enter__(self) -> DataSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._endpoint is None else "open"
+        return (
+            f"<DataSender {getattr(self, '_namespace', '?')}/{getattr(self, '_dataset_name', '?')} "
+            f"{getattr(self, '_num_shards', '?')} shards{' full_batch' if getattr(self, '_full_batch', False) else ''} {state}>"
+        )
+
+
+class DataReceiver:
+    """The consuming end of one shard of a channel.
+
+    Example::
+
+        with DataReceiver(address="127.0.0.1", dataset_name="clicks", shard_id=0, wait=30) as rx:
+            for part in rx:          # ends after the sender's close() and the queue drained
+                train(part)
+
+    Received arrays (and the numeric columns of DataFrames) are views of shared memory,
+    writable unless the object is shared with other shards (``full_batch``); the memory
+    returns to the store when the last of them is dropped.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        namespace: str = "default",
+        shard_id: int = 0,
+        dataset_name: str = "dataset",
+        *,
+        wait: float | None = 0.0,
+    ) -> None:
+        """Connect to the channel; ``wait`` seconds (None: forever) for its sender to appear.
+
+        Raises:
+            ChannelNotFound (ValueError): no sender created it (within ``wait``).
+            ValueError: a bad parameter, or ``shard_id >= num_shards`` of the channel.
+        """
+        self._endpoint: Any = None
+        self._namespace = _check_name("namespace", namespace)
+        self._dataset_name = _check_name("dataset_name", dataset_name)
+        self._shard_id = _check_int("shard_id", shard_id, 0)
+        wait = _check_timeout("wait", wait)
+        backend = backend_for(address)
+        self._endpoint = backend.open_receiver(namespace, dataset_name, shard_id, wait)
+        self._num_shards = self._endpoint.num_shards
+        self._finalizer = weakref.finalize(self, _warn_unclosed, repr(self), self._endpoint.close)
+
+    @property
+    def shard_id(self) -> int:
+        return self._shard_id
+
+    @property
+    def num_shards(self) -> int:
+        return self._num_shards
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def dataset_name(self) -> str:
+        return self._dataset_name
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint is None
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """Remove and return the oldest object of this shard; block while it is empty.
+
+        Raises:
+            TimeoutError (``ChannelTimeout``): nothing arrived within ``timeout`` seconds.
+            ChannelClosed: the sender closed the channel and this shard is drained.
+            EndpointClosed: this receiver was closed.
+        """
+        return self._live().recv(_check_timeout("timeout", timeout), False)
+
+    def peek(self, timeout: float | None = None) -> Any:
+        """Like ``recv`` but leave the object in the queue."""
+        return self._live().recv(_check_timeout("timeout", timeout), True)
+
+    def get_queue(self, shard_id: int | None = None) -> Any:
+        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""
+        if shard_id is not None:
+            _check_int("shard_id", shard_id, 0)
+        return self._live().queue(shard_id)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Receive until the end of the stream (``ChannelClosed``)."""
+        while True:
+            try:
+                obj = self.recv()
+            except ChannelClosed:
+                return
+            yield obj
+            del obj  # drop our reference so a consumed object can return to the store
+
+    def close(self) -> None:
+        """Leave the channel. Objects already received stay valid. Idempotent."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._finalizer.detach()
+            endpoint.close()
+
+    def _live(self) -> Any:
+        if self._endpoint is None:
+            raise EndpointClosed(f"{self!r} is closed")
+        return self._endpoint
+
+    def __enter__(self) -> DataReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._endpoint is None else "open"
+        shards = getattr(self, "_num_shards", "?")
+        return (
+            f"<DataReceiver {getattr(self, '_namespace', '?')}/{getattr(self, '_dataset_name', '?')} "
+            f"shard {getattr(self, '_shard_id', '?')}/{shards} {state}>"
+        )
+
+
+class DataSystem:
+    """A key-value store whose values live in shared memory, owned by the broker.
+
+    Example::
+
+        with DataSystem(address="127.0.0.1") as ds:
+            key = ds.put(np.arange(10))
+            view = ds.get(key)       # read-only view of shared memory
+            ds.delete(key)
+    """
+
+    def __init__(self, address: str = "127.0.0.1", *, inline_threshold: int | None = None) -> None:
+        self._endpoint: Any = None
+        if inline_threshold is not None:
+            _check_int("inline_threshold", inline_threshold, 0)
+        self._endpoint = backend_for(address, inline_threshold=inline_threshold).data_system()
+        self._finalizer = weakref.finalize(self, _warn_unclosed, "DataSystem", self._endpoint.close)
+
+    def put(self, obj: Any, *, timeout: float | None = None) -> str:
+        """Store any picklable object; return its key. The object stays until ``delete``.
+
+        Raises:
+            StoreFull / StoreFullTimeout: no room (within ``timeout`` seconds).
+        """
+        return str(self._live().put(obj, _check_timeout("timeout", timeout)))
+
+    def get(self, key: str) -> Any:
+        """The object under ``key``; its arrays are read-only views of shared memory.
+
+        Raises:
+            KeyError (``ObjectNotFound``): no object under ``key``.
+        """
+        return self._live().get(_check_name("key", key))
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; views already handed out stay valid until dropped.
+
+        Raises:
+            KeyError (``ObjectNotFound``): no object under ``key``.
+        """
+        self._live().delete(_check_name("key", key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(key) and bool(self._live().contains(key))
+
+    def stats(self) -> StoreStats:
+        """Capacity, bytes used and object count of the store."""
+        return self._live().stats()  # type: ignore[no-any-return]
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint is None
+
+    def close(self) -> None:
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._finalizer.detach()
+            endpoint.close()
+
+    def _live(self) -> Any:
+        if self._endpoint is None:
+            raise EndpointClosed("this DataSystem is closed")
+        return self._endpoint
+
+    def __enter__(self) -> DataSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DataSystem {'closed' if self._endpoint is None else 'open'}>"

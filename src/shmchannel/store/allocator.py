@@ -1,0 +1,81 @@
+"""First-fit allocator over one arena (pure: offsets only, no memory touched).
+
+Lowest-address first fit on purpose: it keeps reusing the same few pages, which the store
+has already reserved and every client has already faulted in. Fresh shared-memory pages
+are what is slow (DESIGN.md: 1.4 GB/s into fresh pages against memcpy speed into touched
+ones), so locality beats fragmentation-avoiding cleverness here. Free blocks coalesce with
+their neighbours on free.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+ALIGNMENT = 64  # a cache line; numpy needs at most 16
+
+
+def align(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+class Allocator:
+    """Hands out aligned ``[offset, offset + size)`` ranges of a space of ``capacity`` bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._starts: list[int] = [0]  # sorted starts of free blocks
+        self._free: dict[int, int] = {0: capacity}  # start -> size
+        self._used: dict[int, int] = {}  # start -> size of allocated blocks
+        self.used = 0
+        self.high_water = 0  # highest end ever handed out
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    @property
+    def largest_free(self) -> int:
+        return max(self._free.values(), default=0)
+
+    def alloc(self, size: int) -> int | None:
+        """Offset of a new block of ``size`` bytes (rounded up), or None if nothing fits."""
+        size = align(max(size, 1))
+        for start in self._starts:
+            block = self._free[start]
+            if block >= size:
+                self._take(start, block, size)
+                return start
+        return None
+
+    def _take(self, start: int, block: int, size: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        del self._starts[i]
+        del self._free[start]
+        if block > size:
+            rest = start + size
+            self._starts.insert(i, rest)
+            self._free[rest] = block - size
+        self._used[start] = size
+        self.used += size
+        self.high_water = max(self.high_water, start + size)
+
+    def size_of(self, offset: int) -> int:
+        return self._used[offset]
+
+    def release(self, offset: int) -> None:
+        """Return the block at ``offset``; KeyError if it is not allocated."""
+        size = self._used.pop(offset)
+        self.used -= size
+        i = bisect.bisect_left(self._starts, offset)
+        # merge with the following free block
+        if i < len(self._starts) and self._starts[i] == offset + size:
+            size += self._free.pop(self._starts[i])
+            del self._starts[i]
+        # merge with the preceding free block
+        if i > 0:
+            prev = self._starts[i - 1]
+            if prev + self._free[prev] == offset:
+                self._free[prev] += size
+                return
+        self._starts.insert(i, offset)
+        self._free[offset] = size

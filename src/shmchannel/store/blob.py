@@ -1,0 +1,92 @@
+"""Layout of one stored object ("blob"): a small self-describing table, the header, buffers.
+
+::
+
+    0   magic b"SHMC"   u32 version   u64 header_len   u32 nbuf   u32 reserved
+    24  nbuf x (u64 offset, u64 length)       offsets relative to the blob's start
+        header bytes
+        buffers, each at a 64-byte boundary
+
+A blob describes itself, so the broker stores only (offset, size) per key and never reads
+user data; the same bytes travel inline over the socket for small objects.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from ..errors import ProtocolError
+from .allocator import align
+
+MAGIC = b"SHMC"
+VERSION = 1
+_HEAD = struct.Struct("<4sIQII")
+_ENTRY = struct.Struct("<QQ")
+
+Source = Union[memoryview, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BlobPlan:
+    """Where each part of a blob goes; ``size`` is the bytes to allocate."""
+
+    size: int
+    header_len: int
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+def plan_blob(header_len: int, lengths: Sequence[int]) -> BlobPlan:
+    pos = _HEAD.size + _ENTRY.size * len(lengths) + header_len
+    offsets = []
+    for n in lengths:
+        pos = align(pos)
+        offsets.append(pos)
+        pos += n
+    return BlobPlan(pos, header_len, tuple(offsets), tuple(lengths))
+
+
+def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence[Source]) -> None:
+    """Write header and sources into ``dst`` (at least ``plan.size`` bytes): one copy each."""
+    table = _HEAD.pack(MAGIC, VERSION, plan.header_len, len(sources), 0) + b"".join(
+        _ENTRY.pack(o, n) for o, n in zip(plan.offsets, plan.lengths)
+    )
+    start = len(table)
+    dst[:start] = table
+    dst[start : start + plan.header_len] = header
+    for source, offset, length in zip(sources, plan.offsets, plan.lengths):
+        if length == 0:
+            continue
+        if isinstance(source, np.ndarray):
+            order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
+            target = np.ndarray(source.shape, source.dtype, buffer=dst, offset=offset, order=order)
+            np.copyto(target, source, casting="no")
+        else:
+            dst[offset : offset + length] = source.cast("B") if source.format != "B" else source
+
+
+def read_blob(view: memoryview) -> tuple[memoryview, list[memoryview]]:
+    """Split a blob into (header view, buffer views); all views of ``view``, no copy.
+
+    Raises:
+        ProtocolError: the bytes are not a blob (bad magic, version or bounds).
+    """
+    if len(view) < _HEAD.size:
+        raise ProtocolError(f"blob of {len(view)} bytes is shorter than its table")
+    magic, version, header_len, nbuf, _ = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"blob starts with {bytes(magic)!r} v{version}, expected {MAGIC!r} v{VERSION}")
+    start = _HEAD.size + _ENTRY.size * nbuf
+    if start + header_len > len(view):
+        raise ProtocolError("blob header runs past its end")
+    buffers = []
+    for i in range(nbuf):
+        offset, length = _ENTRY.unpack_from(view, _HEAD.size + _ENTRY.size * i)
+        if offset + length > len(view):
+            raise ProtocolError(f"blob buffer {i} runs past its end")
+        buffers.append(view[offset : offset + length])
+    return view[start : start + header_len], buffers
