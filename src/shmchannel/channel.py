@@ -344,7 +344,8 @@ class DataSystem:
 
     def stats(self) -> StoreStats:
         """Capacity, bytes used and object count of the store."""
-        return self._live().stats()  # type: ignore[no-any-return]
+        stats: StoreStats = self._live().stats()
+        return stats
 
     @property
     def closed(self) -> bool:

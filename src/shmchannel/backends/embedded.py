@@ -101,7 +101,7 @@ class _Client:
             base.flags.writeable = False  # other receivers read the same memory
         self.conn.hold()
         weakref.finalize(base, self.conn.release, reply["key"]).atexit = False
-        header, buffers = read_blob(memoryview(base))
+        header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]  # numpy exports a buffer
         return deserialize(header, buffers)
 
     def unhold(self, reply: dict[str, Any], data: bytearray) -> None:

@@ -152,7 +152,8 @@ class Server:
             if conn.task is not None:
                 conn.task.cancel()
             self._conns.discard(conn)
-            self._handlers.discard(task)  # type: ignore[arg-type]
+            if task is not None:
+                self._handlers.discard(task)
             self.state.disconnect(conn.client)
             writer.close()
             self._arm_idle_timer()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence
         if length == 0:
             continue
         if isinstance(source, np.ndarray):
-            order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
+            order: Literal["C", "F"] = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
             target = np.ndarray(source.shape, source.dtype, buffer=dst, offset=offset, order=order)
             np.copyto(target, source, casting="no")
         else:

@@ -1,0 +1,228 @@
+"""Lifecycle through the public API: data outliving its sender, wake-up, ordering, broker start/stop."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+
+from shmchannel import ChannelClosed, DataReceiver, DataSender, DataSystem, config
+from shmchannel.broker import daemon
+from shmchannel.testing import join_ok, start_process, wait_until
+
+from .conftest import ADDRESS
+
+MIB = 1 << 20
+
+#: recvfrom, recvmsg and read: the system calls a thread blocked on the broker socket sits in.
+RECV_SYSCALLS = {"x86_64": {"45", "47", "0"}, "aarch64": {"207", "212", "63"}}.get(platform.machine(), set())
+
+
+# -- children (module level: spawn imports them by name) ----------------------------------
+
+
+def _send_and_exit_without_close(name: str) -> None:
+    sender = DataSender(ADDRESS, dataset_name=name, max_queue_size=20)
+    for i in range(10):
+        sender.send(np.full(MIB // 8, i, dtype=np.float64))
+        sender.send([i, f"item {i}"])
+    # No close(): the process just ends.
+
+
+def _send_counting(name: str, count: int) -> None:
+    with DataSender(ADDRESS, dataset_name=name, max_queue_size=100) as sender:
+        for i in range(count):
+            sender.send([i])
+
+
+def _start_data_system_at_once(barrier: Any, results: Any) -> None:
+    barrier.wait(30)
+    with DataSystem(ADDRESS):
+        status = daemon.status()
+        assert status is not None
+        results.put(int(status["pid"]))
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _blocked_in_recv(native_id: int) -> bool:
+    """True once the thread sleeps in a socket read (where a blocked recv waits for the broker)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/syscall") as f:
+            call = f.read().split()[0]
+        with open(f"/proc/self/task/{native_id}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state == "S" and (call in RECV_SYSCALLS or not RECV_SYSCALLS)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shmchannel", *args],
+        env=dict(os.environ), capture_output=True, text=True, timeout=30,
+    )
+
+
+def _broker_processes(runtime_dir: str) -> list[int]:
+    """Pids of broker daemons whose runtime directory is ``runtime_dir``."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "shmchannel.broker.daemon" not in " ".join(proc.info["cmdline"] or ()):
+                continue
+            if proc.environ().get("SHMCHANNEL_RUNTIME_DIR") == runtime_dir and proc.status() != psutil.STATUS_ZOMBIE:
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return pids
+
+
+# -- tests --------------------------------------------------------------------------------
+
+
+def test_data_outlives_sender_exit(broker: int) -> None:
+    """Objects a child sent stay queued after it exits without close and arrive in order, intact."""
+    name = f"outlives-{os.getpid()}"
+    join_ok(start_process(_send_and_exit_without_close, name), 60)
+    with DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        for i in range(10):
+            array = receiver.recv(timeout=10)
+            assert isinstance(array, np.ndarray)
+            assert array.dtype == np.float64 and array.shape == (MIB // 8,)
+            assert (array == i).all(), f"array {i} corrupted"
+            del array
+            assert receiver.recv(timeout=10) == [i, f"item {i}"]
+        assert receiver.get_queue(0) == []
+
+
+def test_blocked_recv_wakes_promptly(broker: int) -> None:
+    """A recv blocked on an empty shard returns within a fraction of a second of the send."""
+    name = f"wake-{os.getpid()}"
+    latencies = []
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        for i in range(5):
+            arrived: dict[str, Any] = {}
+
+            def receive() -> None:
+                obj = receiver.recv(timeout=10)
+                arrived["time"] = time.perf_counter()
+                arrived["obj"] = obj
+
+            thread = threading.Thread(target=receive, name=f"receiver-{i}")
+            thread.start()
+            wait_until(lambda: thread.native_id is not None and _blocked_in_recv(thread.native_id), 5,
+                       "the receiver thread to block in recv")
+            start = time.perf_counter()
+            sender.send([i])
+            thread.join(10)
+            assert not thread.is_alive(), "recv did not return after the send"
+            assert arrived["obj"] == [i]
+            latencies.append(arrived["time"] - start)
+    print(f"\nWAKE-UP LATENCY send->recv return: median {sorted(latencies)[2] * 1e6:.0f} us, "
+          f"max {max(latencies) * 1e6:.0f} us ({', '.join(f'{x * 1e6:.0f}' for x in latencies)} us)")
+    assert max(latencies) < 0.5, f"recv woke {max(latencies):.3f} s after the send: polling?"
+
+
+def test_many_small_messages_arrive_once_in_order(broker: int) -> None:
+    """20,000 small lists from a child sender arrive exactly once each, in order."""
+    name = f"many-{os.getpid()}"
+    count = 20_000
+    child = start_process(_send_counting, name, count)
+    got = []
+    with DataReceiver(ADDRESS, dataset_name=name, wait=30) as receiver:
+        while True:
+            try:
+                got.append(receiver.recv(timeout=10))
+            except ChannelClosed:
+                break
+    join_ok(child, 60)
+    assert len(got) == count
+    assert got == [[i] for i in range(count)]
+
+
+def test_simultaneous_starts_make_one_broker() -> None:
+    """Four processes starting the broker at the same moment all reach one and the same broker."""
+    import multiprocessing
+
+    assert daemon.status() is None
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    results = ctx.Queue()
+    children = [start_process(_start_data_system_at_once, barrier, results) for _ in range(4)]
+    pids = [results.get(timeout=60) for _ in children]
+    for child in children:
+        join_ok(child, 60)
+    status = daemon.status()
+    assert status is not None
+    assert pids == [status["pid"]] * 4
+    assert _broker_processes(str(config.runtime_dir())) == [status["pid"]]
+
+
+def test_cli_stop_removes_broker_and_shared_memory(broker: int) -> None:
+    """`shmchannel stop` ends the broker process and leaves none of its entries in /dev/shm."""
+    assert config.our_shm_entries(broker), "the broker made no arena"
+    result = _cli("stop")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"broker {broker} stopped\n"
+    assert not daemon.pid_alive(broker)
+    assert config.our_shm_entries(broker) == []
+
+
+def test_cli_status_shows_channel_shards_and_depths(broker: int) -> None:
+    """`shmchannel status` lists an open channel with its shard count and per-shard queue depths."""
+    name = f"status-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name, num_shards=2, max_queue_size=5) as sender:
+        for i in range(3):
+            sender.send(np.arange(2 * i, 2 * i + 2))
+        with DataReceiver(ADDRESS, dataset_name=name, shard_id=0) as receiver:
+            np.testing.assert_array_equal(receiver.recv(timeout=10), [0])
+            result = _cli("status")
+    assert result.returncode == 0, result.stderr
+    rows = [re.split(r"\s{2,}", line) for line in result.stdout.splitlines()]
+    header = next(row for row in rows if row[0] == "channel")
+    row = next((row for row in rows if row[0] == f"default/{name}"), None)
+    assert row is not None, result.stdout
+    cells = dict(zip(header, row))
+    assert cells["shards"] == "2"
+    assert cells["queued"] == "2 3 (max 5)"
+    assert cells["sender"] == "yes"
+    assert cells["state"] == "open"
+
+
+def test_cli_start_with_idle_timeout_exits_when_idle() -> None:
+    """`shmchannel start --memory 64M --idle-timeout 0.5` starts a broker that exits by itself and removes its arena."""
+    result = _cli("start", "--memory", "64M", "--idle-timeout", "0.5")
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(r"broker started \(pid (\d+), socket (.+)\)\n", result.stdout)
+    assert match, result.stdout
+    pid = int(match.group(1))
+    assert match.group(2) == str(config.socket_path())
+    wait_until(lambda: not daemon.pid_alive(pid), 10, f"idle broker {pid} to exit")
+    assert config.our_shm_entries(pid) == []
+    log = (config.runtime_dir() / "broker.log").read_text()
+    assert re.search(rf" {pid} INFO shmchannel.broker: broker {pid} listening on .*, arena .* of {64 * MIB} bytes\n", log), log
+    assert re.search(rf" {pid} INFO shmchannel.broker: idle for 0.5 s with no channels, objects or clients: exiting\n", log), log
+    assert daemon.status() is None
+
+
+def test_broker_removes_entries_of_dead_broker() -> None:
+    """A starting broker unlinks the /dev/shm entries that a dead broker of this user left."""
+    dead = next(pid for pid in range(4_194_000, 4_000_000, -1) if not daemon.pid_alive(pid))
+    stale = config.SHM_DIR / config.shm_name(dead, "arena")
+    stale.write_bytes(b"left by a crashed broker")
+    try:
+        conn = daemon.ensure_running()
+        conn.close()
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)

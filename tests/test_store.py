@@ -1,0 +1,71 @@
+"""The allocator and blob layout (pure, no shared memory)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shmchannel.errors import ProtocolError, StoreFull
+from shmchannel.store.allocator import ALIGNMENT, Allocator
+from shmchannel.store.blob import read_blob
+from shmchannel.store.table import ObjectTable
+
+
+def test_allocator_reuses_lowest_addresses() -> None:
+    """A freed block is handed out again before fresh space."""
+    a = Allocator(1 << 20)
+    first = a.alloc(1000)
+    a.alloc(1000)
+    assert first is not None
+    a.release(first)
+    assert a.alloc(500) == first
+
+
+def test_allocator_coalesces_and_returns_to_empty() -> None:
+    """After random allocations and frees, everything coalesces back into one block."""
+    a = Allocator(1 << 20)
+    rng = random.Random(1)
+    live = []
+    for _ in range(2000):
+        if live and rng.random() < 0.5:
+            a.release(live.pop(rng.randrange(len(live))))
+        else:
+            off = a.alloc(rng.randint(1, 5000))
+            if off is not None:
+                assert off % ALIGNMENT == 0
+                live.append(off)
+    for off in live:
+        a.release(off)
+    assert a.used == 0 and a.largest_free == 1 << 20
+
+
+def test_allocator_says_none_when_full() -> None:
+    """alloc returns None when no free block is large enough."""
+    a = Allocator(4096)
+    assert a.alloc(4096) == 0
+    assert a.alloc(1) is None
+
+
+def test_table_refuses_object_larger_than_store() -> None:
+    """An object larger than the whole store is StoreFull at once, naming both sizes."""
+    table = ObjectTable(1 << 20, lambda end: None, "k")
+    with pytest.raises(StoreFull, match=r"^object needs 2097152 bytes of shared memory, the store holds 1048576 in all"):
+        table.allocate([2 << 20])
+
+
+def test_table_frees_memory_at_last_reference() -> None:
+    """Memory returns to the allocator exactly when the last reference goes."""
+    table = ObjectTable(1 << 20, lambda end: None, "k")
+    (offset,) = table.allocate([1000]) or []
+    obj = table.add(1000, offset=offset, refs=2)
+    assert not table.unref(obj.key)
+    assert table.allocator.used > 0
+    assert table.unref(obj.key)
+    assert table.allocator.used == 0 and len(table) == 0
+
+
+def test_read_blob_refuses_garbage() -> None:
+    """Bytes that are not a blob raise ProtocolError instead of being misread."""
+    with pytest.raises(ProtocolError):
+        read_blob(memoryview(b"not a blob at all, clearly not one"))
