@@ -112,3 +112,12 @@ def test_row_count_refuses_unsupported_types() -> None:
     """row_count names the supported types when given another."""
     with pytest.raises(UnsupportedType, match=r"^obj must be a numpy\.ndarray, list, pandas\.DataFrame, pandas\.Series or pyarrow\.Table, got builtins\.dict$"):
         row_count({"a": 1})
+
+
+def test_arrow_slice_carries_only_its_rows() -> None:
+    """A shard of an Arrow table encodes its own rows, not the whole table's buffers."""
+    table = pa.table({"a": np.arange(400_000), "s": [str(i) for i in range(400_000)]})
+    whole = serialize(table).nbytes
+    quarter = serialize(split(table, 4)[1])
+    assert quarter.nbytes < whole / 3
+    assert _round_trip(split(table, 4)[1]).equals(table.slice(100_000, 100_000))

@@ -23,12 +23,22 @@ import io
 import math
 import pickle
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+import sys
+from typing import Any, Iterable, Protocol, Union
 
 import numpy as np
 
-#: A source buffer for the writer: a contiguous byte view, or an array copied with np.copyto.
-Source = Union[memoryview, np.ndarray]
+class Writer(Protocol):
+    """A source that writes itself into shared memory (e.g. an Arrow IPC stream)."""
+
+    nbytes: int
+
+    def write_into(self, dst: memoryview) -> None: ...
+
+
+#: A source for the blob writer: a contiguous byte view, an array copied with np.copyto, or
+#: a Writer.
+Source = Union[memoryview, np.ndarray, Writer]
 
 
 @dataclass(frozen=True)
@@ -57,26 +67,68 @@ def _rebuild_ndarray(buf: Any, dtype: np.dtype, shape: tuple[int, ...], fortran:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def _rebuild_arrow_table(buf: Any) -> Any:
+    """Read an Arrow IPC stream; the table's buffers are views of ``buf``."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
+
+
+class _ArrowStream:
+    """An Arrow table as an IPC stream, written straight into the destination.
+
+    Pickling a table slice would carry the whole of each buffer it slices (so every shard
+    of a split table would hold the entire table); the IPC writer writes only the rows of
+    the slice. Sizing runs the writer on a MockOutputStream, which copies nothing.
+    """
+
+    def __init__(self, table: Any) -> None:
+        import pyarrow as pa
+
+        self.table = table
+        sink = pa.MockOutputStream()
+        self._write(sink)
+        self.nbytes = int(sink.size())
+
+    def _write(self, sink: Any) -> None:
+        import pyarrow as pa
+
+        with pa.ipc.new_stream(sink, self.table.schema) as writer:
+            writer.write_table(self.table)
+
+    def write_into(self, dst: memoryview) -> None:
+        import pyarrow as pa
+
+        self._write(pa.FixedSizeBufferWriter(pa.py_buffer(dst)))
+
+
 class _Pickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self.buffers: list[Source] = []
-        # id(placeholder PickleBuffer) -> (placeholder, array); the placeholder is kept alive
-        # so that its id stays unique until the pickler hands it to _take_buffer.
-        self._arrays: dict[int, tuple[pickle.PickleBuffer, np.ndarray]] = {}
+        # id(placeholder PickleBuffer) -> (placeholder, source); the placeholder is kept
+        # alive so that its id stays unique until the pickler hands it to _take_buffer.
+        self._sources: dict[int, tuple[pickle.PickleBuffer, Source]] = {}
+        pa = sys.modules.get("pyarrow")
+        self._arrow_table = pa.Table if pa is not None else None
+
+    def _slot(self, source: Source) -> pickle.PickleBuffer:
+        # A writable placeholder: a read-only one would make the loader mark the receiver's
+        # view read-only (pickle's READONLY_BUFFER opcode).
+        slot = pickle.PickleBuffer(bytearray())
+        self._sources[id(slot)] = (slot, source)
+        return slot
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is np.ndarray and not obj.dtype.hasobject:
-            # A writable placeholder: a read-only one would make the loader mark the
-            # receiver's view read-only (pickle's READONLY_BUFFER opcode).
-            slot = pickle.PickleBuffer(bytearray())
-            self._arrays[id(slot)] = (slot, obj)
             fortran = bool(obj.flags.f_contiguous and not obj.flags.c_contiguous and obj.ndim > 1)
-            return _rebuild_ndarray, (slot, obj.dtype, obj.shape, fortran)
+            return _rebuild_ndarray, (self._slot(obj), obj.dtype, obj.shape, fortran)
+        if self._arrow_table is not None and type(obj) is self._arrow_table:
+            return _rebuild_arrow_table, (self._slot(_ArrowStream(obj)),)
         return NotImplemented
 
     def _take_buffer(self, buffer: pickle.PickleBuffer) -> bool:
-        entry = self._arrays.pop(id(buffer), None)
+        entry = self._sources.pop(id(buffer), None)
         if entry is not None:
             self.buffers.append(entry[1])
         else:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal, Sequence
 
 import numpy as np
 
 from ..errors import ProtocolError
+from ..serialization.codec import Source
 from .allocator import align
 
 MAGIC = b"SHMC"
@@ -27,7 +28,6 @@ VERSION = 1
 _HEAD = struct.Struct("<4sIQII")
 _ENTRY = struct.Struct("<QQ")
 
-Source = Union[memoryview, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,10 @@ def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence
             order: Literal["C", "F"] = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
             target = np.ndarray(source.shape, source.dtype, buffer=dst, offset=offset, order=order)
             np.copyto(target, source, casting="no")
-        else:
+        elif isinstance(source, memoryview):
             dst[offset : offset + length] = source.cast("B") if source.format != "B" else source
+        else:
+            source.write_into(dst[offset : offset + length])
 
 
 def read_blob(view: memoryview) -> tuple[memoryview, list[memoryview]]:
