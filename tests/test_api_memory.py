@@ -1,0 +1,270 @@
+"""Memory through the public API: zero-copy views, release on drop, DataSystem, a full store."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shmchannel import DataReceiver, DataSender, DataSystem, StoreFull, StoreFullTimeout
+from shmchannel.backends import embedded
+from shmchannel.store.arena import ArenaMap
+from shmchannel.testing import wait_until
+
+from .conftest import ADDRESS
+
+MIB = 1 << 20
+
+
+def _arena() -> ArenaMap:
+    """This process's mapping of the broker's arena (made by the first endpoint)."""
+    assert embedded._arena is not None, "no arena mapped in this process"
+    return embedded._arena[2]
+
+
+def _inside_arena(array: np.ndarray) -> bool:
+    start, end = _arena().address_range
+    address = int(array.__array_interface__["data"][0])
+    return start <= address and address + array.nbytes <= end
+
+
+def _used() -> int:
+    with DataSystem(ADDRESS) as ds:
+        return ds.stats().used
+
+
+def _store_empty() -> bool:
+    with DataSystem(ADDRESS) as ds:
+        stats = ds.stats()
+    return stats.used == 0 and stats.objects == 0 and stats.inline_bytes == 0
+
+
+# -- zero-copy receive --------------------------------------------------------------------
+
+
+def test_received_array_is_view_of_arena(broker: int) -> None:
+    """A received 8 MiB array's data lies inside this process's mapping of the arena."""
+    name = f"zc-array-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        sender.send(np.arange(MIB, dtype=np.float64))
+        got = receiver.recv(timeout=10)
+        assert got.nbytes == 8 * MIB
+        assert _inside_arena(got)
+        np.testing.assert_array_equal(got[-3:], [MIB - 3, MIB - 2, MIB - 1])
+        del got
+
+
+def test_received_dataframe_numeric_columns_are_views_of_arena(broker: int) -> None:
+    """The float and int columns of a received DataFrame are views of the arena."""
+    name = f"zc-frame-{os.getpid()}"
+    rows = 200_000
+    df = pd.DataFrame({"x": np.linspace(0.0, 1.0, rows), "n": np.arange(rows, dtype=np.int64), "s": ["a", "b"] * (rows // 2)})
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        sender.send(df)
+        got = receiver.recv(timeout=10)
+        pd.testing.assert_frame_equal(got, df)
+        x, n = got["x"].to_numpy(), got["n"].to_numpy()
+        assert x.dtype == np.float64 and n.dtype == np.int64
+        assert _inside_arena(x), "float column was copied out of shared memory"
+        assert _inside_arena(n), "int column was copied out of shared memory"
+        del got, x, n
+
+
+# -- memory returns to the store ----------------------------------------------------------
+
+
+def test_memory_returns_after_received_array_dropped(broker: int) -> None:
+    """Store memory stays used while a received array is held and returns to 0 after it is dropped."""
+    name = f"drop-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        assert _used() == 0
+        sender.send(np.ones(MIB, dtype=np.float64))
+        got = receiver.recv(timeout=10)
+        receiver.get_queue(0)  # a round trip on the receiver's connection: anything it sent is handled
+        assert _used() >= 8 * MIB
+        del got
+        gc.collect()
+        wait_until(lambda: _used() == 0, 10, "store memory to return after the array was dropped")
+
+
+def test_slice_of_received_array_keeps_memory_until_dropped(broker: int) -> None:
+    """A slice outliving its received array keeps the store memory; dropping the slice releases it."""
+    name = f"slice-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        sender.send(np.arange(MIB, dtype=np.float64))
+        got = receiver.recv(timeout=10)
+        part = got[1000:1010]
+        del got
+        gc.collect()
+        receiver.get_queue(0)  # flush: a release sent for the dropped array would be handled by now
+        assert _used() >= 8 * MIB
+        np.testing.assert_array_equal(part, np.arange(1000, 1010, dtype=np.float64))
+        del part
+        gc.collect()
+        wait_until(lambda: _used() == 0, 10, "store memory to return after the slice was dropped")
+
+
+def test_received_object_valid_after_receiver_close(broker: int) -> None:
+    """An object received before close() keeps its values, and its memory is freed once dropped."""
+    name = f"after-close-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name) as sender:
+        with DataReceiver(ADDRESS, dataset_name=name) as receiver:
+            sender.send(np.arange(MIB, dtype=np.float64))
+            got = receiver.recv(timeout=10)
+        assert receiver.closed
+        assert _used() >= 8 * MIB
+        np.testing.assert_array_equal(got, np.arange(MIB, dtype=np.float64))
+        del got
+        gc.collect()
+        wait_until(lambda: _used() == 0, 10, "store memory to return after the array was dropped")
+
+
+# -- DataSystem ---------------------------------------------------------------------------
+
+OBJECTS: dict[str, Any] = {
+    "ndarray": np.arange(MIB, dtype=np.int64),
+    "dataframe": pd.DataFrame({"x": np.linspace(0, 1, 100_000), "n": np.arange(100_000), "s": ["a", "b"] * 50_000}),
+    "dict": {"name": "run 7", "epochs": 3, "rates": [0.1, 0.01]},
+}
+
+
+def _assert_same(got: Any, expected: Any) -> None:
+    if isinstance(expected, np.ndarray):
+        np.testing.assert_array_equal(got, expected)
+    elif isinstance(expected, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, expected)
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("kind", OBJECTS)
+def test_datasystem_put_get_contains_delete(broker: int, kind: str) -> None:
+    """put stores an object that get returns equal, contains finds and stats counts; delete removes it."""
+    obj = OBJECTS[kind]
+    with DataSystem(ADDRESS) as ds:
+        key = ds.put(obj)
+        assert isinstance(key, str) and key
+        assert key in ds
+        assert ds.stats().objects == 1
+        got = ds.get(key)
+        _assert_same(got, obj)
+        del got
+        gc.collect()
+        ds.delete(key)
+        assert key not in ds
+        wait_until(_store_empty, 10, "the store to be empty after delete")
+
+
+def test_datasystem_get_missing_key_raises_key_error(broker: int) -> None:
+    """get of a key that was never stored raises KeyError naming the key."""
+    with DataSystem(ADDRESS) as ds:
+        with pytest.raises(KeyError, match=r"^no object with key 'no-such-key' in the data system$"):
+            ds.get("no-such-key")
+
+
+def test_datasystem_get_after_delete_raises_key_error(broker: int) -> None:
+    """get of a deleted key raises KeyError."""
+    with DataSystem(ADDRESS) as ds:
+        key = ds.put(np.arange(10))
+        ds.delete(key)
+        with pytest.raises(KeyError, match=rf"^no object with key '{key}' in the data system$"):
+            ds.get(key)
+
+
+@pytest.mark.parametrize("size", [16, MIB], ids=["inline", "arena"])
+def test_datasystem_get_returns_read_only_arrays(broker: int, size: int) -> None:
+    """Arrays returned by get are read-only, small (inline) or large."""
+    with DataSystem(ADDRESS) as ds:
+        key = ds.put(np.arange(size, dtype=np.float64))
+        got = ds.get(key)
+        assert not got.flags.writeable
+        with pytest.raises(ValueError, match=r"^assignment destination is read-only$"):
+            got[0] = 1.0
+        del got
+        ds.delete(key)
+
+
+def test_datasystem_delete_keeps_held_view_valid(broker: int) -> None:
+    """A view held across delete keeps its values and memory; dropping it frees the store."""
+    with DataSystem(ADDRESS) as ds:
+        key = ds.put(np.arange(MIB, dtype=np.float64))
+        view = ds.get(key)[100:200]
+        ds.delete(key)
+        assert key not in ds
+        assert ds.stats().used >= 8 * MIB
+        np.testing.assert_array_equal(view, np.arange(100, 200, dtype=np.float64))
+        del view
+        gc.collect()
+        wait_until(_store_empty, 10, "the store to be empty after the view was dropped")
+
+
+# -- a full store -------------------------------------------------------------------------
+
+
+def test_send_larger_than_store_raises_store_full(small_store: int) -> None:
+    """Sending an object larger than the whole store raises StoreFull at once, without waiting."""
+    name = f"too-big-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name) as sender:
+        start = time.monotonic()
+        with pytest.raises(StoreFull, match=r"^object needs \d+ bytes of shared memory, the store holds 4194304 in all "
+                           r"\(start the broker with a larger --memory or SHMCHANNEL_MEMORY\)$") as info:
+            sender.send(np.zeros(5 * MIB, dtype=np.uint8), timeout=5)
+        assert not isinstance(info.value, StoreFullTimeout)
+        assert time.monotonic() - start < 1.0
+        assert sender.get_queue(0) == []
+    assert _store_empty()
+
+
+def test_send_waits_for_store_space(small_store: int) -> None:
+    """A send that fits only after a receiver frees memory times out unqueued, then succeeds once it is freed."""
+    name = f"full-{os.getpid()}"
+    first = np.full(3 * MIB, 1, dtype=np.uint8)
+    second = np.full(3 * MIB, 2, dtype=np.uint8)
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        sender.send(first)
+        held = receiver.recv(timeout=10)
+        sender.send([7])  # small: travels inline, so something stays queued
+        queued = sender.get_queue(0)
+        assert len(queued) == 1
+        with pytest.raises(TimeoutError, match=r"^store full: asked for \d+ bytes, \d+ of 4194304 free "
+                           r"\(largest free block \d+\) after waiting [\d.]+ s$") as info:
+            sender.send(second, timeout=0.5)
+        assert isinstance(info.value, StoreFullTimeout)
+        assert sender.get_queue(0) == queued
+        del held
+        gc.collect()
+        sender.send(second, timeout=10)
+        assert receiver.recv(timeout=10) == [7]
+        got = receiver.recv(timeout=10)
+        np.testing.assert_array_equal(got, second)
+        del got
+
+
+def test_store_full_timeout_names_the_callers_timeout(small_store: int) -> None:
+    """The StoreFullTimeout of send(timeout=0.5) says it waited 0.5 s, the timeout the caller gave."""
+    name = f"full-message-{os.getpid()}"
+    with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
+        sender.send(np.zeros(3 * MIB, dtype=np.uint8))
+        held = receiver.recv(timeout=10)
+        with pytest.raises(StoreFullTimeout, match=r"^store full: asked for \d+ bytes, \d+ of 4194304 free "
+                           r"\(largest free block \d+\) after waiting 0.5 s$"):
+            sender.send(np.zeros(3 * MIB, dtype=np.uint8), timeout=0.5)
+        del held
+
+
+# -- forgotten close ----------------------------------------------------------------------
+
+
+def test_forgotten_sender_warns(broker: int) -> None:
+    """A sender dropped without close() emits a ResourceWarning naming it."""
+    name = f"forgotten-{os.getpid()}"
+    with pytest.warns(ResourceWarning, match=rf"^<DataSender default/{name} 1 shards open> was never closed; "
+                      r"call close\(\) or use it in a with block$"):
+        sender = DataSender(ADDRESS, dataset_name=name)
+        del sender
+        gc.collect()
