@@ -54,3 +54,30 @@ def test_interrupted_send_on_full_queue_enqueues_nothing(broker: int, alarm: Any
         assert receiver.recv(timeout=10) == [0]
         sender.send([2])
         assert receiver.recv(timeout=10) == [2]
+
+
+def test_close_from_another_thread_wakes_blocked_recv(broker: int) -> None:
+    """close() in one thread ends a recv blocked in another with EndpointClosed."""
+    import threading
+
+    from shmchannel import EndpointClosed
+
+    errors: list[BaseException] = []
+    with DataSender(ADDRESS, dataset_name="intr3"):
+        receiver = DataReceiver(ADDRESS, dataset_name="intr3")
+
+        def wait() -> None:
+            try:
+                receiver.recv(timeout=30)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        from shmchannel.testing import wait_until
+
+        wait_until(lambda: receiver._endpoint._client.conn._request.locked(), 10, "recv to block")
+        receiver.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], EndpointClosed)

@@ -41,7 +41,7 @@ def _channel_status(name: str) -> dict[str, Any]:
     status = daemon.status()
     assert status is not None, "no broker runs"
     (channel,) = [c for c in status["channels"] if c["dataset_name"] == name]
-    return channel  # type: ignore[no-any-return]
+    return channel
 
 
 # -- children (module level: spawn imports them by name) ----------------------------------
@@ -384,7 +384,7 @@ def test_after_close_receivers_drain_then_get_channel_closed(broker: int, method
 
 def test_iteration_ends_at_end_of_stream(broker: int) -> None:
     """`for obj in receiver` yields every queued object in order and ends after the sender's close()."""
-    with DataSender(ADDRESS, dataset_name="iter") as sender, DataReceiver(ADDRESS, dataset_name="iter") as receiver:
+    with DataSender(ADDRESS, dataset_name="iter", max_queue_size=12) as sender, DataReceiver(ADDRESS, dataset_name="iter") as receiver:
         for i in range(12):
             sender.send(_item(i))
         sender.close()

@@ -62,14 +62,18 @@ class _Client:
             self.conn.close()
             raise
 
-    def pack(self, objs: list[Any], deadline: float | None) -> tuple[list[dict[str, Any]], bytearray]:
+    def pack(
+        self, objs: list[Any], timeout: float | None, deadline: float | None
+    ) -> tuple[list[dict[str, Any]], bytearray]:
         """Write ``objs`` as blobs: (part descriptions, inline payload). Frees on failure."""
         serialized = [serialize(obj) for obj in objs]
         plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
         big = [p.size for p in plans if p.size > self.inline_threshold]
         offsets: list[int] = []
         if big:
-            reply, _ = self.conn.request({"op": "alloc", "sizes": big, "timeout": _remaining(deadline)})
+            reply, _ = self.conn.request(
+                {"op": "alloc", "sizes": big, "timeout": _remaining(deadline), "asked": timeout}
+            )
             offsets = reply["offsets"]
         try:
             payload = bytearray(sum(p.size for p in plans if p.size <= self.inline_threshold))
@@ -94,7 +98,9 @@ class _Client:
     def unpack(self, reply: dict[str, Any], data: bytearray) -> Any:
         """The object a recv/peek/get reply names; arena data is viewed, not copied."""
         if "offset" not in reply:
-            header, buffers = read_blob(memoryview(data))
+            view = memoryview(data)
+            # Shared objects are read-only whatever their size.
+            header, buffers = read_blob(view.toreadonly() if reply.get("shared") else view)
             return deserialize(header, buffers)
         base = self.arena.array(int(reply["offset"]), int(reply["size"]))
         if reply.get("shared"):
@@ -128,10 +134,11 @@ class EmbeddedSender:
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        descriptions, payload = self._client.pack(parts, deadline)
+        descriptions, payload = self._client.pack(parts, timeout, deadline)
         # On failure the broker frees the blocks named in the request.
         self._client.conn.request(
-            {"op": "send", **self._ident, "parts": descriptions, "timeout": _remaining(deadline)}, payload
+            {"op": "send", **self._ident, "parts": descriptions, "timeout": _remaining(deadline), "asked": timeout},
+            payload,
         )
 
     def queue(self, shard_id: int | None) -> Any:
@@ -139,11 +146,7 @@ class EmbeddedSender:
         return _queue(reply["queue"])
 
     def close(self, end_of_stream: bool) -> None:
-        try:
-            if end_of_stream and not self._client.conn.closed:
-                self._client.conn.request({"op": "close", **self._ident})
-        finally:
-            self._client.conn.close()
+        self._client.conn.close({"op": "close", **self._ident} if end_of_stream else None)
 
 
 def _queue(raw: Any) -> Any:
@@ -182,11 +185,7 @@ class EmbeddedReceiver:
         return _queue(reply["queue"])
 
     def close(self) -> None:
-        try:
-            if not self._client.conn.closed:
-                self._client.conn.request({"op": "detach", **self._ident})
-        finally:
-            self._client.conn.close()
+        self._client.conn.close({"op": "detach", **self._ident})
 
 
 class EmbeddedDataSystem:
@@ -195,7 +194,7 @@ class EmbeddedDataSystem:
 
     def put(self, obj: Any, timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
-        (part,), payload = self._client.pack([obj], deadline)
+        (part,), payload = self._client.pack([obj], timeout, deadline)
         reply, _ = self._client.conn.request({"op": "put", "parts": [part]}, payload)
         return str(reply["key"])
 

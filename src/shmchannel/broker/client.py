@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BrokerUnavailable, ChannelError, Cancelled, ProtocolError, from_wire
+from ..errors import BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, from_wire
 from . import protocol
 
 Reply = tuple[dict[str, Any], bytearray]
@@ -64,18 +64,26 @@ class Connection:
         request is cancelled at the broker; a reply that raced the cancel is passed to
         ``on_interrupt`` so that, e.g., a received object can be put back in its queue.
         """
-        sock = self._live()
         with self._request:
-            self._send(protocol.encode(msg, payload))
-            started = [False]
-            try:
-                reply, data = self._read(sock, started)
-            except ChannelError:
-                raise
-            except BaseException:
-                self._abandon(sock, started[0], on_interrupt)
-                raise
+            return self._exchange(msg, payload, on_interrupt)
+
+    def _exchange(
+        self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
+        on_interrupt: Callable[[dict[str, Any], bytearray], None] | None,
+    ) -> Reply:
+        sock = self._live()
+        self._send(protocol.encode(msg, payload))
+        started = [False]
+        try:
+            reply, data = self._read(sock, started)
+        except ChannelError:
+            raise
+        except BaseException:
+            self._abandon(sock, started[0], on_interrupt)
+            raise
         if not reply.get("ok"):
+            if reply.get("error") == Cancelled.code and self._closing:
+                raise EndpointClosed("closed by close() from another thread while waiting")
             raise from_wire(str(reply.get("error")), str(reply.get("message")))
         return reply, data
 
@@ -125,6 +133,8 @@ class Connection:
                 raise BrokerUnavailable(f"lost the broker at {self.path}: {exc}") from exc
             if k == 0:
                 self._shutdown()
+                if self._closing:
+                    raise EndpointClosed("closed by close() from another thread while waiting")
                 raise BrokerUnavailable(f"the broker at {self.path} closed the connection (it stopped or died)")
             got += k
             started[0] = True
@@ -170,15 +180,16 @@ class Connection:
             self._shutdown()
 
     def _flush_releases(self) -> None:
-        while self._releases and self._sock is not None:
-            if not self._write_lock.acquire(blocking=False):
+        while self._releases:
+            sock = self._sock
+            if sock is None or not self._write_lock.acquire(blocking=False):
                 return  # the holder flushes when it lets go
             try:
                 keys = []
                 while self._releases:
                     keys.append(self._releases.popleft())
                 try:
-                    self._sock.sendall(b"".join(protocol.encode({"op": "release", "keys": keys})))
+                    sock.sendall(b"".join(protocol.encode({"op": "release", "keys": keys})))
                 except OSError:
                     return  # broker gone: it freed everything of ours with the connection
             finally:
@@ -186,14 +197,29 @@ class Connection:
 
     # -- closing -------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close now, or -- while zero-copy objects are held -- once the last is released.
-
-        Holding the socket open keeps the broker from reusing memory those objects view.
+    def close(self, farewell: dict[str, Any] | None = None) -> None:
+        """Say ``farewell`` (a last request), then close -- at once, or while zero-copy
+        objects are held, once the last is released: holding the socket keeps the broker
+        from reusing memory those objects view. A request another thread is waiting in is
+        woken with EndpointClosed.
         """
-        if os.getpid() != self.pid:
+        if os.getpid() != self.pid or self._closing:
             return
         self._closing = True
+        if self._sock is not None:
+            if self._request.acquire(blocking=False):
+                try:
+                    if farewell is not None:
+                        self._exchange(farewell, b"", None)
+                except ChannelError:
+                    pass  # the broker is gone: it has forgotten us anyway
+                finally:
+                    self._request.release()
+            else:
+                try:
+                    self._send(protocol.encode({"op": "cancel"}))
+                except ChannelError:
+                    pass
         if self._holds <= 0:
             self._shutdown()
 
@@ -201,6 +227,7 @@ class Connection:
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
             except OSError:
                 pass
+            sock.close()

@@ -50,6 +50,11 @@ def _arg(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], optional
     return value
 
 
+def _asked(msg: dict[str, Any]) -> Any:
+    """The timeout the user gave (a client sends what is left of it as ``timeout``)."""
+    return msg.get("asked", msg.get("timeout"))
+
+
 class Server:
     def __init__(
         self, state: BrokerState, arena: ArenaFile, socket_path: str, idle_timeout: float, memory: int
@@ -296,7 +301,7 @@ class Server:
             lambda channel: (protocol.ok(**channel.info()), b""),
             lambda: ChannelNotFound(
                 f"no sender has created dataset_name {name!r} in namespace {namespace!r}"
-                + (f" (waited {msg['timeout']} s)" if msg.get("timeout") else "")
+                + (f" (waited {_asked(msg)} s)" if msg.get("timeout") else "")
             ),
         )
 
@@ -331,7 +336,7 @@ class Server:
             lambda: StoreFullTimeout(
                 f"store full: asked for {sum(sizes)} bytes, {table.allocator.free} of "
                 f"{table.allocator.capacity} free (largest free block {table.allocator.largest_free})"
-                f" after waiting {msg.get('timeout')} s"
+                f" after waiting {_asked(msg)} s"
             ),
         )
 
@@ -367,7 +372,7 @@ class Server:
                 msg,
                 lambda _: (protocol.ok(), b""),
                 lambda: ChannelTimeout(
-                    f"send timed out after {msg.get('timeout')} s: a queue of {channel.label} stayed full "
+                    f"send timed out after {_asked(msg)} s: a queue of {channel.label} stayed full "
                     f"(max_queue_size={channel.max_queue_size}); nothing was enqueued"
                 ),
             )
@@ -405,7 +410,7 @@ class Server:
             msg,
             done,
             lambda: ChannelTimeout(
-                f"{'peek' if peek else 'recv'} timed out after {msg.get('timeout')} s: "
+                f"{'peek' if peek else 'recv'} timed out after {_asked(msg)} s: "
                 f"shard {shard} of {channel.label} stayed empty"
             ),
         )

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Protocol, Union
 
 import numpy as np
 
+from ..errors import UnsupportedType
+
 class Writer(Protocol):
     """A source that writes itself into shared memory (e.g. an Arrow IPC stream)."""
 
@@ -140,11 +142,14 @@ def serialize(obj: Any) -> Serialized:
     """Serialize ``obj``; array data stays in the source objects (no copy is made here).
 
     Raises:
-        TypeError / pickle.PicklingError: ``obj`` (or something inside it) cannot be pickled.
+        UnsupportedType (a TypeError): ``obj``, or something inside it, cannot be pickled.
     """
     stream = io.BytesIO()
     pickler = _Pickler(stream)
-    pickler.dump(obj)
+    try:
+        pickler.dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise UnsupportedType(f"obj cannot be serialized: {exc}") from exc
     return Serialized(stream.getvalue(), pickler.buffers)
 
 
