@@ -66,7 +66,7 @@ def _send_once_a_receiver_waits(name: str) -> None:
 def test_fifo_order_across_processes(broker: int) -> None:
     """200 objects sent by another process arrive once each, in the order sent, then the stream ends."""
     proc = start_process(_send_numbered, "fifo", 200, 10)
-    with DataReceiver(ADDRESS, dataset_name="fifo", wait=10) as receiver:
+    with DataReceiver(ADDRESS, dataset_name="fifo", wait=60) as receiver:
         for i in range(200):
             _check_item(receiver.recv(timeout=10), i)
         with pytest.raises(ChannelClosed):
@@ -398,7 +398,7 @@ def test_iteration_ends_at_end_of_stream(broker: int) -> None:
 def test_blocked_recv_ends_when_sender_closes_in_another_process(broker: int) -> None:
     """A receiver blocked on an empty shard gets the last objects and then ChannelClosed when a child sender closes."""
     proc = start_process(_send_numbered, "eos-child", 3, 10)
-    with DataReceiver(ADDRESS, dataset_name="eos-child", wait=10) as receiver:
+    with DataReceiver(ADDRESS, dataset_name="eos-child", wait=60) as receiver:
         got = list(receiver)
     join_ok(proc)
     for i, obj in enumerate(got):
@@ -418,7 +418,7 @@ def test_sender_blocks_while_queue_full_until_receiver_consumes(broker: int) -> 
         depths.append(len(receiver.get_queue(0)))
         return depths[-1]
 
-    with DataReceiver(ADDRESS, dataset_name="bp", wait=10) as receiver:
+    with DataReceiver(ADDRESS, dataset_name="bp", wait=60) as receiver:
         for i in range(20):
             ahead = min(3, 20 - i)
             wait_until(lambda: depth(receiver) == ahead, 10, f"{ahead} objects queued before recv {i}")
@@ -436,10 +436,10 @@ def test_sender_blocks_while_queue_full_until_receiver_consumes(broker: int) -> 
 
 
 def test_receiver_waits_for_sender_to_appear(broker: int) -> None:
-    """A receiver created with wait=10 before its sender exists connects once a child process creates the sender."""
+    """A receiver created with wait=60 before its sender exists connects once a child process creates the sender."""
     wait_until(lambda: (daemon.status() or {}).get("clients") == 1, 10, "no client but the status query")
     proc = start_process(_send_once_a_receiver_waits, "late")
-    with DataReceiver(ADDRESS, dataset_name="late", wait=10) as receiver:
+    with DataReceiver(ADDRESS, dataset_name="late", wait=60) as receiver:
         assert receiver.num_shards == 1
         assert receiver.recv(timeout=10) == [42]
         with pytest.raises(ChannelClosed):
