@@ -29,9 +29,11 @@ def _stream_large(count: int, size: int) -> None:
             sender.send(data)
 
 
-def _wake_receiver(rounds: int, out: object) -> None:
+def _wake_receiver(rounds: int, out: object, ready: object) -> None:
     lat = []
     with DataReceiver(ADDRESS, dataset_name="wake", wait=30) as receiver:
+        receiver.recv(timeout=30)  # warm-up
+        ready.set()  # type: ignore[attr-defined]
         for _ in range(rounds):
             sent_at = receiver.recv(timeout=30)[0]
             lat.append(time.perf_counter() - sent_at)  # CLOCK_MONOTONIC: same clock in both processes
@@ -60,9 +62,12 @@ def throughput(count: int, size: int) -> float:
 def wake(rounds: int) -> list[float]:
     import multiprocessing
 
-    out = multiprocessing.get_context("spawn").Queue()
-    proc = start_process(_wake_receiver, rounds, out)
+    ctx = multiprocessing.get_context("spawn")
+    out, ready = ctx.Queue(), ctx.Event()
+    proc = start_process(_wake_receiver, rounds, out, ready)
     with DataSender(ADDRESS, dataset_name="wake") as sender:
+        sender.send([0.0])
+        assert ready.wait(60)
         for _ in range(rounds):
             time.sleep(0.002)  # let the receiver block again: we measure the wake-up of an idle recv
             sender.send([time.perf_counter()])

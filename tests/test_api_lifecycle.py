@@ -226,3 +226,25 @@ def test_broker_removes_entries_of_dead_broker() -> None:
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_next_client_replaces_a_killed_broker(broker: int) -> None:
+    """After the broker is SIGKILLed, the next client starts a new one, which removes the dead one's arena."""
+    import signal
+
+    with DataSender(ADDRESS, dataset_name="killed") as sender:
+        sender.send(np.ones(MIB))
+        assert config.our_shm_entries(broker)
+        os.kill(broker, signal.SIGKILL)
+        wait_until(lambda: not daemon.pid_alive(broker), 10, "the broker to die")
+        try:
+            sender.send([1])
+        except Exception as exc:
+            assert isinstance(exc, ConnectionError), repr(exc)
+        else:
+            raise AssertionError("send to a dead broker succeeded")
+    with DataSystem(ADDRESS) as ds:
+        assert ds.stats().objects == 0
+    status = daemon.status()
+    assert status is not None and status["pid"] != broker
+    assert not config.our_shm_entries(broker)
