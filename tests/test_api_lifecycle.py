@@ -248,3 +248,26 @@ def test_next_client_replaces_a_killed_broker(broker: int) -> None:
     status = daemon.status()
     assert status is not None and status["pid"] != broker
     assert not config.our_shm_entries(broker)
+
+
+def _pong(rounds: int) -> None:
+    with DataSender(ADDRESS, dataset_name="pong") as sender, \
+            DataReceiver(ADDRESS, dataset_name="ping", wait=60) as receiver:
+        for _ in range(rounds):
+            sender.send(receiver.recv(timeout=10))
+
+
+def test_ping_pong_never_misses_a_wakeup(broker: int) -> None:
+    """Two processes bouncing a message 2,000 times never leave a blocked recv asleep.
+
+    Each recv blocks just as the other side's send arrives: the race in which the broker
+    once fired the wake-up before the waiting request had subscribed to it.
+    """
+    rounds = 2000
+    with DataSender(ADDRESS, dataset_name="ping") as sender:
+        proc = start_process(_pong, rounds)
+        with DataReceiver(ADDRESS, dataset_name="pong", wait=60) as receiver:
+            for i in range(rounds):
+                sender.send([i])
+                assert receiver.recv(timeout=10) == [i]
+    join_ok(proc, 30)

@@ -34,6 +34,7 @@ class Connection:
         self._write_lock = threading.Lock()
         self._releases: collections.deque[str] = collections.deque()
         self._holds = 0
+        self._holds_lock = threading.Lock()  # finalizers of other threads release concurrently
         self._closing = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -167,13 +168,15 @@ class Connection:
 
     def hold(self) -> None:
         """Count one object this process holds through this connection."""
-        self._holds += 1
+        with self._holds_lock:
+            self._holds += 1
 
     def release(self, key: str) -> None:
         """Give back a held object (called by a finalizer; any thread, never raises)."""
         if os.getpid() != self.pid:
             return
-        self._holds -= 1
+        with self._holds_lock:
+            self._holds -= 1
         self._releases.append(key)
         self._flush_releases()
         if self._closing and self._holds <= 0:

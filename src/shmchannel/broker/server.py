@@ -165,8 +165,9 @@ class Server:
 
     def _dispatch(self, conn: _Conn, msg: dict[str, Any], payload: bytes) -> None:
         op = msg["op"]
+        answer = op not in protocol.ONE_WAY  # a one-way message must never get a reply
         try:
-            if op in protocol.ONE_WAY:
+            if not answer:
                 self._one_way(conn, op, msg, payload)
                 return
             handler = self._ops.get(op)
@@ -174,19 +175,23 @@ class Server:
                 raise InvalidArgument(f"unknown operation {op!r}")
             result = handler(conn, msg, payload)
         except ChannelError as exc:
-            if op not in protocol.ONE_WAY:
-                conn.reply(protocol.error(exc.code, str(exc)))
-            else:
-                log.warning("client pid %d: %s failed: %s", conn.client.pid, op, exc)
-            return
+            failure = protocol.error(exc.code, str(exc))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             log.warning("client pid %d sent a malformed %r request: %r", conn.client.pid, op, exc)
-            conn.reply(protocol.error("invalid", f"malformed {op!r} request: {exc!r}"))
-            return
-        if isinstance(result, tuple):
-            conn.reply(*result)
+            failure = protocol.error("invalid", f"malformed {op!r} request: {exc!r}")
+        except Exception as exc:  # a bug: answer and keep serving everyone else
+            log.exception("%r request of client pid %d failed", op, conn.client.pid)
+            failure = protocol.error("error", f"broker error in {op!r}: {exc!r}")
         else:
-            conn.task = asyncio.ensure_future(self._finish(conn, result))
+            if isinstance(result, tuple):
+                conn.reply(*result)
+            else:
+                conn.task = asyncio.ensure_future(self._finish(conn, result))
+            return
+        if answer:
+            conn.reply(failure)
+        else:
+            log.warning("client pid %d: %s failed: %s", conn.client.pid, op, failure["message"])
 
     async def _finish(self, conn: _Conn, pending: Awaitable[Reply]) -> None:
         try:
@@ -228,6 +233,11 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            # Ask again before waiting: between the caller's first attempt and this task's
+            # first step, another client may have changed the state and fired the signal.
+            result = attempt()
+            if result is not WAIT:
+                return result
             future: asyncio.Future[None] = loop.create_future()
 
             def wake(future: asyncio.Future[None] = future) -> None:
@@ -244,9 +254,6 @@ class Server:
             finally:
                 for signal in signals:
                     signal.discard(wake)
-            result = attempt()
-            if result is not WAIT:
-                return result
 
     def _blocking(
         self, attempt: Callable[[], Any], signals: Callable[[], list[Signal]], msg: dict[str, Any],
