@@ -10,6 +10,7 @@ progress. The demo stops the broker at the end if it was the one that started it
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 
 import numpy as np
@@ -23,6 +24,12 @@ CHANNEL = "demo-clicks"
 BATCHES = 40
 ROWS = 100_000  # per batch, split 50,000 + 50,000
 FEATURES = ["price_z", "log_dwell", "hour_sin", "hour_cos", "user_clicks_z", "is_mobile", "item_pop_z"]
+
+
+def say(line: str) -> None:
+    """One write per line, so that lines of the three processes never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def click_log(rng: np.random.Generator, batch: int) -> pd.DataFrame:
@@ -70,7 +77,7 @@ def producer() -> None:
     with DataSender(ADDRESS, dataset_name=CHANNEL, num_shards=2, max_queue_size=4) as sender:
         for batch in range(BATCHES):
             sender.send(features(click_log(rng, batch), rng))
-    print(f"[producer] sent {BATCHES} batches of {ROWS:,} rows in {time.perf_counter() - start:.1f} s", flush=True)
+    say(f"[producer] sent {BATCHES} batches of {ROWS:,} rows in {time.perf_counter() - start:.1f} s")
 
 
 def trainer(shard: int) -> None:
@@ -97,17 +104,15 @@ def trainer(shard: int) -> None:
             nbytes += int(df.memory_usage(index=True, deep=False).sum())
             if batches % 10 == 0:
                 elapsed = time.perf_counter() - start
-                print(
+                say(
                     f"[trainer {shard}] batch {batches:3d}: {rows:,} rows, loss {loss:.4f}, "
-                    f"{nbytes / elapsed / 1e6:,.0f} MB/s received",
-                    flush=True,
+                    f"{nbytes / elapsed / 1e6:,.0f} MB/s received"
                 )
             del df, x, y
     elapsed = time.perf_counter() - start
-    print(
+    say(
         f"[trainer {shard}] done: {batches} batches, {rows:,} rows, {nbytes / 1e6:,.0f} MB in {elapsed:.1f} s "
-        f"({wait / elapsed:.0%} of it waiting for data); weights {np.round(weights, 2).tolist()}",
-        flush=True,
+        f"({wait / elapsed:.0%} of it waiting for the producer); weights {np.round(weights, 2).tolist()}"
     )
 
 
@@ -131,7 +136,7 @@ def main() -> None:
     finally:
         if not was_running:
             shmchannel.stop_broker()
-    print(f"demo finished in {time.perf_counter() - started:.1f} s; nothing left running")
+    say(f"demo finished in {time.perf_counter() - started:.1f} s; nothing left running")
 
 
 if __name__ == "__main__":
