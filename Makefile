@@ -12,7 +12,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q -e '.[pandas,arrow,test]'
+	$(PY) -m pip install -q -e '.[pandas,arrow,ray,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

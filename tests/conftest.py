@@ -1,17 +1,30 @@
-"""Every test runs against a broker of its own runtime directory, never the user's."""
+"""Fixtures: every test gets a broker of its own runtime directory (never the user's), and
+the behaviour tests run against both backends through the ``address`` fixture.
+
+The Ray backend runs on one real local Ray cluster per test session (``ray start --head``
+with a small object store), stopped at the end; each Ray test's channel actors are killed
+after it, and the session asserts that no Ray process is left.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
 from shmchannel import config
 from shmchannel.broker import daemon
-from shmchannel.testing import isolated_broker, isolated_runtime
+from shmchannel.testing import isolated_broker, isolated_runtime, wait_until
 
 ADDRESS = "127.0.0.1"
+RAY_ADDRESS = "ray:auto"
+RAY_STORE = 300 * 1024 * 1024
+
+BACKENDS = ["embedded", "ray"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +54,82 @@ def small_store() -> Iterator[int]:
     yield pid
 
 
+# -- Ray -------------------------------------------------------------------------------------
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def ray_processes() -> list[str]:
+    """Command lines of Ray's own processes (raylet, gcs_server, workers) of this user."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            if proc.info["uids"].real != os.getuid():
+                continue
+            line = " ".join(proc.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(k in line for k in ("raylet", "gcs_server", "ray::", "default_worker.py", "dashboard/agent.py", "log_monitor.py")):
+            found.append(line[:120])
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster for the session (2 CPUs, 300 MB object store); stopped after."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'shmchannel[ray]')")
+    assert not ray_processes(), f"Ray already runs here: {ray_processes()[:3]}"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run(
+        [_ray_cli(), "start", "--head", "--num-cpus=2", f"--object-store-memory={RAY_STORE}",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+    )
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        yield RAY_ADDRESS
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([_ray_cli(), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        wait_until(lambda: not ray_processes(), 30, "Ray's processes to exit")
+
+
+def _kill_channel_actors() -> list[str]:
+    """Kill every shmchannel actor on the cluster; the names of those that were left."""
+    import ray
+
+    from shmchannel.backends.ray_actor import PREFIX
+
+    left = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith(PREFIX):
+            left.append(f"{entry['namespace']}/{entry['name']}")
+            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+    return left
+
+
+@pytest.fixture(params=BACKENDS)
+def address(request: Any, _isolated: str) -> Iterator[str]:
+    """The address of a channel backend: the embedded broker, or the session's Ray cluster."""
+    if request.param == "embedded":
+        request.getfixturevalue("broker")
+        yield ADDRESS
+        return
+    address = request.getfixturevalue("ray_cluster")
+    yield address
+    import ray
+
+    if ray.is_initialized():
+        _kill_channel_actors()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftovers() -> Iterator[None]:
     yield
@@ -48,4 +137,4 @@ def _no_leftovers() -> Iterator[None]:
     assert not leftovers, f"/dev/shm entries of dead brokers: {leftovers}"
 
 
-__all__ = ["ADDRESS", "isolated_broker"]
+__all__ = ["ADDRESS", "BACKENDS", "isolated_broker", "ray_processes"]

@@ -109,14 +109,14 @@ def test_receiver_rejects_bad_shard_id(shard_id: Any, shown: str) -> None:
         DataReceiver(ADDRESS, shard_id=shard_id, dataset_name="bad")
 
 
-def test_receiver_rejects_shard_id_beyond_num_shards(broker: int) -> None:
+def test_receiver_rejects_shard_id_beyond_num_shards(address: str) -> None:
     """shard_id >= the channel's num_shards raises a ValueError when the receiver is created."""
-    with DataSender(ADDRESS, dataset_name="two", num_shards=2):
+    with DataSender(address, dataset_name="two", num_shards=2):
         with pytest.raises(
             InvalidArgument,
             match=exact("shard_id must be less than num_shards (2) of channel default/two, got 2"),
         ):
-            DataReceiver(ADDRESS, dataset_name="two", shard_id=2)
+            DataReceiver(address, dataset_name="two", shard_id=2)
 
 
 @pytest.mark.parametrize(("wait", "shown"), [(-1, "-1 (int)"), (math.nan, "nan (float)"), ("1", "'1' (str)")])
@@ -126,30 +126,30 @@ def test_receiver_rejects_bad_wait(wait: Any, shown: str) -> None:
         DataReceiver(ADDRESS, dataset_name="bad", wait=wait)
 
 
-def test_receiver_for_missing_channel_raises_channel_not_found(broker: int) -> None:
+def test_receiver_for_missing_channel_raises_channel_not_found(address: str) -> None:
     """A receiver of a channel no sender created raises ChannelNotFound, a ValueError."""
     with pytest.raises(
         ChannelNotFound, match=exact("no sender has created dataset_name 'nope' in namespace 'default'")
     ) as info:
-        DataReceiver(ADDRESS, dataset_name="nope")
+        DataReceiver(address, dataset_name="nope")
     assert isinstance(info.value, ValueError)
 
 
-def test_receiver_wait_for_missing_channel_runs_out(broker: int) -> None:
+def test_receiver_wait_for_missing_channel_runs_out(address: str) -> None:
     """A receiver that waits for a channel that never appears raises ChannelNotFound naming the wait."""
     with pytest.raises(
         ChannelNotFound, match=exact("no sender has created dataset_name 'nope' in namespace 'ns' (waited 0.05 s)")
     ):
-        DataReceiver(ADDRESS, namespace="ns", dataset_name="nope", wait=0.05)
+        DataReceiver(address, namespace="ns", dataset_name="nope", wait=0.05)
 
 
-def test_second_sender_with_same_name_raises_name_in_use(broker: int) -> None:
+def test_second_sender_with_same_name_raises_name_in_use(address: str) -> None:
     """A second live sender of the same (namespace, dataset_name) raises NameInUse, a ValueError."""
-    with DataSender(ADDRESS, dataset_name="taken"):
+    with DataSender(address, dataset_name="taken"):
         with pytest.raises(
             NameInUse, match=exact("dataset_name 'taken' is already used by a sender in namespace 'default'")
         ) as info:
-            DataSender(ADDRESS, dataset_name="taken")
+            DataSender(address, dataset_name="taken")
         assert isinstance(info.value, ValueError)
 
 
@@ -192,13 +192,15 @@ def test_non_local_ipv4_address_points_to_ray_backend(endpoint: str) -> None:
     assert "Ray backend" in str(info.value)
 
 
-def test_ray_address_is_refused_for_now() -> None:
-    """A ray:// address raises a ValueError saying the Ray backend is not included yet."""
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+@pytest.mark.parametrize("address", ["ray:", "ray:nowhere", "ray:/head:10001"])
+def test_malformed_ray_address_raises_invalid_argument(endpoint: str, address: str) -> None:
+    """A "ray:" address of no known form raises InvalidArgument naming the forms (before any Ray contact)."""
     with pytest.raises(
-        ValueError,
-        match=exact("address 'ray://head:10001' selects the Ray backend, which this version does not include yet"),
+        InvalidArgument,
+        match=exact(f"a Ray address must be 'ray://host:port', 'ray:auto' or 'ray:local', got {address!r}"),
     ):
-        DataSender("ray://head:10001")
+        ENDPOINTS[endpoint](address)
 
 
 # -- send --------------------------------------------------------------------------------
@@ -226,9 +228,9 @@ def test_send_zero_dim_array_raises_type_error(broker: int) -> None:
             sender.send(np.array(5.0))
 
 
-def test_send_unpicklable_list_raises_unsupported_type(broker: int) -> None:
+def test_send_unpicklable_list_raises_unsupported_type(address: str) -> None:
     """send of a list holding an object pickle cannot carry (a lambda) raises UnsupportedType (TypeError)."""
-    with DataSender(ADDRESS, dataset_name="types") as sender:
+    with DataSender(address, dataset_name="types") as sender:
         with pytest.raises(UnsupportedType, match=r"^obj cannot be serialized: .*<lambda>.*$") as info:
             sender.send([lambda x: x, 1])
         assert isinstance(info.value, TypeError)
@@ -293,9 +295,9 @@ def test_sender_get_queue_rejects_bad_shard_id(broker: int, shard_id: Any, messa
 
 
 @pytest.mark.parametrize(("shard_id", "message"), [(-1, "shard_id must be an int >= 0, got -1 (int)"), (2, "shard_id must be less than num_shards (2), got 2")])
-def test_receiver_get_queue_rejects_bad_shard_id(broker: int, shard_id: Any, message: str) -> None:
+def test_receiver_get_queue_rejects_bad_shard_id(address: str, shard_id: Any, message: str) -> None:
     """DataReceiver.get_queue with a shard_id outside [0, num_shards) raises a ValueError."""
-    with DataSender(ADDRESS, dataset_name="queues", num_shards=2), DataReceiver(ADDRESS, dataset_name="queues") as receiver:
+    with DataSender(address, dataset_name="queues", num_shards=2), DataReceiver(address, dataset_name="queues") as receiver:
         with pytest.raises(ValueError, match=exact(message)):
             receiver.get_queue(shard_id)
 
@@ -316,9 +318,9 @@ RECEIVER_CALLS = {
 
 
 @pytest.mark.parametrize("call", sorted(SENDER_CALLS))
-def test_sender_use_after_close_raises_endpoint_closed(broker: int, call: str) -> None:
+def test_sender_use_after_close_raises_endpoint_closed(address: str, call: str) -> None:
     """Any call on a closed sender raises EndpointClosed (a ValueError) naming the sender."""
-    sender = DataSender(ADDRESS, dataset_name="closed")
+    sender = DataSender(address, dataset_name="closed")
     sender.close()
     with pytest.raises(EndpointClosed, match=exact("<DataSender default/closed 1 shards closed> is closed")) as info:
         SENDER_CALLS[call](sender)
@@ -326,21 +328,21 @@ def test_sender_use_after_close_raises_endpoint_closed(broker: int, call: str) -
 
 
 @pytest.mark.parametrize("call", sorted(RECEIVER_CALLS))
-def test_receiver_use_after_close_raises_endpoint_closed(broker: int, call: str) -> None:
+def test_receiver_use_after_close_raises_endpoint_closed(address: str, call: str) -> None:
     """Any call on a closed receiver raises EndpointClosed (a ValueError) naming the receiver."""
-    with DataSender(ADDRESS, dataset_name="closed", num_shards=2) as sender:
+    with DataSender(address, dataset_name="closed", num_shards=2) as sender:
         sender.send([1, 2])
-        receiver = DataReceiver(ADDRESS, dataset_name="closed", shard_id=1)
+        receiver = DataReceiver(address, dataset_name="closed", shard_id=1)
         receiver.close()
         with pytest.raises(EndpointClosed, match=exact("<DataReceiver default/closed shard 1/2 closed> is closed")):
             RECEIVER_CALLS[call](receiver)
         assert len(sender.get_queue(1)) == 1
 
 
-def test_close_is_idempotent(broker: int) -> None:
+def test_close_is_idempotent(address: str) -> None:
     """Calling close() twice on a sender or receiver is not an error."""
-    sender = DataSender(ADDRESS, dataset_name="twice")
-    receiver = DataReceiver(ADDRESS, dataset_name="twice")
+    sender = DataSender(address, dataset_name="twice")
+    receiver = DataReceiver(address, dataset_name="twice")
     receiver.close()
     receiver.close()
     sender.close()
@@ -361,12 +363,12 @@ FAILING_SENDS: dict[str, tuple[Any, type[BaseException]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(FAILING_SENDS))
-def test_failed_send_loses_nothing_already_sent(broker: int, case: str) -> None:
+def test_failed_send_loses_nothing_already_sent(address: str, case: str) -> None:
     """A send that fails leaves what was queued before intact and in order, and later sends follow it."""
     bad, error = FAILING_SENDS[case]
-    with DataSender(ADDRESS, dataset_name="keep", num_shards=2) as sender, DataReceiver(
-        ADDRESS, dataset_name="keep", shard_id=0
-    ) as rx0, DataReceiver(ADDRESS, dataset_name="keep", shard_id=1) as rx1:
+    with DataSender(address, dataset_name="keep", num_shards=2) as sender, DataReceiver(
+        address, dataset_name="keep", shard_id=0
+    ) as rx0, DataReceiver(address, dataset_name="keep", shard_id=1) as rx1:
         sender.send([0, 1])
         sender.send(np.arange(2, 4))
         with pytest.raises(error):

@@ -29,8 +29,8 @@ RECV_SYSCALLS = {"x86_64": {"45", "47", "0"}, "aarch64": {"207", "212", "63"}}.g
 # -- children (module level: spawn imports them by name) ----------------------------------
 
 
-def _send_and_exit_without_close(name: str) -> None:
-    sender = DataSender(ADDRESS, dataset_name=name, max_queue_size=20)
+def _send_and_exit_without_close(address: str, name: str) -> None:
+    sender = DataSender(address, dataset_name=name, max_queue_size=20)
     for i in range(10):
         sender.send(np.full(MIB // 8, i, dtype=np.float64))
         sender.send([i, f"item {i}"])
@@ -90,18 +90,18 @@ def _broker_processes(runtime_dir: str) -> list[int]:
 # -- tests --------------------------------------------------------------------------------
 
 
-def test_data_outlives_sender_exit(broker: int) -> None:
+def test_data_outlives_sender_exit(address: str) -> None:
     """Objects a child sent stay queued after it exits without close and arrive in order, intact."""
     name = f"outlives-{os.getpid()}"
-    join_ok(start_process(_send_and_exit_without_close, name), 60)
-    with DataReceiver(ADDRESS, dataset_name=name) as receiver:
+    join_ok(start_process(_send_and_exit_without_close, address, name), 120)
+    with DataReceiver(address, dataset_name=name) as receiver:
         for i in range(10):
-            array = receiver.recv(timeout=10)
+            array = receiver.recv(timeout=30)
             assert isinstance(array, np.ndarray)
             assert array.dtype == np.float64 and array.shape == (MIB // 8,)
             assert (array == i).all(), f"array {i} corrupted"
             del array
-            assert receiver.recv(timeout=10) == [i, f"item {i}"]
+            assert receiver.recv(timeout=30) == [i, f"item {i}"]
         assert receiver.get_queue(0) == []
 
 

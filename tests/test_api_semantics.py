@@ -37,36 +37,57 @@ def _check_item(got: Any, i: int) -> None:
         assert got == [i, f"item {i}"], f"object {i}: {got!r}"
 
 
-def _channel_status(name: str) -> dict[str, Any]:
-    status = daemon.status()
-    assert status is not None, "no broker runs"
-    (channel,) = [c for c in status["channels"] if c["dataset_name"] == name]
+def _channel_status(address: str, name: str) -> dict[str, Any]:
+    """The status of channel ``name`` (namespace "default") as its backend reports it."""
+    if address == ADDRESS:
+        status = daemon.status()
+        assert status is not None, "no broker runs"
+        channels = status["channels"]
+    else:
+        from shmchannel.backends.ray import list_channels
+
+        channels = list_channels(address)
+    (channel,) = [c for c in channels if c["dataset_name"] == name]
     return channel
+
+
+def _receiver_waits(address: str, name: str) -> bool:
+    """Whether a receiver of channel ``name`` (namespace "default") already waits for its sender."""
+    if address == ADDRESS:  # the waiting receiver is the one client besides our status query
+        return (daemon.status() or {}).get("clients", 0) >= 2
+    # On Ray a receiver created with wait > 0 creates the channel's actor itself and waits on it.
+    from shmchannel.backends.ray import connect
+    from shmchannel.backends.ray_actor import actor_name
+
+    try:
+        connect(address).get_actor(actor_name(name), namespace="default")
+    except ValueError:
+        return False
+    return True
 
 
 # -- children (module level: spawn imports them by name) ----------------------------------
 
 
-def _send_numbered(name: str, count: int, max_queue_size: int) -> None:
-    with DataSender(ADDRESS, dataset_name=name, max_queue_size=max_queue_size) as sender:
+def _send_numbered(address: str, name: str, count: int, max_queue_size: int) -> None:
+    with DataSender(address, dataset_name=name, max_queue_size=max_queue_size) as sender:
         for i in range(count):
             sender.send(_item(i))
 
 
-def _send_once_a_receiver_waits(name: str) -> None:
-    # The test's waiting receiver is the one client besides our status query.
-    wait_until(lambda: (daemon.status() or {}).get("clients", 0) >= 2, 10, "the receiver to connect")
-    with DataSender(ADDRESS, dataset_name=name) as sender:
+def _send_once_a_receiver_waits(address: str, name: str) -> None:
+    wait_until(lambda: _receiver_waits(address, name), 30, "the receiver to connect")
+    with DataSender(address, dataset_name=name) as sender:
         sender.send([42])
 
 
 # -- order -------------------------------------------------------------------------------
 
 
-def test_fifo_order_across_processes(broker: int) -> None:
+def test_fifo_order_across_processes(address: str) -> None:
     """200 objects sent by another process arrive once each, in the order sent, then the stream ends."""
-    proc = start_process(_send_numbered, "fifo", 200, 10)
-    with DataReceiver(ADDRESS, dataset_name="fifo", wait=60) as receiver:
+    proc = start_process(_send_numbered, address, "fifo", 200, 10)
+    with DataReceiver(address, dataset_name="fifo", wait=60) as receiver:
         for i in range(200):
             _check_item(receiver.recv(timeout=10), i)
         with pytest.raises(ChannelClosed):
@@ -120,11 +141,11 @@ def _assert_same(got: Any, expected: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(SHARDABLE))
-def test_four_shards_get_contiguous_row_blocks(broker: int, kind: str) -> None:
+def test_four_shards_get_contiguous_row_blocks(address: str, kind: str) -> None:
     """With num_shards=4, the receiver of shard i gets rows [2i, 2i+2) of an 8-row object."""
     obj = SHARDABLE[kind]()
-    with DataSender(ADDRESS, dataset_name="shards", num_shards=4) as sender:
-        receivers = [DataReceiver(ADDRESS, dataset_name="shards", shard_id=i) for i in range(4)]
+    with DataSender(address, dataset_name="shards", num_shards=4) as sender:
+        receivers = [DataReceiver(address, dataset_name="shards", shard_id=i) for i in range(4)]
         try:
             sender.send(obj)
             for i, receiver in enumerate(receivers):
@@ -139,12 +160,12 @@ def test_four_shards_get_contiguous_row_blocks(broker: int, kind: str) -> None:
 
 
 @pytest.mark.parametrize("elements", [16, BIG], ids=["inline", "arena"])
-def test_full_batch_gives_every_shard_the_whole_object_read_only(broker: int, elements: int) -> None:
+def test_full_batch_gives_every_shard_the_whole_object_read_only(address: str, elements: int) -> None:
     """With full_batch every shard's receiver gets the whole object (any length) as a read-only array."""
     data = np.arange(5 * elements, dtype=np.float64).reshape(5, elements)  # 5 rows: no multiple of 3 needed
-    with DataSender(ADDRESS, dataset_name="fb", num_shards=3, full_batch=True) as sender:
+    with DataSender(address, dataset_name="fb", num_shards=3, full_batch=True) as sender:
         assert sender.full_batch
-        receivers = [DataReceiver(ADDRESS, dataset_name="fb", shard_id=i) for i in range(3)]
+        receivers = [DataReceiver(address, dataset_name="fb", shard_id=i) for i in range(3)]
         try:
             sender.send(data)
             for receiver in receivers:
@@ -204,23 +225,23 @@ def _rich_frame(rows: int, index: str) -> pd.DataFrame:
 
 @pytest.mark.parametrize("index", ["str", "datetime", "range-step"])
 @pytest.mark.parametrize("rows", [12, 20_000], ids=["inline", "arena"])
-def test_rich_dataframe_round_trips_exactly(broker: int, rows: int, index: str) -> None:
+def test_rich_dataframe_round_trips_exactly(address: str, rows: int, index: str) -> None:
     """A DataFrame with string, categorical, tz-aware, nullable Int64 columns and its index arrives equal."""
     df = _rich_frame(rows, index)
-    with DataSender(ADDRESS, dataset_name="df") as sender, DataReceiver(ADDRESS, dataset_name="df") as receiver:
+    with DataSender(address, dataset_name="df") as sender, DataReceiver(address, dataset_name="df") as receiver:
         sender.send(df)
         pd.testing.assert_frame_equal(receiver.recv(timeout=10), df, check_exact=True)
 
 
 @pytest.mark.parametrize("index", ["str", "datetime", "range-step"])
 @pytest.mark.parametrize("rows", [12, 20_000], ids=["inline", "arena"])
-def test_rich_dataframe_split_over_two_shards_round_trips(broker: int, rows: int, index: str) -> None:
+def test_rich_dataframe_split_over_two_shards_round_trips(address: str, rows: int, index: str) -> None:
     """A rich DataFrame split over 2 shards arrives as exactly df.iloc[:n/2] and df.iloc[n/2:]."""
     df = _rich_frame(rows, index)
     half = rows // 2
-    with DataSender(ADDRESS, dataset_name="df2", num_shards=2) as sender, DataReceiver(
-        ADDRESS, dataset_name="df2", shard_id=0
-    ) as rx0, DataReceiver(ADDRESS, dataset_name="df2", shard_id=1) as rx1:
+    with DataSender(address, dataset_name="df2", num_shards=2) as sender, DataReceiver(
+        address, dataset_name="df2", shard_id=0
+    ) as rx0, DataReceiver(address, dataset_name="df2", shard_id=1) as rx1:
         sender.send(df)
         pd.testing.assert_frame_equal(rx0.recv(timeout=10), df.iloc[:half], check_exact=True)
         pd.testing.assert_frame_equal(rx1.recv(timeout=10), df.iloc[half:], check_exact=True)
@@ -229,13 +250,13 @@ def test_rich_dataframe_split_over_two_shards_round_trips(broker: int, rows: int
 # -- namespaces --------------------------------------------------------------------------
 
 
-def test_same_name_in_two_namespaces_is_two_channels(broker: int) -> None:
+def test_same_name_in_two_namespaces_is_two_channels(address: str) -> None:
     """Channels of the same dataset_name in two namespaces coexist and never see each other's data."""
-    with DataSender(ADDRESS, namespace="a", dataset_name="ds") as tx_a, DataSender(
-        ADDRESS, namespace="b", dataset_name="ds", num_shards=2
+    with DataSender(address, namespace="a", dataset_name="ds") as tx_a, DataSender(
+        address, namespace="b", dataset_name="ds", num_shards=2
     ) as tx_b:
-        with DataReceiver(ADDRESS, namespace="a", dataset_name="ds") as rx_a, DataReceiver(
-            ADDRESS, namespace="b", dataset_name="ds", shard_id=1
+        with DataReceiver(address, namespace="a", dataset_name="ds") as rx_a, DataReceiver(
+            address, namespace="b", dataset_name="ds", shard_id=1
         ) as rx_b:
             tx_a.send(["from a"])
             tx_a.send(["again a"])
@@ -252,9 +273,9 @@ def test_same_name_in_two_namespaces_is_two_channels(broker: int) -> None:
 # -- peek and get_queue ------------------------------------------------------------------
 
 
-def test_peek_returns_head_without_removing_it(broker: int) -> None:
+def test_peek_returns_head_without_removing_it(address: str) -> None:
     """peek returns the oldest object and leaves it queued; the next recv returns the same object."""
-    with DataSender(ADDRESS, dataset_name="peek") as sender, DataReceiver(ADDRESS, dataset_name="peek") as receiver:
+    with DataSender(address, dataset_name="peek") as sender, DataReceiver(address, dataset_name="peek") as receiver:
         sender.send(np.full(BIG, 1.0))
         sender.send([2])
         keys = sender.get_queue(0)
@@ -268,10 +289,10 @@ def test_peek_returns_head_without_removing_it(broker: int) -> None:
         assert sender.get_queue(0) == []
 
 
-def test_get_queue_shows_keys_per_shard_and_shrinks_after_recv(broker: int) -> None:
+def test_get_queue_shows_keys_per_shard_and_shrinks_after_recv(address: str) -> None:
     """get_queue maps each shard to its unconsumed keys, oldest first; a recv removes the head of its shard only."""
-    with DataSender(ADDRESS, dataset_name="q", num_shards=2) as sender, DataReceiver(
-        ADDRESS, dataset_name="q", shard_id=0
+    with DataSender(address, dataset_name="q", num_shards=2) as sender, DataReceiver(
+        address, dataset_name="q", shard_id=0
     ) as rx0:
         assert sender.get_queue() == {0: [], 1: []}
         for i in range(3):
@@ -292,10 +313,10 @@ def test_get_queue_shows_keys_per_shard_and_shrinks_after_recv(broker: int) -> N
 
 @pytest.mark.parametrize("method", ["recv", "peek"])
 @pytest.mark.parametrize("timeout", [0, 0.05])
-def test_recv_on_empty_shard_times_out(broker: int, method: str, timeout: float) -> None:
+def test_recv_on_empty_shard_times_out(address: str, method: str, timeout: float) -> None:
     """recv/peek on an empty shard raise ChannelTimeout (a TimeoutError) once the timeout runs out."""
-    with DataSender(ADDRESS, dataset_name="empty", num_shards=2) as sender, DataReceiver(
-        ADDRESS, dataset_name="empty", shard_id=1
+    with DataSender(address, dataset_name="empty", num_shards=2) as sender, DataReceiver(
+        address, dataset_name="empty", shard_id=1
     ) as receiver:
         with pytest.raises(
             TimeoutError,
@@ -309,10 +330,10 @@ def test_recv_on_empty_shard_times_out(broker: int, method: str, timeout: float)
 
 @pytest.mark.parametrize("timeout", [0, 0.05])
 @pytest.mark.parametrize("elements", [4, BIG], ids=["inline", "arena"])
-def test_send_to_full_queue_times_out_and_enqueues_nothing(broker: int, timeout: float, elements: int) -> None:
+def test_send_to_full_queue_times_out_and_enqueues_nothing(address: str, timeout: float, elements: int) -> None:
     """send to a full queue raises ChannelTimeout after its timeout, enqueues nothing, and the stream goes on in order."""
-    with DataSender(ADDRESS, dataset_name="full", max_queue_size=2) as sender, DataReceiver(
-        ADDRESS, dataset_name="full"
+    with DataSender(address, dataset_name="full", max_queue_size=2) as sender, DataReceiver(
+        address, dataset_name="full"
     ) as receiver:
         sender.send(np.full(elements, 0.0))
         sender.send(np.full(elements, 1.0))
@@ -345,10 +366,10 @@ def test_timed_out_send_gives_its_memory_back(broker: int) -> None:
         assert (after.used, after.objects) == (before.used, before.objects)
 
 
-def test_send_with_zero_timeout_to_non_full_queue_succeeds(broker: int) -> None:
+def test_send_with_zero_timeout_to_non_full_queue_succeeds(address: str) -> None:
     """send(timeout=0) enqueues at once while the queue has room."""
-    with DataSender(ADDRESS, dataset_name="room", num_shards=2, max_queue_size=2) as sender, DataReceiver(
-        ADDRESS, dataset_name="room", shard_id=1
+    with DataSender(address, dataset_name="room", num_shards=2, max_queue_size=2) as sender, DataReceiver(
+        address, dataset_name="room", shard_id=1
     ) as receiver:
         sender.send([1, 2], timeout=0)
         sender.send(np.arange(2 * BIG, dtype=np.float64).reshape(2, BIG), timeout=0)
@@ -361,11 +382,11 @@ def test_send_with_zero_timeout_to_non_full_queue_succeeds(broker: int) -> None:
 
 
 @pytest.mark.parametrize("method", ["recv", "peek"])
-def test_after_close_receivers_drain_then_get_channel_closed(broker: int, method: str) -> None:
+def test_after_close_receivers_drain_then_get_channel_closed(address: str, method: str) -> None:
     """After the sender's close(), each shard's receiver gets what was queued, then recv/peek raise ChannelClosed."""
-    sender = DataSender(ADDRESS, dataset_name="eos", num_shards=2)
-    with DataReceiver(ADDRESS, dataset_name="eos", shard_id=0) as rx0, DataReceiver(
-        ADDRESS, dataset_name="eos", shard_id=1
+    sender = DataSender(address, dataset_name="eos", num_shards=2)
+    with DataReceiver(address, dataset_name="eos", shard_id=0) as rx0, DataReceiver(
+        address, dataset_name="eos", shard_id=1
     ) as rx1:
         with sender:
             sender.send([0, 1])
@@ -382,9 +403,9 @@ def test_after_close_receivers_drain_then_get_channel_closed(broker: int, method
                     getattr(receiver, method)(timeout=10)
 
 
-def test_iteration_ends_at_end_of_stream(broker: int) -> None:
+def test_iteration_ends_at_end_of_stream(address: str) -> None:
     """`for obj in receiver` yields every queued object in order and ends after the sender's close()."""
-    with DataSender(ADDRESS, dataset_name="iter", max_queue_size=12) as sender, DataReceiver(ADDRESS, dataset_name="iter") as receiver:
+    with DataSender(address, dataset_name="iter", max_queue_size=12) as sender, DataReceiver(address, dataset_name="iter") as receiver:
         for i in range(12):
             sender.send(_item(i))
         sender.close()
@@ -395,10 +416,10 @@ def test_iteration_ends_at_end_of_stream(broker: int) -> None:
         assert count == 12
 
 
-def test_blocked_recv_ends_when_sender_closes_in_another_process(broker: int) -> None:
+def test_blocked_recv_ends_when_sender_closes_in_another_process(address: str) -> None:
     """A receiver blocked on an empty shard gets the last objects and then ChannelClosed when a child sender closes."""
-    proc = start_process(_send_numbered, "eos-child", 3, 10)
-    with DataReceiver(ADDRESS, dataset_name="eos-child", wait=60) as receiver:
+    proc = start_process(_send_numbered, address, "eos-child", 3, 10)
+    with DataReceiver(address, dataset_name="eos-child", wait=60) as receiver:
         got = list(receiver)
     join_ok(proc)
     for i, obj in enumerate(got):
@@ -409,21 +430,21 @@ def test_blocked_recv_ends_when_sender_closes_in_another_process(broker: int) ->
 # -- backpressure ------------------------------------------------------------------------
 
 
-def test_sender_blocks_while_queue_full_until_receiver_consumes(broker: int) -> None:
+def test_sender_blocks_while_queue_full_until_receiver_consumes(address: str) -> None:
     """With max_queue_size=3 a sender in a child stays exactly 3 objects ahead of a slow receiver; all 20 arrive in order."""
-    proc = start_process(_send_numbered, "bp", 20, 3)
+    proc = start_process(_send_numbered, address, "bp", 20, 3)
     depths: list[int] = []
 
     def depth(receiver: DataReceiver) -> int:
         depths.append(len(receiver.get_queue(0)))
         return depths[-1]
 
-    with DataReceiver(ADDRESS, dataset_name="bp", wait=60) as receiver:
+    with DataReceiver(address, dataset_name="bp", wait=60) as receiver:
         for i in range(20):
             ahead = min(3, 20 - i)
             wait_until(lambda: depth(receiver) == ahead, 10, f"{ahead} objects queued before recv {i}")
             # The sender is blocked on the full queue: it has not sent more than 3 ahead of us.
-            assert _channel_status("bp")["sent_objects"] == i + ahead
+            assert _channel_status(address, "bp")["sent_objects"] == i + ahead
             assert depth(receiver) == ahead
             _check_item(receiver.recv(timeout=10), i)
         with pytest.raises(ChannelClosed):
@@ -435,11 +456,13 @@ def test_sender_blocks_while_queue_full_until_receiver_consumes(broker: int) -> 
 # -- waiting for a sender ----------------------------------------------------------------
 
 
-def test_receiver_waits_for_sender_to_appear(broker: int) -> None:
+def test_receiver_waits_for_sender_to_appear(address: str) -> None:
     """A receiver created with wait=60 before its sender exists connects once a child process creates the sender."""
-    wait_until(lambda: (daemon.status() or {}).get("clients") == 1, 10, "no client but the status query")
-    proc = start_process(_send_once_a_receiver_waits, "late")
-    with DataReceiver(ADDRESS, dataset_name="late", wait=60) as receiver:
+    if address == ADDRESS:
+        wait_until(lambda: (daemon.status() or {}).get("clients") == 1, 10, "no client but the status query")
+    assert not _receiver_waits(address, "late")
+    proc = start_process(_send_once_a_receiver_waits, address, "late")
+    with DataReceiver(address, dataset_name="late", wait=60) as receiver:
         assert receiver.num_shards == 1
         assert receiver.recv(timeout=10) == [42]
         with pytest.raises(ChannelClosed):

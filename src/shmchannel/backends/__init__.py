@@ -40,7 +40,9 @@ def backend_for(address: object, *, inline_threshold: int | None = None) -> Back
     if not isinstance(address, str):
         raise InvalidArgument(f"address must be a str (an IPv4 address of this machine), got {address!r} ({type(address).__name__})")
     if address.startswith("ray:"):
-        raise InvalidArgument(f"address {address!r} selects the Ray backend, which this version does not include yet")
+        from .ray import RayBackend
+
+        return RayBackend(address)
     try:
         local = _is_local_ipv4(address)
     except ValueError:

@@ -1,0 +1,281 @@
+"""The Ray backend: the same channel across the machines of a Ray cluster.
+
+Addresses: ``"ray://host:port"`` (Ray client), ``"ray:auto"`` (the cluster this process runs
+in, or ``ray.init(address="auto")``), ``"ray:local"`` (join a local cluster, or start one
+in this process). The broker of a channel is a named, detached async actor
+(``ray_actor.ChannelActor``) in the Ray namespace ``namespace``, named after
+``dataset_name``; data lives in Ray's object store. We use Ray as it is and write no
+transport of our own.
+
+Differences from the embedded backend, all Ray's: received arrays are read-only views of
+the object store (zero-copy on the receiving node); ``DataSystem.stats`` reports capacity
+and object count only (Ray does not tell a client how much of its store is used).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import time
+import uuid
+from typing import Any
+
+from ..errors import BrokerUnavailable, ChannelError, ChannelNotFound, InvalidArgument, UnsupportedType, from_wire
+from ..serialization import serialize
+from ..store.table import StoreStats
+
+ADDRESS_FORMS = "'ray://host:port', 'ray:auto' or 'ray:local'"
+DATASYSTEM_NAMESPACE = "shmchannel"
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise InvalidArgument("the ray backend needs Ray: pip install 'shmchannel[ray]'") from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """Initialize Ray for ``address`` in this process (once) and return the ``ray`` module.
+
+    Raises:
+        InvalidArgument: not a Ray address we know, or Ray is not installed.
+        BrokerUnavailable: no Ray cluster answers there.
+    """
+    if not (address.startswith("ray://") or address in ("ray:auto", "ray:local")):
+        raise InvalidArgument(f"a Ray address must be {ADDRESS_FORMS}, got {address!r}")
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    try:
+        if address == "ray:local":
+            try:
+                ray.init(address="auto", **options)
+            except ConnectionError:
+                from .. import config
+
+                ray.init(include_dashboard=False, object_store_memory=config.default_memory(), **options)
+        else:
+            ray.init(address="auto" if address == "ray:auto" else address, **options)
+    except (ConnectionError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"cannot reach a Ray cluster at {address!r}: {exc}") from exc
+    return ray
+
+
+def _reply(value: Any) -> Any:
+    """Unwrap an actor's ("ok", ...) reply or raise its ("error", code, message)."""
+    if isinstance(value, tuple) and value and value[0] == "error":
+        raise from_wire(value[1], value[2])
+    return value
+
+
+class _Calls:
+    """Actor calls with Ray's failures translated once, here."""
+
+    def __init__(self, ray: Any, actor: Any, label: str) -> None:
+        self.ray = ray
+        self.actor = actor
+        self.label = label
+
+    def call(self, method: str, *args: Any, on_interrupt: Any = None) -> Any:
+        try:
+            ref = getattr(self.actor, method).remote(*args)
+        except TypeError as exc:  # Ray could not serialize an argument
+            raise UnsupportedType(f"obj cannot be serialized: {exc}") from exc
+        try:
+            return _reply(self.ray.get(ref))
+        except ChannelError:
+            raise
+        except self.ray.exceptions.RayActorError as exc:
+            raise BrokerUnavailable(f"the actor of channel {self.label} is gone: {exc}") from exc
+        except self.ray.exceptions.RayError as exc:
+            raise BrokerUnavailable(f"{method} on channel {self.label} failed in Ray: {exc}") from exc
+        except BaseException:
+            if on_interrupt is not None:
+                self._cancel(ref, on_interrupt)
+            raise
+
+    def _cancel(self, ref: Any, on_interrupt: Any) -> None:
+        """After an interrupted wait: cancel the call; undo it if it completed anyway."""
+        try:
+            self.ray.cancel(ref)
+            value = self.ray.get(ref, timeout=5)
+        except Exception:
+            return
+        if isinstance(value, tuple) and value and value[0] == "ok":
+            on_interrupt(value)
+
+    def dispose(self, method: str, *args: Any) -> None:
+        """Leave the channel; kill the actor if nothing is left for anyone."""
+        try:
+            if self.call(method, *args):
+                self.ray.kill(self.actor)
+        except ChannelError:
+            pass
+
+
+class RaySender:
+    def __init__(self, ray: Any, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int) -> None:
+        from .ray_actor import ChannelActor, actor_name
+
+        self._token = uuid.uuid4().hex
+        actor = ChannelActor.options(  # type: ignore[attr-defined]
+            name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
+        ).remote(namespace, dataset_name)
+        self._calls = _Calls(ray, actor, f"{namespace}/{dataset_name}")
+        self._calls.call("attach_sender", self._token, num_shards, full_batch, max_queue_size)
+        self._pid = os.getpid()
+        # A process that exits without close() leaves the channel (the stream goes on, the
+        # name is free again). Registered after ray.init, so it runs before Ray's shutdown.
+        self._at_exit = functools.partial(self._calls.dispose, "close", self._token, False)
+        atexit.register(self._at_exit)
+
+    def send(self, parts: list[Any], timeout: float | None) -> None:
+        # Refuse what the embedded backend refuses (Ray's cloudpickle would take lambdas):
+        # one API, one set of types. Array data is not copied by this check.
+        for part in parts:
+            serialize(part)
+        self._calls.call("put", self._token, parts, timeout, timeout)
+
+    def queue(self, shard_id: int | None) -> Any:
+        return self._calls.call("queue", shard_id)[1]
+
+    def close(self, end_of_stream: bool) -> None:
+        if os.getpid() == self._pid:
+            atexit.unregister(self._at_exit)
+            self._calls.dispose("close", self._token, end_of_stream)
+
+
+class RayReceiver:
+    def __init__(self, ray: Any, namespace: str, dataset_name: str, shard_id: int, wait: float | None) -> None:
+        from .ray_actor import ChannelActor, actor_name
+
+        self._ray = ray
+        self._token = uuid.uuid4().hex
+        self._shard = shard_id
+        self._pid = os.getpid()
+        label = f"{namespace}/{dataset_name}"
+        if wait == 0:
+            try:
+                actor = ray.get_actor(actor_name(dataset_name), namespace=namespace)
+            except ValueError:
+                raise ChannelNotFound(
+                    f"no sender has created dataset_name {dataset_name!r} in namespace {namespace!r}"
+                ) from None
+        else:  # create it if need be: the sender's attach then wakes us, no polling
+            actor = ChannelActor.options(  # type: ignore[attr-defined]
+                name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
+            ).remote(namespace, dataset_name)
+        self._calls = _Calls(ray, actor, label)
+        try:
+            info = self._calls.call("attach_receiver", self._token, shard_id, wait)[1]
+        except ChannelError:
+            self._calls.dispose("detach", self._token)
+            raise
+        self.num_shards = int(info["num_shards"])
+
+    def recv(self, timeout: float | None, peek: bool) -> Any:
+        reply = self._calls.call(
+            "get", self._shard, peek, timeout, timeout, on_interrupt=None if peek else self._put_back
+        )
+        _, key, shared, (ref,) = reply
+        return self._ray.get(ref)
+
+    def _put_back(self, reply: Any) -> None:
+        _, key, _, refs = reply
+        self._calls.actor.requeue.remote(self._shard, key, refs)
+
+    def queue(self, shard_id: int | None) -> Any:
+        return self._calls.call("queue", shard_id)[1]
+
+    def close(self) -> None:
+        if os.getpid() == self._pid:
+            self._calls.dispose("detach", self._token)
+
+
+class RayDataSystem:
+    def __init__(self, ray: Any) -> None:
+        from .ray_actor import DATASYSTEM, DataSystemActor
+
+        self._ray = ray
+        actor = DataSystemActor.options(  # type: ignore[attr-defined]
+            name=DATASYSTEM, namespace=DATASYSTEM_NAMESPACE, lifetime="detached", get_if_exists=True
+        ).remote()
+        self._calls = _Calls(ray, actor, "data system")
+
+    def put(self, obj: Any, timeout: float | None) -> str:
+        return str(self._calls.call("put", obj))
+
+    def get(self, key: str) -> Any:
+        (ref,) = self._calls.call("get", key)[1]
+        return self._ray.get(ref)
+
+    def delete(self, key: str) -> None:
+        self._calls.call("delete", key)
+
+    def contains(self, key: str) -> bool:
+        return bool(self._calls.call("contains", key))
+
+    def stats(self) -> StoreStats:
+        capacity = int(self._ray.cluster_resources().get("object_store_memory", 0))
+        return StoreStats(capacity, -1, -1, -1, int(self._calls.call("count")), 0)
+
+    def close(self) -> None:
+        pass
+
+
+class RayBackend:
+    """Channels on a Ray cluster; ``address`` is one of ``ADDRESS_FORMS``."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._ray = connect(address)
+
+    def create_sender(self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int) -> RaySender:
+        return RaySender(self._ray, namespace, dataset_name, num_shards, full_batch, max_queue_size)
+
+    def open_receiver(self, namespace: str, dataset_name: str, shard_id: int, wait: float | None) -> RayReceiver:
+        return RayReceiver(self._ray, namespace, dataset_name, shard_id, wait)
+
+    def data_system(self) -> RayDataSystem:
+        return RayDataSystem(self._ray)
+
+
+def list_channels(address: str) -> list[dict[str, Any]]:
+    """Status of every shmchannel channel actor on the cluster at ``address``."""
+    from .ray_actor import DATASYSTEM, PREFIX
+
+    ray = connect(address)
+    out = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if not entry["name"].startswith(PREFIX) or entry["name"] == DATASYSTEM:
+            continue
+        try:
+            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            out.append(ray.get(actor.status.remote(), timeout=10))
+        except Exception as exc:  # an actor dying as we look: report it, do not fail the listing
+            out.append({"namespace": entry["namespace"], "dataset_name": entry["name"][len(PREFIX):], "error": repr(exc)})
+    return out
+
+
+def remove_channel(address: str, namespace: str, dataset_name: str) -> bool:
+    """Kill the actor of a channel (its queued objects are freed); False if there was none."""
+    from .ray_actor import actor_name
+
+    ray = connect(address)
+    try:
+        actor = ray.get_actor(actor_name(dataset_name), namespace=namespace)
+    except ValueError:
+        return False
+    ray.kill(actor)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the name is released shortly after the kill
+        try:
+            ray.get_actor(actor_name(dataset_name), namespace=namespace)
+        except ValueError:
+            break
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,239 @@
+"""The Ray backend's broker: one named, detached, async actor per channel (and one for DataSystem).
+
+Imported only inside Ray (``ray`` is an optional extra). The actor never blocks its event
+loop and never polls: a recv waits on an ``asyncio.Condition`` that the put feeding it
+notifies; a put waits on the same condition for space.
+
+Ownership: a Ray object dies with the process that created it (ray-notes.md). So the data
+is passed to ``put`` by value and the actor stores it with ``ray.put`` itself: the actor
+owns every queued object, which therefore outlives the sender. That costs one copy inside
+the object store on the actor's node -- the price of "data outlives the sender" in Ray.
+
+Replies are tuples: ``("ok", ...)`` or ``("error", code, message)``; the client maps the
+code to the same exception class the embedded backend raises (``errors.from_wire``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, EndpointClosed, InvalidArgument, NameInUse
+
+PREFIX = "shmchannel:"
+DATASYSTEM = PREFIX + "datasystem"
+
+
+def actor_name(dataset_name: str) -> str:
+    return PREFIX + dataset_name
+
+
+def _error(exc: Exception) -> tuple[str, str, str]:
+    return ("error", getattr(exc, "code", "error"), str(exc))
+
+
+async def _wait(cond: asyncio.Condition, ready: Any, timeout: float | None) -> bool:
+    """Wait on ``cond`` (held) until ``ready()``; False if ``timeout`` ran out first."""
+    if ready():
+        return True
+    if timeout is not None and timeout <= 0:
+        return False
+    try:
+        await asyncio.wait_for(cond.wait_for(ready), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ChannelActor:
+    """Per-shard FIFO queues of (key, ref) for one (namespace, dataset_name)."""
+
+    def __init__(self, namespace: str, dataset_name: str) -> None:
+        self.namespace = namespace
+        self.name = dataset_name
+        self.configured = False
+        self.num_shards = 0
+        self.full_batch = False
+        self.max_queue_size = 0
+        self.queues: list[deque[tuple[str, Any]]] = []
+        self.sender: str | None = None
+        self.closed = False
+        self.receivers: dict[str, int] = {}
+        self.sent_objects = 0
+        self.received: list[int] = []
+        self.created = time.time()
+        self._keys = (f"{n:x}" for n in itertools.count(1))
+        self._cond: asyncio.Condition | None = None
+
+    @property
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:  # made in the actor's event loop
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace, "dataset_name": self.name, "num_shards": self.num_shards,
+            "full_batch": self.full_batch, "max_queue_size": self.max_queue_size,
+        }
+
+    def _disposable(self) -> bool:
+        """Nothing left to deliver and nobody attached: the client that sees this kills us."""
+        return self.sender is None and not self.receivers and not any(self.queues)
+
+    async def attach_sender(self, token: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Any:
+        async with self.cond:
+            if self.sender is not None:
+                return _error(NameInUse(f"dataset_name {self.name!r} is already used by a sender in namespace {self.namespace!r}"))
+            if self.closed:
+                return _error(NameInUse(f"dataset_name {self.name!r} in namespace {self.namespace!r} was closed and is still being drained"))
+            if any(self.queues) and (self.num_shards, self.full_batch) != (num_shards, full_batch):
+                return _error(InvalidArgument(
+                    f"channel {self.label} still holds data sent with num_shards={self.num_shards}, "
+                    f"full_batch={self.full_batch}; a new sender must use the same, got "
+                    f"num_shards={num_shards}, full_batch={full_batch}"
+                ))
+            if not any(self.queues):
+                self.queues = [deque() for _ in range(num_shards)]
+                self.received = [0] * num_shards
+            self.num_shards, self.full_batch, self.max_queue_size = num_shards, full_batch, max_queue_size
+            self.configured = True
+            self.sender = token
+            self.cond.notify_all()
+            return ("ok", self._info())
+
+    async def attach_receiver(self, token: str, shard: int, wait: float | None) -> Any:
+        async with self.cond:
+            if not await _wait(self.cond, lambda: self.configured, wait):
+                return _error(ChannelNotFound(
+                    f"no sender has created dataset_name {self.name!r} in namespace {self.namespace!r}"
+                    + (f" (waited {wait} s)" if wait else "")
+                ))
+            if shard >= self.num_shards:
+                return _error(InvalidArgument(
+                    f"shard_id must be less than num_shards ({self.num_shards}) of channel {self.label}, got {shard}"
+                ))
+            self.receivers[token] = shard
+            return ("ok", self._info())
+
+    async def put(self, token: str, parts: list[Any], timeout: float | None, asked: float | None) -> Any:
+        if self.sender != token:
+            return _error(EndpointClosed(f"this client is not the sender of channel {self.label}"))
+        expected = 1 if self.full_batch else self.num_shards
+        if len(parts) != expected:
+            return _error(InvalidArgument(f"send to {self.label} needs {expected} parts, got {len(parts)}"))
+        refs = [ray.put(part) for part in parts]  # we own them: they outlive the sender
+        async with self.cond:
+            room = await _wait(self.cond, lambda: all(len(q) < self.max_queue_size for q in self.queues), timeout)
+            if not room:
+                return _error(ChannelTimeout(
+                    f"send timed out after {asked} s: a queue of {self.label} stayed full "
+                    f"(max_queue_size={self.max_queue_size}); nothing was enqueued"
+                ))
+            if self.full_batch:
+                key = next(self._keys)
+                for queue in self.queues:
+                    queue.append((key, refs[0]))
+            else:
+                for queue, ref in zip(self.queues, refs):
+                    queue.append((next(self._keys), ref))
+            self.sent_objects += 1
+            self.cond.notify_all()
+        return ("ok",)
+
+    async def get(self, shard: int, peek: bool, timeout: float | None, asked: float | None) -> Any:
+        if not 0 <= shard < self.num_shards:
+            return _error(InvalidArgument(f"shard_id must be less than num_shards ({self.num_shards}), got {shard}"))
+        async with self.cond:
+            queue = self.queues[shard]
+            if not await _wait(self.cond, lambda: bool(queue) or self.closed, timeout):
+                return _error(ChannelTimeout(
+                    f"{'peek' if peek else 'recv'} timed out after {asked} s: shard {shard} of {self.label} stayed empty"
+                ))
+            if not queue:
+                return _error(ChannelClosed(f"channel {self.label} was closed by its sender and shard {shard} is drained"))
+            key, ref = queue[0] if peek else queue.popleft()
+            if not peek:
+                self.received[shard] += 1
+                self.cond.notify_all()
+            return ("ok", key, self.full_batch and self.num_shards > 1, [ref])
+
+    async def requeue(self, shard: int, key: str, refs: list[Any]) -> None:
+        async with self.cond:
+            self.queues[shard].appendleft((key, refs[0]))
+            self.received[shard] -= 1
+            self.cond.notify_all()
+
+    async def queue(self, shard: int | None) -> Any:
+        if shard is None:
+            return ("ok", {i: [k for k, _ in q] for i, q in enumerate(self.queues)})
+        if not 0 <= shard < self.num_shards:
+            return _error(InvalidArgument(f"shard_id must be less than num_shards ({self.num_shards}), got {shard}"))
+        return ("ok", [k for k, _ in self.queues[shard]])
+
+    async def close(self, token: str, end_of_stream: bool) -> bool:
+        """The sender leaves (ending the stream if asked); True if the actor may now be killed."""
+        async with self.cond:
+            if self.sender == token:
+                self.sender = None
+                self.closed = self.closed or end_of_stream
+                self.cond.notify_all()
+            return self._disposable()
+
+    async def detach(self, token: str) -> bool:
+        async with self.cond:
+            self.receivers.pop(token, None)
+            return self._disposable()
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            **self._info(),
+            "closed": self.closed,
+            "sender": self.sender is not None,
+            "receivers": len(self.receivers),
+            "depths": [len(q) for q in self.queues],
+            "sent_objects": self.sent_objects,
+            "received_objects": list(self.received),
+            "created": self.created,
+        }
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class DataSystemActor:
+    """Key -> object, each stored (and owned) by this actor."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self._keys = (f"d{n:x}" for n in itertools.count(1))
+
+    async def put(self, value: Any) -> str:
+        key = next(self._keys)
+        self.objects[key] = ray.put(value)
+        return key
+
+    async def get(self, key: str) -> Any:
+        ref = self.objects.get(key)
+        if ref is None:
+            return ("error", "no_such_key", f"no object with key {key!r} in the data system")
+        return ("ok", [ref])
+
+    async def delete(self, key: str) -> Any:
+        if self.objects.pop(key, None) is None:
+            return ("error", "no_such_key", f"no object with key {key!r} in the data system")
+        return ("ok",)
+
+    async def contains(self, key: str) -> bool:
+        return key in self.objects
+
+    async def count(self) -> int:
+        return len(self.objects)
