@@ -9,6 +9,7 @@ after it, and the session asserts that no Ray process is left.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from shmchannel.testing import isolated_broker, isolated_runtime, wait_until
 
 ADDRESS = "127.0.0.1"
 RAY_ADDRESS = "ray:auto"
-RAY_STORE = 300 * 1024 * 1024
+RAY_STORE = 200 * 1000 * 1000
 
 BACKENDS = ["embedded", "ray"]
 
@@ -78,27 +79,48 @@ def ray_processes() -> list[str]:
     return found
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
-    """One local Ray cluster for the session (2 CPUs, 300 MB object store); stopped after."""
+    """One Ray cluster for the session: two nodes on this machine (resources node_a and
+    node_b, 200 MB object store each), stopped after; no Ray process may be left."""
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'shmchannel[ray]')")
     assert not ray_processes(), f"Ray already runs here: {ray_processes()[:3]}"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run(
-        [_ray_cli(), "start", "--head", "--num-cpus=2", f"--object-store-memory={RAY_STORE}",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
-    )
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # No usage reporting; no token: the second raylet of this machine would need it passed.
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    port = _free_port()
+    store = f"--object-store-memory={RAY_STORE}"
+    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "timeout": 120}
     try:
+        subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--num-cpus=2", store,
+                        '--resources={"node_a": 100}', "--include-dashboard=false", "--disable-usage-stats"], **quiet)
+        subprocess.run([_ray_cli(), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", store,
+                        '--resources={"node_b": 100}', "--disable-usage-stats"], **quiet)
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # for "ray:auto" here and in children
         yield RAY_ADDRESS
     finally:
         import ray
 
         ray.shutdown()
-        subprocess.run([_ray_cli(), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=120)
+        subprocess.run([_ray_cli(), "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=120)
+        os.environ.pop("RAY_ADDRESS", None)
         wait_until(lambda: not ray_processes(), 30, "Ray's processes to exit")
+
+
+@pytest.fixture
+def ray_two_nodes(ray_cluster: str) -> Iterator[str]:
+    """The session's two-node cluster, this process connected to it; channel actors killed after."""
+    from shmchannel.backends.ray import connect
+
+    connect(ray_cluster)
+    yield ray_cluster
+    _kill_channel_actors()
 
 
 def _kill_channel_actors() -> list[str]:
