@@ -26,6 +26,10 @@ from ..serialization import serialize
 from ..store.table import StoreStats
 
 ADDRESS_FORMS = "'ray://host:port', 'ray:auto' or 'ray:local'"
+
+#: Parts whose encoding is at most this many bytes stay values in the channel actor and come
+#: back inline with the reply to recv (one actor call); larger ones go to the object store.
+INLINE_THRESHOLD = 64 * 1024
 DATASYSTEM_NAMESPACE = "shmchannel"
 
 
@@ -127,6 +131,7 @@ class RaySender:
         ).remote(namespace, dataset_name)
         self._calls = _Calls(ray, actor, f"{namespace}/{dataset_name}")
         self._calls.call("attach_sender", self._token, num_shards, full_batch, max_queue_size)
+        self._shared = full_batch and num_shards > 1
         self._pid = os.getpid()
         # A process that exits without close() leaves the channel (the stream goes on, the
         # name is free again). Registered after ray.init, so it runs before Ray's shutdown.
@@ -135,10 +140,12 @@ class RaySender:
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
         # Refuse what the embedded backend refuses (Ray's cloudpickle would take lambdas):
-        # one API, one set of types. Array data is not copied by this check.
-        for part in parts:
-            serialize(part)
-        self._calls.call("put", self._token, parts, timeout, timeout)
+        # one API, one set of types. Array data is not copied by this check, which also
+        # sizes each part: small ones the actor keeps and returns by value. Parts that
+        # several shards share stay in the object store, where arrays are read-only.
+        sizes = [serialize(part).nbytes for part in parts]
+        inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
+        self._calls.call("put", self._token, parts, inline, timeout, timeout)
 
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]
@@ -181,12 +188,12 @@ class RayReceiver:
         reply = self._calls.call(
             "get", self._shard, peek, timeout, timeout, on_interrupt=None if peek else self._put_back
         )
-        _, key, shared, (ref,) = reply
-        return self._ray.get(ref)
+        _, key, small, payload = reply
+        return payload if small else self._ray.get(payload[0])
 
     def _put_back(self, reply: Any) -> None:
-        _, key, _, refs = reply
-        self._calls.actor.requeue.remote(self._shard, key, refs)
+        _, key, small, payload = reply
+        self._calls.actor.requeue.remote(self._shard, key, small, payload)
 
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]

@@ -61,7 +61,8 @@ class ChannelActor:
         self.num_shards = 0
         self.full_batch = False
         self.max_queue_size = 0
-        self.queues: list[deque[tuple[str, Any]]] = []
+        # (key, inline, payload): payload is the value itself (small objects) or [ref]
+        self.queues: list[deque[tuple[str, bool, Any]]] = []
         self.sender: str | None = None
         self.closed = False
         self.receivers: dict[str, int] = {}
@@ -126,13 +127,18 @@ class ChannelActor:
             self.receivers[token] = shard
             return ("ok", self._info())
 
-    async def put(self, token: str, parts: list[Any], timeout: float | None, asked: float | None) -> Any:
+    async def put(
+        self, token: str, parts: list[Any], inline: list[bool], timeout: float | None, asked: float | None
+    ) -> Any:
+        """Queue one object; ``inline[i]``: part i is small and is kept (and returned) by value."""
         if self.sender != token:
             return _error(EndpointClosed(f"this client is not the sender of channel {self.label}"))
         expected = 1 if self.full_batch else self.num_shards
         if len(parts) != expected:
             return _error(InvalidArgument(f"send to {self.label} needs {expected} parts, got {len(parts)}"))
-        refs = [ray.put(part) for part in parts]  # we own them: they outlive the sender
+        # We own what we keep: it outlives the sender. Small parts stay values here and go
+        # back inline with get (one RPC instead of get + fetch from this actor).
+        entries = [(True, part) if small else (False, [ray.put(part)]) for part, small in zip(parts, inline)]
         async with self.cond:
             room = await _wait(self.cond, lambda: all(len(q) < self.max_queue_size for q in self.queues), timeout)
             if not room:
@@ -143,10 +149,10 @@ class ChannelActor:
             if self.full_batch:
                 key = next(self._keys)
                 for queue in self.queues:
-                    queue.append((key, refs[0]))
+                    queue.append((key, *entries[0]))
             else:
-                for queue, ref in zip(self.queues, refs):
-                    queue.append((next(self._keys), ref))
+                for queue, entry in zip(self.queues, entries):
+                    queue.append((next(self._keys), *entry))
             self.sent_objects += 1
             self.cond.notify_all()
         return ("ok",)
@@ -162,24 +168,24 @@ class ChannelActor:
                 ))
             if not queue:
                 return _error(ChannelClosed(f"channel {self.label} was closed by its sender and shard {shard} is drained"))
-            key, ref = queue[0] if peek else queue.popleft()
+            key, small, payload = queue[0] if peek else queue.popleft()
             if not peek:
                 self.received[shard] += 1
                 self.cond.notify_all()
-            return ("ok", key, self.full_batch and self.num_shards > 1, [ref])
+            return ("ok", key, small, payload)
 
-    async def requeue(self, shard: int, key: str, refs: list[Any]) -> None:
+    async def requeue(self, shard: int, key: str, small: bool, payload: Any) -> None:
         async with self.cond:
-            self.queues[shard].appendleft((key, refs[0]))
+            self.queues[shard].appendleft((key, small, payload))
             self.received[shard] -= 1
             self.cond.notify_all()
 
     async def queue(self, shard: int | None) -> Any:
         if shard is None:
-            return ("ok", {i: [k for k, _ in q] for i, q in enumerate(self.queues)})
+            return ("ok", {i: [e[0] for e in q] for i, q in enumerate(self.queues)})
         if not 0 <= shard < self.num_shards:
             return _error(InvalidArgument(f"shard_id must be less than num_shards ({self.num_shards}), got {shard}"))
-        return ("ok", [k for k, _ in self.queues[shard]])
+        return ("ok", [e[0] for e in self.queues[shard]])
 
     async def close(self, token: str, end_of_stream: bool) -> bool:
         """The sender leaves (ending the stream if asked); True if the actor may now be killed."""
