@@ -79,22 +79,14 @@ BAD_NAMES = [
 ]
 
 
+@pytest.mark.parametrize("endpoint", [DataSender, DataReceiver])
 @pytest.mark.parametrize("param", ["namespace", "dataset_name"])
 @pytest.mark.parametrize(("value", "tail"), BAD_NAMES, ids=["None", "int", "bytes", "empty", "nul", "too-long"])
-def test_sender_rejects_bad_name(param: str, value: Any, tail: str) -> None:
-    """A namespace/dataset_name that is not a non-empty str without NUL is refused by DataSender."""
+def test_endpoint_rejects_bad_name(endpoint: Any, param: str, value: Any, tail: str) -> None:
+    """A namespace/dataset_name that is not a non-empty str without NUL is refused by sender and receiver."""
     kwargs = {"namespace": "ns", "dataset_name": "ds", param: value}
     with pytest.raises(ValueError, match=exact(f"{param} {tail}")):
-        DataSender(ADDRESS, **kwargs)
-
-
-@pytest.mark.parametrize("param", ["namespace", "dataset_name"])
-@pytest.mark.parametrize(("value", "tail"), BAD_NAMES, ids=["None", "int", "bytes", "empty", "nul", "too-long"])
-def test_receiver_rejects_bad_name(param: str, value: Any, tail: str) -> None:
-    """A namespace/dataset_name that is not a non-empty str without NUL is refused by DataReceiver."""
-    kwargs = {"namespace": "ns", "dataset_name": "ds", param: value}
-    with pytest.raises(ValueError, match=exact(f"{param} {tail}")):
-        DataReceiver(ADDRESS, **kwargs)
+        endpoint(ADDRESS, **kwargs)
 
 
 # -- DataReceiver constructor ------------------------------------------------------------

@@ -10,9 +10,6 @@ from typing import Any, Protocol
 
 from ..store.table import StoreStats
 
-Queue = "list[str] | dict[int, list[str]]"
-
-
 class SenderEndpoint(Protocol):
     def send(self, parts: list[Any], timeout: float | None) -> None:
         """Enqueue one object: part i to shard i (one part for every shard with full_batch)."""

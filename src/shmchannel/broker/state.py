@@ -73,9 +73,10 @@ class Channel:
     created: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        self._reshape(self.num_shards)
+        self.reshape(self.num_shards)
 
-    def _reshape(self, num_shards: int) -> None:
+    def reshape(self, num_shards: int) -> None:
+        """Empty queues for ``num_shards`` shards (only while nothing is queued)."""
         self.num_shards = num_shards
         self.queues = [deque() for _ in range(num_shards)]
         self.data = [Signal() for _ in range(num_shards)]
@@ -177,7 +178,7 @@ class BrokerState:
                     f"num_shards={num_shards}, full_batch={full_batch}"
                 )
             if channel.empty and channel.num_shards != num_shards:
-                channel._reshape(num_shards)
+                channel.reshape(num_shards)
             channel.full_batch = full_batch
             channel.max_queue_size = max_queue_size
             channel.space.fire()
