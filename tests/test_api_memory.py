@@ -143,10 +143,10 @@ def _assert_same(got: Any, expected: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", OBJECTS)
-def test_datasystem_put_get_contains_delete(broker: int, kind: str) -> None:
+def test_datasystem_put_get_contains_delete(address: str, kind: str) -> None:
     """put stores an object that get returns equal, contains finds and stats counts; delete removes it."""
     obj = OBJECTS[kind]
-    with DataSystem(ADDRESS) as ds:
+    with DataSystem(address) as ds:
         key = ds.put(obj)
         assert isinstance(key, str) and key
         assert key in ds
@@ -157,19 +157,20 @@ def test_datasystem_put_get_contains_delete(broker: int, kind: str) -> None:
         gc.collect()
         ds.delete(key)
         assert key not in ds
-        wait_until(_store_empty, 10, "the store to be empty after delete")
+        if address == ADDRESS:  # Ray does not report its store's usage
+            wait_until(_store_empty, 10, "the store to be empty after delete")
 
 
-def test_datasystem_get_missing_key_raises_key_error(broker: int) -> None:
+def test_datasystem_get_missing_key_raises_key_error(address: str) -> None:
     """get of a key that was never stored raises KeyError naming the key."""
-    with DataSystem(ADDRESS) as ds:
+    with DataSystem(address) as ds:
         with pytest.raises(KeyError, match=r"^no object with key 'no-such-key' in the data system$"):
             ds.get("no-such-key")
 
 
-def test_datasystem_get_after_delete_raises_key_error(broker: int) -> None:
+def test_datasystem_get_after_delete_raises_key_error(address: str) -> None:
     """get of a deleted key raises KeyError."""
-    with DataSystem(ADDRESS) as ds:
+    with DataSystem(address) as ds:
         key = ds.put(np.arange(10))
         ds.delete(key)
         with pytest.raises(KeyError, match=rf"^no object with key '{key}' in the data system$"):
@@ -177,9 +178,9 @@ def test_datasystem_get_after_delete_raises_key_error(broker: int) -> None:
 
 
 @pytest.mark.parametrize("size", [16, MIB], ids=["inline", "arena"])
-def test_datasystem_get_returns_read_only_arrays(broker: int, size: int) -> None:
+def test_datasystem_get_returns_read_only_arrays(address: str, size: int) -> None:
     """Arrays returned by get are read-only, small (inline) or large."""
-    with DataSystem(ADDRESS) as ds:
+    with DataSystem(address) as ds:
         key = ds.put(np.arange(size, dtype=np.float64))
         got = ds.get(key)
         assert not got.flags.writeable

@@ -108,7 +108,7 @@ class Connection:
             try:
                 sock.sendall(b"".join(parts))
             except OSError as exc:
-                raise BrokerUnavailable(f"lost the broker at {self.path}: {exc}") from exc
+                raise self._lost(exc) from exc
         self._flush_releases()
 
     def _read(self, sock: socket.socket, started: list[bool]) -> Reply:
@@ -131,15 +131,21 @@ class Connection:
                 k = sock.recv_into(view[got:])
             except OSError as exc:
                 self._shutdown()
-                raise BrokerUnavailable(f"lost the broker at {self.path}: {exc}") from exc
+                raise self._lost(exc) from exc
             if k == 0:
                 self._shutdown()
-                if self._closing:
-                    raise EndpointClosed("closed by close() from another thread while waiting")
-                raise BrokerUnavailable(f"the broker at {self.path} closed the connection (it stopped or died)")
+                raise self._lost(None)
             got += k
             started[0] = True
         return buf
+
+    def _lost(self, exc: OSError | None) -> ChannelError:
+        """The error for a socket that failed: our own close() from another thread, or the broker."""
+        if self._closing:
+            return EndpointClosed("closed by close() from another thread while waiting")
+        if exc is None:
+            return BrokerUnavailable(f"the broker at {self.path} closed the connection (it stopped or died)")
+        return BrokerUnavailable(f"lost the broker at {self.path}: {exc}")
 
     def _abandon(
         self, sock: socket.socket, started: bool,
