@@ -19,10 +19,8 @@ import time
 import weakref
 from typing import Any
 
-import numpy as np
 
 from ..broker import daemon
-from ..broker.client import Connection
 from ..serialization import deserialize, serialize
 from ..store.arena import ArenaMap
 from ..store.blob import plan_blob, read_blob, write_blob
