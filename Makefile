@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test bench install clean
 
@@ -15,6 +16,10 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[pandas,arrow,ray,test]'
 	touch $(STAMP)
 
+$(BENCH_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q -e '.[pandas,arrow,ray,bench]'
+	touch $(BENCH_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +28,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# Compare shmchannel with multiprocessing.Queue, shared_memory, Ray, pyzmq and memcpy on this
+# machine: prints a table, writes bench/RESULTS.md and bench/results.png (about 10 minutes;
+# BENCH_ARGS=--quick for about 2).
+bench: $(BENCH_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,132 @@
+"""Benchmark shmchannel against the tools a user would otherwise pick (`make bench`).
+
+    python bench/run.py [--quick] [--workloads small large ...] [--peers shmchannel zmq ...] [--reps N]
+
+Moves the same data through every peer in one run on this machine, prints a table of
+medians and ratios, and writes bench/RESULTS.md and bench/results.png. Peers, workloads
+and the process scaffolding: bench/peers/, bench/workloads.py, bench/harness.py.
+
+It uses its own shmchannel broker (isolated runtime directory) and its own local Ray
+cluster, and removes both, plus anything left in /dev/shm by the hand-off peer, at the end,
+also after an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import glob
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # spawned children inherit sys.path, so they find these modules too
+
+import harness  # noqa: E402
+import raycluster  # noqa: E402
+import report  # noqa: E402
+from peers import PEERS  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 repetition, fewer messages (about 2 minutes)")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS), metavar="W",
+                        help=f"among {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS), metavar="P",
+                        help=f"among {', '.join(PEERS)} (default: all)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
+    parser.add_argument("--cap", type=float, default=None,
+                        help="seconds after which a producer stops sending (default 4; 1.5 with --quick)")
+    parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results.png go")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.cap = args.cap or (1.5 if args.quick else 4.0)
+    return args
+
+
+class Progress:
+    """One line per step, prefixed with [done/total] and the elapsed time."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+        self.current = ""
+
+    def start(self, label: str) -> None:
+        self.current = label
+        self._print("...")
+
+    def step(self, message: str) -> None:
+        self._print(message)
+
+    def finish(self) -> None:
+        self.done += 1
+
+    def _print(self, message: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        print(f"[{self.done + 1:2d}/{self.total} {elapsed:5.0f}s] {self.current:<28} {message}", flush=True)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(f"terminated by signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # so the finally below cleans up on kill too
+    cfg = harness.Config(reps=args.reps, quick=args.quick, cap=args.cap)
+    peers = [p for name, p in PEERS.items() if name in args.peers]  # registry order: Ray peers last
+    workloads = [w for name, w in WORKLOADS.items() if name in args.workloads]
+    progress = Progress(len(peers) * len(workloads))
+    summaries: dict[tuple[str, str], report.Summary] = {}
+    t0 = time.monotonic()
+    print(f"shmchannel bench: {len(peers)} peers x {len(workloads)} workloads, {cfg.reps} repetition(s), "
+          f"time cap {cfg.cap} s per repetition", flush=True)
+    try:
+        for peer in peers:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(peer.session())
+                except Exception as exc:  # e.g. Ray will not start: report, go on with the others
+                    for w in workloads:
+                        summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, None, f"session: {exc}")
+                        progress.finish()
+                    print(f"{peer.name}: could not start: {exc}", flush=True)
+                    continue
+                for w in workloads:
+                    progress.start(f"{peer.name} / {w.name}")
+                    try:
+                        reps = peer.run(w, cfg, progress.step)
+                        summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, reps)
+                    except Exception as exc:
+                        progress.step(f"FAILED: {exc}")
+                        summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, None, str(exc))
+                    progress.finish()
+    finally:
+        raycluster.shutdown()
+        for path in glob.glob("/dev/shm/shb_*"):
+            os.unlink(path)
+    duration = time.monotonic() - t0
+    ordered = [summaries[(w.name, p.name)] for w in workloads for p in peers
+               if (w.name, p.name) in summaries and not (p.name == report.LIMIT and w.latency_only)]
+    print()
+    print(report.text_table(ordered))
+    print()
+    print(report.LEGEND)
+    args.out.mkdir(parents=True, exist_ok=True)
+    chart = args.out / "results.png"
+    report.write_chart(chart, ordered)
+    info = {"command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "duration": duration, "quick": args.quick}
+    report.write_markdown(args.out / "RESULTS.md", ordered, info, chart.name)
+    print(f"\n{duration:.0f} s; wrote {args.out / 'RESULTS.md'} and {chart}")
+    return 1 if any(s.error for s in ordered) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
