@@ -19,14 +19,20 @@ def _raw() -> socket.socket:
     return sock
 
 
-def _reply(sock: socket.socket) -> dict:
+def _exactly(sock: socket.socket, n: int) -> bytes:
     data = b""
-    while len(data) < protocol.HEAD.size:
-        data += sock.recv(65536)
-    json_len, payload_len = protocol.parse_head(data[: protocol.HEAD.size])
-    while len(data) < protocol.HEAD.size + json_len + payload_len:
-        data += sock.recv(65536)
-    return protocol.parse_body(data[protocol.HEAD.size : protocol.HEAD.size + json_len], request=False)
+    while len(data) < n:  # never read past this frame: the next reply may follow at once
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the broker closed the connection"
+        data += chunk
+    return data
+
+
+def _reply(sock: socket.socket) -> dict:
+    json_len, payload_len = protocol.parse_head(_exactly(sock, protocol.HEAD.size))
+    body = _exactly(sock, json_len)
+    _exactly(sock, payload_len)
+    return protocol.parse_body(body, request=False)
 
 
 def test_frame_sent_byte_by_byte_is_answered(broker: int) -> None:
