@@ -86,6 +86,55 @@ class Peer:
         return run_processes(self, w, cfg, progress)
 
 
+MAX_IN_FLIGHT = 10  # every peer's queues hold at most this many messages
+
+
+class RayPeer(Peer):
+    """A peer that runs on the bench's one local Ray cluster."""
+
+    uses_ray = True
+    wake_gap = 0.02  # its p50 is a few ms: 5 ms would not leave the receiver idle
+
+    def session(self) -> Any:
+        import raycluster
+
+        return raycluster.session()
+
+    def child_init(self) -> None:
+        import raycluster
+
+        raycluster.connect()
+
+
+class QueueFanout:
+    """Sender side of the queue-based peers: one bounded queue per receiver, None ends it."""
+
+    def __init__(self, queues: list[Any]) -> None:
+        self.queues = queues
+
+    def send(self, obj: Any) -> None:
+        for q, part in zip(self.queues, split_rows(obj, len(self.queues))):
+            q.put(self.wrap(part), timeout=60)
+
+    def wrap(self, part: Any) -> Any:
+        return part
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.put(None, timeout=60)
+
+
+def mp_queues(w: Workload) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    return [ctx.Queue(maxsize=MAX_IN_FLIGHT) for _ in range(w.consumers)]
+
+
+def close_mp_queues(queues: list[Any]) -> None:
+    for q in queues:
+        q.close()
+        q.cancel_join_thread()
+
+
 def split_rows(obj: Any, n: int) -> list[Any]:
     """Row-wise split into n equal contiguous blocks (views), as shmchannel's num_shards does."""
     if n == 1:

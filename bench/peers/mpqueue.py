@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
 from typing import Any
 
-from harness import END, Peer, split_rows
+from harness import END, Peer, QueueFanout, close_mp_queues, mp_queues
 from workloads import Workload
-
-MAX_IN_FLIGHT = 10
-
-
-class _Sender:
-    def __init__(self, queues: list[Any]) -> None:
-        self.queues = queues
-
-    def send(self, obj: Any) -> None:
-        for q, part in zip(self.queues, split_rows(obj, len(self.queues))):
-            q.put(part, timeout=60)
-
-    def close(self) -> None:
-        for q in self.queues:
-            q.put(None, timeout=60)
 
 
 class _Receiver:
@@ -47,16 +31,13 @@ class MPQueuePeer(Peer):
     name = "mp.Queue"
 
     def setup(self, w: Workload) -> Any:
-        ctx = mp.get_context("spawn")
-        return [ctx.Queue(maxsize=MAX_IN_FLIGHT) for _ in range(w.consumers)]
+        return mp_queues(w)
 
     def teardown(self, handles: Any) -> None:
-        for q in handles:
-            q.close()
-            q.cancel_join_thread()
+        close_mp_queues(handles)
 
     def sender(self, handles: Any, w: Workload, rep: int) -> Any:
-        return _Sender(handles)
+        return QueueFanout(handles)
 
     def receiver(self, handles: Any, w: Workload, rep: int, shard: int) -> Any:
         return _Receiver(handles[shard])

@@ -9,26 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness import END, Peer, split_rows
+from harness import END, MAX_IN_FLIGHT, QueueFanout, RayPeer
 from workloads import Workload
-
-MAX_IN_FLIGHT = 10
 NS = "shmchannel-bench"
 
 
-class _Sender:
-    def __init__(self, queues: list[Any]) -> None:
-        self.queues = queues
-
-    def send(self, obj: Any) -> None:
+class _Sender(QueueFanout):
+    def wrap(self, part: Any) -> Any:
         import ray
 
-        for q, part in zip(self.queues, split_rows(obj, len(self.queues))):
-            q.put([ray.put(part)], timeout=60)
-
-    def close(self) -> None:
-        for q in self.queues:
-            q.put(None, timeout=60)
+        return [ray.put(part)]
 
 
 class _Receiver:
@@ -52,20 +42,8 @@ class _Receiver:
         pass
 
 
-class RayQueuePeer(Peer):
+class RayQueuePeer(RayPeer):
     name = "ray"
-    uses_ray = True
-    wake_gap = 0.02  # its p50 is a few ms: 5 ms would not leave the receiver idle
-
-    def session(self) -> Any:
-        import raycluster
-
-        return raycluster.session()
-
-    def child_init(self) -> None:
-        import raycluster
-
-        raycluster.connect()
 
     # The queues are named actors: children look them up by name once they joined the
     # cluster (an actor handle cannot be unpickled before ray.init).

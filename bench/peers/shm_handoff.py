@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import glob
 import itertools
-import multiprocessing as mp
 import os
 import pickle
 import queue
 from multiprocessing import shared_memory
 from typing import Any
 
-from harness import END, Peer, split_rows
+from harness import END, Peer, QueueFanout, close_mp_queues, mp_queues, split_rows
 from workloads import Workload
-
-MAX_IN_FLIGHT = 10
 PREFIX = "shb_"
 
 
@@ -46,9 +43,7 @@ class _Sender:
             # tracker that the spawned processes share with the driver)
             q.put((name, header, sizes), timeout=60)
 
-    def close(self) -> None:
-        for q in self.queues:
-            q.put(None, timeout=60)
+    close = QueueFanout.close
 
 
 class _Receiver:
@@ -86,13 +81,10 @@ class ShmHandoffPeer(Peer):
     name = "shm-handoff"
 
     def setup(self, w: Workload) -> Any:
-        ctx = mp.get_context("spawn")
-        return [ctx.Queue(maxsize=MAX_IN_FLIGHT) for _ in range(w.consumers)]
+        return mp_queues(w)
 
     def teardown(self, handles: Any) -> None:
-        for q in handles:
-            q.close()
-            q.cancel_join_thread()
+        close_mp_queues(handles)
         for path in glob.glob(f"/dev/shm/{PREFIX}*"):  # left by a failed run
             os.unlink(path)
 

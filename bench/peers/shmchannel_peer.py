@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from harness import END, Peer
+from harness import END, MAX_IN_FLIGHT, Peer, RayPeer
 from workloads import Workload
-
-MAX_IN_FLIGHT = 10
 
 
 class _Receiver:
@@ -57,18 +55,6 @@ class ShmChannelEmbedded(Peer):
         return _Receiver(DataReceiver(self.address, dataset_name=f"bench-{w.name}-{rep}", shard_id=shard, wait=60))
 
 
-class ShmChannelRay(ShmChannelEmbedded):
+class ShmChannelRay(RayPeer, ShmChannelEmbedded):
     name = "shmchannel-ray"
     address = "ray:auto"
-    uses_ray = True
-    wake_gap = 0.02  # its p50 is a few ms: 5 ms would not leave the receiver idle
-
-    def session(self) -> Any:
-        import raycluster
-
-        return raycluster.session()
-
-    def child_init(self) -> None:
-        import raycluster
-
-        raycluster.connect()
