@@ -19,7 +19,6 @@ import time
 import weakref
 from typing import Any
 
-
 from ..broker import daemon
 from ..serialization import deserialize, serialize
 from ..store.arena import ArenaMap

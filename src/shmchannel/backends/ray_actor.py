@@ -16,14 +16,16 @@ code to the same exception class the embedded backend raises (``errors.from_wire
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import ray
 
-from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, EndpointClosed, InvalidArgument, NameInUse
+from ..broker import rules
+from ..errors import ChannelError, EndpointClosed, InvalidArgument
 
 PREFIX = "shmchannel:"
 DATASYSTEM = PREFIX + "datasystem"
@@ -35,6 +37,19 @@ def actor_name(dataset_name: str) -> str:
 
 def _error(exc: Exception) -> tuple[str, str, str]:
     return ("error", getattr(exc, "code", "error"), str(exc))
+
+
+def _answers(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A ChannelError the method raises becomes its ("error", code, message) reply."""
+
+    @functools.wraps(method)
+    async def answer(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except ChannelError as exc:
+            return _error(exc)
+
+    return answer
 
 
 async def _wait(cond: asyncio.Condition, ready: Any, timeout: float | None) -> bool:
@@ -92,18 +107,14 @@ class ChannelActor:
         """Nothing left to deliver and nobody attached: the client that sees this kills us."""
         return self.sender is None and not self.receivers and not any(self.queues)
 
+    @_answers
     async def attach_sender(self, token: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Any:
         async with self.cond:
-            if self.sender is not None:
-                return _error(NameInUse(f"dataset_name {self.name!r} is already used by a sender in namespace {self.namespace!r}"))
-            if self.closed:
-                return _error(NameInUse(f"dataset_name {self.name!r} in namespace {self.namespace!r} was closed and is still being drained"))
-            if any(self.queues) and (self.num_shards, self.full_batch) != (num_shards, full_batch):
-                return _error(InvalidArgument(
-                    f"channel {self.label} still holds data sent with num_shards={self.num_shards}, "
-                    f"full_batch={self.full_batch}; a new sender must use the same, got "
-                    f"num_shards={num_shards}, full_batch={full_batch}"
-                ))
+            rules.check_new_sender(
+                self.namespace, self.name, attached=self.sender is not None, closed=self.closed,
+                holds_data=any(self.queues), current=(self.num_shards, self.full_batch),
+                wanted=(num_shards, full_batch),
+            )
             if not any(self.queues):
                 self.queues = [deque() for _ in range(num_shards)]
                 self.received = [0] * num_shards
@@ -113,39 +124,32 @@ class ChannelActor:
             self.cond.notify_all()
             return ("ok", self._info())
 
+    @_answers
     async def attach_receiver(self, token: str, shard: int, wait: float | None) -> Any:
         async with self.cond:
             if not await _wait(self.cond, lambda: self.configured, wait):
-                return _error(ChannelNotFound(
-                    f"no sender has created dataset_name {self.name!r} in namespace {self.namespace!r}"
-                    + (f" (waited {wait} s)" if wait else "")
-                ))
-            if shard >= self.num_shards:
-                return _error(InvalidArgument(
-                    f"shard_id must be less than num_shards ({self.num_shards}) of channel {self.label}, got {shard}"
-                ))
+                raise rules.not_found(self.namespace, self.name, wait)
+            rules.check_shard(shard, self.num_shards, self.label)
             self.receivers[token] = shard
             return ("ok", self._info())
 
+    @_answers
     async def put(
         self, token: str, parts: list[Any], inline: list[bool], timeout: float | None, asked: float | None
     ) -> Any:
         """Queue one object; ``inline[i]``: part i is small and is kept (and returned) by value."""
         if self.sender != token:
-            return _error(EndpointClosed(f"this client is not the sender of channel {self.label}"))
+            raise EndpointClosed(f"this client is not the sender of channel {self.label}")
         expected = 1 if self.full_batch else self.num_shards
         if len(parts) != expected:
-            return _error(InvalidArgument(f"send to {self.label} needs {expected} parts, got {len(parts)}"))
+            raise InvalidArgument(f"send to {self.label} needs {expected} parts, got {len(parts)}")
         # We own what we keep: it outlives the sender. Small parts stay values here and go
         # back inline with get (one RPC instead of get + fetch from this actor).
         entries = [(True, part) if small else (False, [ray.put(part)]) for part, small in zip(parts, inline)]
         async with self.cond:
             room = await _wait(self.cond, lambda: all(len(q) < self.max_queue_size for q in self.queues), timeout)
             if not room:
-                return _error(ChannelTimeout(
-                    f"send timed out after {asked} s: a queue of {self.label} stayed full "
-                    f"(max_queue_size={self.max_queue_size}); nothing was enqueued"
-                ))
+                raise rules.send_timeout(asked, self.label, self.max_queue_size)
             if self.full_batch:
                 key = next(self._keys)
                 for queue in self.queues:
@@ -157,17 +161,15 @@ class ChannelActor:
             self.cond.notify_all()
         return ("ok",)
 
+    @_answers
     async def get(self, shard: int, peek: bool, timeout: float | None, asked: float | None) -> Any:
-        if not 0 <= shard < self.num_shards:
-            return _error(InvalidArgument(f"shard_id must be less than num_shards ({self.num_shards}), got {shard}"))
+        rules.check_shard(shard, self.num_shards)
         async with self.cond:
             queue = self.queues[shard]
             if not await _wait(self.cond, lambda: bool(queue) or self.closed, timeout):
-                return _error(ChannelTimeout(
-                    f"{'peek' if peek else 'recv'} timed out after {asked} s: shard {shard} of {self.label} stayed empty"
-                ))
+                raise rules.recv_timeout(peek, asked, shard, self.label)
             if not queue:
-                return _error(ChannelClosed(f"channel {self.label} was closed by its sender and shard {shard} is drained"))
+                raise rules.drained(self.label, shard)
             key, small, payload = queue[0] if peek else queue.popleft()
             if not peek:
                 self.received[shard] += 1
@@ -180,11 +182,11 @@ class ChannelActor:
             self.received[shard] -= 1
             self.cond.notify_all()
 
+    @_answers
     async def queue(self, shard: int | None) -> Any:
         if shard is None:
             return ("ok", {i: [e[0] for e in q] for i, q in enumerate(self.queues)})
-        if not 0 <= shard < self.num_shards:
-            return _error(InvalidArgument(f"shard_id must be less than num_shards ({self.num_shards}), got {shard}"))
+        rules.check_shard(shard, self.num_shards)
         return ("ok", [e[0] for e in self.queues[shard]])
 
     async def close(self, token: str, end_of_stream: bool) -> bool:
@@ -230,12 +232,12 @@ class DataSystemActor:
     async def get(self, key: str) -> Any:
         ref = self.objects.get(key)
         if ref is None:
-            return ("error", "no_such_key", f"no object with key {key!r} in the data system")
+            return _error(rules.no_such_key(key))
         return ("ok", [ref])
 
     async def delete(self, key: str) -> Any:
         if self.objects.pop(key, None) is None:
-            return ("error", "no_such_key", f"no object with key {key!r} in the data system")
+            return _error(rules.no_such_key(key))
         return ("ok",)
 
     async def contains(self, key: str) -> bool:

@@ -13,9 +13,9 @@ import os
 import time
 from typing import Any, Callable
 
-from ..errors import ChannelError, ChannelNotFound, ChannelTimeout, InvalidArgument, StoreFullTimeout
+from ..errors import ChannelError, InvalidArgument, StoreFullTimeout
 from ..store.arena import ArenaFile
-from . import protocol
+from . import protocol, rules
 from .connection import ClientConnection
 from .state import WAIT, BrokerState, Channel, Part, Signal
 
@@ -131,10 +131,7 @@ class Operations:
             lambda: [self.state.channel_created],
             msg,
             lambda channel: (protocol.ok(**channel.info()), b""),
-            lambda: ChannelNotFound(
-                f"no sender has created dataset_name {name!r} in namespace {namespace!r}"
-                + (f" (waited {_asked(msg)} s)" if msg.get("timeout") else "")
-            ),
+            lambda: rules.not_found(namespace, name, _asked(msg) if msg.get("timeout") else None),
         )
 
     def _detach(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
@@ -203,10 +200,7 @@ class Operations:
                 lambda: [channel.space],
                 msg,
                 lambda _: (protocol.ok(), b""),
-                lambda: ChannelTimeout(
-                    f"send timed out after {_asked(msg)} s: a queue of {channel.label} stayed full "
-                    f"(max_queue_size={channel.max_queue_size}); nothing was enqueued"
-                ),
+                lambda: rules.send_timeout(_asked(msg), channel.label, channel.max_queue_size),
             )
         except BaseException:
             give_back()
@@ -226,8 +220,7 @@ class Operations:
     def _recv(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
         channel = self._channel(msg)
         shard = request_field(msg, "shard", int)
-        if not 0 <= shard < channel.num_shards:
-            raise InvalidArgument(f"shard_id must be less than num_shards ({channel.num_shards}), got {shard}")
+        rules.check_shard(shard, channel.num_shards)
         peek = bool(msg.get("peek"))
         shared = channel.full_batch and channel.num_shards > 1
 
@@ -241,17 +234,14 @@ class Operations:
             lambda: [channel.data[shard]],
             msg,
             done,
-            lambda: ChannelTimeout(
-                f"{'peek' if peek else 'recv'} timed out after {_asked(msg)} s: "
-                f"shard {shard} of {channel.label} stayed empty"
-            ),
+            lambda: rules.recv_timeout(peek, _asked(msg), shard, channel.label),
         )
 
     def _queue(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         channel = self._channel(msg)
         shard = request_field(msg, "shard", int, optional=True)
-        if shard is not None and not 0 <= shard < channel.num_shards:
-            raise InvalidArgument(f"shard_id must be less than num_shards ({channel.num_shards}), got {shard}")
+        if shard is not None:
+            rules.check_shard(shard, channel.num_shards)
         return protocol.ok(queue=self.state.queue(channel, shard)), b""
 
     def _put(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:

@@ -18,7 +18,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import ChannelClosed, EndpointClosed, InvalidArgument, NameInUse, ObjectNotFound
+from ..errors import EndpointClosed, InvalidArgument
+from . import rules
 from ..store.table import ObjectTable, StoredObject
 
 WAIT: Any = object()
@@ -165,18 +166,11 @@ class BrokerState:
         ident = (namespace, name)
         channel = self.channels.get(ident)
         if channel is not None:
-            if channel.sender is not None:
-                raise NameInUse(f"dataset_name {name!r} is already used by a sender in namespace {namespace!r}")
-            if channel.closed:
-                raise NameInUse(
-                    f"dataset_name {name!r} in namespace {namespace!r} was closed and is still being drained"
-                )
-            if not channel.empty and (channel.num_shards, channel.full_batch) != (num_shards, full_batch):
-                raise InvalidArgument(
-                    f"channel {channel.label} still holds data sent with num_shards={channel.num_shards}, "
-                    f"full_batch={channel.full_batch}; a new sender must use the same, got "
-                    f"num_shards={num_shards}, full_batch={full_batch}"
-                )
+            rules.check_new_sender(
+                namespace, name, attached=channel.sender is not None, closed=channel.closed,
+                holds_data=not channel.empty, current=(channel.num_shards, channel.full_batch),
+                wanted=(num_shards, full_batch),
+            )
             if channel.empty and channel.num_shards != num_shards:
                 channel.reshape(num_shards)
             channel.full_batch = full_batch
@@ -201,11 +195,7 @@ class BrokerState:
         channel = self.channels.get((namespace, name))
         if channel is None:
             return WAIT
-        if shard >= channel.num_shards:
-            raise InvalidArgument(
-                f"shard_id must be less than num_shards ({channel.num_shards}) of channel "
-                f"{channel.label}, got {shard}"
-            )
+        rules.check_shard(shard, channel.num_shards, channel.label)
         channel.receivers[client.id] = shard
         client.receives_from.add((namespace, name))
         return channel
@@ -301,7 +291,7 @@ class BrokerState:
         queue = channel.queues[shard]
         if not queue:
             if channel.closed:
-                raise ChannelClosed(f"channel {channel.label} was closed by its sender and shard {shard} is drained")
+                raise rules.drained(channel.label, shard)
             return WAIT
         key = queue[0]
         obj = self.table.get(key)
@@ -369,7 +359,7 @@ class BrokerState:
     def get(self, client: Client, key: str) -> StoredObject:
         obj = self.table.get(key)
         if obj is None or key not in self.pinned:
-            raise ObjectNotFound(f"no object with key {key!r} in the data system")
+            raise rules.no_such_key(key)
         if obj.inline is None:
             obj.refs += 1
             client.holds[key] += 1
@@ -377,7 +367,7 @@ class BrokerState:
 
     def delete(self, key: str) -> None:
         if key not in self.pinned:
-            raise ObjectNotFound(f"no object with key {key!r} in the data system")
+            raise rules.no_such_key(key)
         self.pinned.discard(key)
         if self.table.unref(key):
             self.store_freed.fire()

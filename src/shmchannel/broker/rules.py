@@ -1,0 +1,64 @@
+"""The channel rules both brokers apply -- the embedded one (state.py, operations.py) and
+the Ray actor (backends/ray_actor.py) -- and the errors they answer with, written once so
+the two backends refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, InvalidArgument, NameInUse, ObjectNotFound
+
+
+def check_new_sender(
+    namespace: str, name: str, *, attached: bool, closed: bool, holds_data: bool,
+    current: tuple[int, bool], wanted: tuple[int, bool],
+) -> None:
+    """May a new sender take over an existing channel? Raises why not.
+
+    ``current`` and ``wanted`` are (num_shards, full_batch): data already queued must be
+    continued with the same split.
+    """
+    if attached:
+        raise NameInUse(f"dataset_name {name!r} is already used by a sender in namespace {namespace!r}")
+    if closed:
+        raise NameInUse(f"dataset_name {name!r} in namespace {namespace!r} was closed and is still being drained")
+    if holds_data and current != wanted:
+        raise InvalidArgument(
+            f"channel {namespace}/{name} still holds data sent with num_shards={current[0]}, "
+            f"full_batch={current[1]}; a new sender must use the same, got "
+            f"num_shards={wanted[0]}, full_batch={wanted[1]}"
+        )
+
+
+def check_shard(shard: int, num_shards: int, label: str | None = None) -> None:
+    """Raise InvalidArgument unless ``0 <= shard < num_shards`` (``label``: name the channel)."""
+    if not 0 <= shard < num_shards:
+        where = f" of channel {label}" if label else ""
+        raise InvalidArgument(f"shard_id must be less than num_shards ({num_shards}){where}, got {shard}")
+
+
+def not_found(namespace: str, name: str, waited: object = None) -> ChannelNotFound:
+    return ChannelNotFound(
+        f"no sender has created dataset_name {name!r} in namespace {namespace!r}"
+        + (f" (waited {waited} s)" if waited else "")
+    )
+
+
+def send_timeout(asked: object, label: str, max_queue_size: int) -> ChannelTimeout:
+    return ChannelTimeout(
+        f"send timed out after {asked} s: a queue of {label} stayed full "
+        f"(max_queue_size={max_queue_size}); nothing was enqueued"
+    )
+
+
+def recv_timeout(peek: bool, asked: object, shard: int, label: str) -> ChannelTimeout:
+    return ChannelTimeout(
+        f"{'peek' if peek else 'recv'} timed out after {asked} s: shard {shard} of {label} stayed empty"
+    )
+
+
+def drained(label: str, shard: int) -> ChannelClosed:
+    return ChannelClosed(f"channel {label} was closed by its sender and shard {shard} is drained")
+
+
+def no_such_key(key: str) -> ObjectNotFound:
+    return ObjectNotFound(f"no object with key {key!r} in the data system")
