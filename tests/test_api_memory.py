@@ -79,7 +79,8 @@ def test_received_dataframe_numeric_columns_are_views_of_arena(broker: int) -> N
 
 
 def test_memory_returns_after_received_array_dropped(broker: int) -> None:
-    """Store memory stays used while a received array is held and returns to 0 after it is dropped."""
+    """Store memory stays used while a received array is held or unacknowledged, and returns to 0
+    once it is both acknowledged and dropped."""
     name = f"drop-{os.getpid()}"
     with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
         assert _used() == 0
@@ -89,7 +90,10 @@ def test_memory_returns_after_received_array_dropped(broker: int) -> None:
         assert _used() >= 8 * MIB
         del got
         gc.collect()
-        wait_until(lambda: _used() == 0, 10, "store memory to return after the array was dropped")
+        receiver.get_queue(0)
+        assert _used() >= 8 * MIB, "dropped before it was acknowledged: the broker must keep it (at-least-once)"
+        receiver.ack()
+        wait_until(lambda: _used() == 0, 10, "store memory to return after the array was acknowledged and dropped")
 
 
 def test_slice_of_received_array_keeps_memory_until_dropped(broker: int) -> None:
@@ -98,6 +102,7 @@ def test_slice_of_received_array_keeps_memory_until_dropped(broker: int) -> None
     with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
         sender.send(np.arange(MIB, dtype=np.float64))
         got = receiver.recv(timeout=10)
+        receiver.ack()
         part = got[1000:1010]
         del got
         gc.collect()
@@ -237,6 +242,7 @@ def test_send_waits_for_store_space(small_store: int) -> None:
             sender.send(second, timeout=0.5)
         assert isinstance(info.value, StoreFullTimeout)
         assert sender.get_queue(0) == queued
+        receiver.ack()  # consumed: its memory returns once dropped too
         del held
         gc.collect()
         sender.send(second, timeout=10)

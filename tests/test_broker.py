@@ -70,3 +70,47 @@ def test_garbage_disconnects_only_its_sender(broker: int) -> None:
         key = ds.put(np.arange(100_000))
         np.testing.assert_array_equal(ds.get(key), np.arange(100_000))
         ds.delete(key)
+
+
+def _request(sock: socket.socket, msg: dict, payload: bytes = b"") -> None:
+    sock.sendall(b"".join(protocol.encode(msg, payload)))
+
+
+def test_posted_request_is_answered_only_when_it_fails(broker: int) -> None:
+    """A posted send that succeeds gets no reply; one that fails gets an error marked posted;
+    the next plain request's reply follows both."""
+    ident = {"namespace": "default", "dataset_name": "posted"}
+    with _raw() as sock:
+        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 4})
+        assert _reply(sock)["room"] == 4
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 3]}], "posted": True}, b"abc")
+        _request(sock, {"op": "send", **ident, "parts": [], "posted": True})
+        _request(sock, {"op": "queue", **ident, "shard": 0})
+        failure = _reply(sock)
+        assert failure["ok"] is False and failure["posted"] is True
+        assert failure["message"] == "send to default/posted needs 1 parts, got 0"
+        assert len(_reply(sock)["queue"]) == 1
+
+
+def test_requests_behind_a_waiting_one_are_handled_in_order(broker: int) -> None:
+    """Requests that arrive while an earlier request of the same client waits (here a send to
+    a full queue) wait behind it and are answered in order once it completes."""
+    ident = {"namespace": "default", "dataset_name": "behind"}
+    with _raw() as sock, _raw() as other:
+        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 1})
+        _reply(sock)
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"a")
+        assert _reply(sock) == {"ok": True, "room": 0}
+        # b waits for room; c and the queue request queue up behind it, not beside it.
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"b")
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "posted": True}, b"c")
+        _request(sock, {"op": "queue", **ident, "shard": 0})
+        _request(other, {"op": "open", **ident, "shard": 0})
+        _reply(other)
+        for expected in (b"a", b"b", b"c"):
+            _request(other, {"op": "recv", **ident, "shard": 0, "timeout": 10})
+            json_len, payload_len = protocol.parse_head(_exactly(other, protocol.HEAD.size))
+            assert protocol.parse_body(_exactly(other, json_len), request=False)["ok"]
+            assert _exactly(other, payload_len).endswith(expected)
+        assert _reply(sock) == {"ok": True, "room": 0}  # b's reply, after a was received
+        assert len(_reply(sock)["queue"]) == 1  # after c was queued: its order was kept

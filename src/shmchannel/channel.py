@@ -6,6 +6,7 @@ Each class checks its arguments once, here, and delegates to a backend endpoint 
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 import functools
@@ -17,6 +18,8 @@ from .serialization import row_count, split
 from .store.table import StoreStats
 
 MAX_NAME = 1024
+#: Objects a receiver fetches per round trip when that many are queued (see DataReceiver).
+PREFETCH = int(os.environ.get("SHMCHANNEL_PREFETCH", 8))
 
 
 def _check_name(param: str, value: object) -> str:
@@ -203,8 +206,14 @@ class DataReceiver:
         dataset_name: str = "dataset",
         *,
         wait: float | None = 0.0,
+        prefetch: int = PREFETCH,
     ) -> None:
         """Connect to the channel; ``wait`` seconds (None: forever) for its sender to appear.
+
+        ``recv`` fetches up to ``prefetch`` queued objects in one round trip to the broker
+        and hands them out in order: they leave the queue (making room for the sender) but
+        stay this receiver's, put back at the head of the queue by ``close`` if not handed
+        out, and by the broker if this process dies. ``prefetch=1`` fetches one at a time.
 
         Raises:
             ChannelNotFound (ValueError): no sender created it (within ``wait``).
@@ -215,8 +224,9 @@ class DataReceiver:
         self._dataset_name = _check_name("dataset_name", dataset_name)
         self._shard_id = _check_int("shard_id", shard_id, 0)
         wait = _check_timeout("wait", wait)
+        prefetch = _check_int("prefetch", prefetch, 1)
         backend = backend_for(address)
-        self._endpoint = backend.open_receiver(namespace, dataset_name, shard_id, wait)
+        self._endpoint = backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch)
         self._num_shards = self._endpoint.num_shards
         self._finalizer = weakref.finalize(self, _warn_unclosed, repr(self), self._endpoint.close)
 
@@ -243,6 +253,8 @@ class DataReceiver:
     def recv(self, timeout: float | None = None) -> Any:
         """Remove and return the oldest object of this shard; block while it is empty.
 
+        Acknowledges the objects received before (see ``ack``).
+
         Raises:
             TimeoutError (``ChannelTimeout``): nothing arrived within ``timeout`` seconds.
             ChannelClosed: the sender closed the channel and this shard is drained.
@@ -253,6 +265,17 @@ class DataReceiver:
     def peek(self, timeout: float | None = None) -> Any:
         """Like ``recv`` but leave the object in the queue."""
         return self._live().recv(_check_timeout("timeout", timeout), True)
+
+    def ack(self) -> None:
+        """Acknowledge the objects received so far: they are consumed, and their memory
+        returns to the store once they are dropped.
+
+        Without it the next ``recv``/``peek`` or ``close`` acknowledges them. Until then
+        the embedded broker keeps them, and if this process dies they go back to the head
+        of the queue for the next receiver of this shard (at-least-once delivery). On the
+        Ray backend an object is consumed when ``recv`` returns, and ``ack`` does nothing.
+        """
+        self._live().ack()
 
     def get_queue(self, shard_id: int | None = None) -> Any:
         """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""

@@ -1,9 +1,10 @@
 """The embedded backend: this machine's broker over its Unix socket, data in its arena.
 
 Sending: serialize each part (no copy), ask the broker for arena blocks (one round trip
-for all parts), write each buffer once into the block, then enqueue (second round trip).
-Parts whose blob is at most ``inline_threshold`` bytes skip the arena and travel inline
-with the send: one round trip, and no release needed on the receiving side.
+for all parts), write each buffer once into the block, then enqueue -- without waiting
+for the reply while the queue has room (see ``EmbeddedSender``). Parts whose blob is at
+most ``inline_threshold`` bytes skip the arena and travel inline with the send: no round
+trip at all while there is room, and no release needed on the receiving side.
 
 Receiving: the reply names a block; the object is rebuilt over a uint8 array that views
 it. Every array of the object is a view whose ``base`` chain ends at that array, so when
@@ -13,6 +14,7 @@ the block -- the memory is valid exactly as long as the user holds any part of i
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -20,6 +22,7 @@ import weakref
 from typing import Any
 
 from ..broker import daemon
+from ..errors import ChannelError
 from ..serialization import deserialize, serialize
 from ..store.arena import ArenaMap
 from ..store.blob import plan_blob, read_blob, write_blob
@@ -28,6 +31,12 @@ from ..store.table import StoreStats
 #: Blobs up to this many bytes travel inline with their key instead of through the arena:
 #: below it a socket copy is cheaper than an arena block's extra round trip and release.
 INLINE_THRESHOLD = 64 * 1024
+
+#: Most spare block sets a sender keeps for its next objects (see ``_Client.pack``), and
+#: the largest object that gets them: above it the copy dwarfs a round trip (100 us is 5%
+#: of copying 2 MiB here), and spares of large objects would hold much of the store.
+MAX_SPARES = 3
+SPARE_LIMIT = 2 << 20
 
 _arena_lock = threading.Lock()
 _arena: tuple[int, str, ArenaMap] | None = None  # (pid, path, map) of the current broker
@@ -52,6 +61,7 @@ class _Client:
 
     def __init__(self, inline_threshold: int) -> None:
         self.inline_threshold = inline_threshold
+        self._spares: dict[tuple[int, ...], list[list[int]]] = {}  # allocated, unused blocks by sizes
         self.conn = daemon.ensure_running()
         try:
             self.arena = _arena_for(self.conn.info)
@@ -60,18 +70,34 @@ class _Client:
             raise
 
     def pack(
-        self, objs: list[Any], timeout: float | None, deadline: float | None
-    ) -> tuple[list[dict[str, Any]], bytearray]:
-        """Write ``objs`` as blobs: (part descriptions, inline payload). Frees on failure."""
+        self, objs: list[Any], timeout: float | None, deadline: float | None,
+        ident: dict[str, Any] | None = None, spares: int = 0,
+    ) -> tuple[list[dict[str, Any]], bytearray, int | None]:
+        """Write ``objs`` as blobs: (part descriptions, inline payload, the room of channel
+        ``ident`` if the broker was asked for memory). Frees on failure.
+
+        Arena blocks come from a spare set of the same sizes if one is left, else from the
+        broker, asking for up to ``spares`` more sets for the next calls: a stream of
+        same-sized objects then costs one allocation round trip per ``spares + 1`` objects.
+        """
         serialized = [serialize(obj) for obj in objs]
         plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
         big = [p.size for p in plans if p.size > self.inline_threshold]
         offsets: list[int] = []
+        room = None
         if big:
-            reply, _ = self.conn.request(
-                {"op": "alloc", "sizes": big, "timeout": _remaining(deadline), "asked": timeout}
-            )
-            offsets = reply["offsets"]
+            pool = self._spares.get(tuple(big))
+            if pool:
+                offsets = pool.pop()
+            else:
+                self.drop_spares()  # other sizes now: give their memory back
+                reply, _ = self.conn.request(
+                    {"op": "alloc", **(ident or {}), "sizes": big, "spares": spares if sum(big) <= SPARE_LIMIT else 0,
+                     "timeout": _remaining(deadline), "asked": timeout}
+                )
+                offsets, room = reply["offsets"], reply.get("room")
+                if reply.get("spares"):
+                    self._spares[tuple(big)] = reply["spares"]
         try:
             payload = bytearray(sum(p.size for p in plans if p.size <= self.inline_threshold))
             inline_view = memoryview(payload)
@@ -90,53 +116,86 @@ class _Client:
             if offsets and not self.conn.closed:
                 self.conn.request({"op": "free", "offsets": offsets})
             raise
-        return parts, payload
+        return parts, payload, room
 
-    def unpack(self, reply: dict[str, Any], data: bytearray) -> Any:
-        """The object a recv/peek/get reply names; arena data is viewed, not copied."""
-        if "offset" not in reply:
+    def drop_spares(self) -> None:
+        offsets = [o for pool in self._spares.values() for block in pool for o in block]
+        self._spares.clear()
+        if offsets:
+            self.conn.post({"op": "free", "offsets": offsets})
+
+    def unpack(self, item: dict[str, Any], data: memoryview | bytearray, shared: bool) -> Any:
+        """The object a reply item names; arena data is viewed, not copied."""
+        if "offset" not in item:
             view = memoryview(data)
             # Shared objects are read-only whatever their size.
-            header, buffers = read_blob(view.toreadonly() if reply.get("shared") else view)
+            header, buffers = read_blob(view.toreadonly() if shared else view)
             return deserialize(header, buffers)
-        base = self.arena.array(int(reply["offset"]), int(reply["size"]))
-        if reply.get("shared"):
+        base = self.arena.array(int(item["offset"]), int(item["size"]))
+        if shared:
             base.flags.writeable = False  # other receivers read the same memory
         self.conn.hold()
-        weakref.finalize(base, self.conn.release, reply["key"]).atexit = False
+        weakref.finalize(base, self.conn.release, item["key"]).atexit = False
         header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]  # numpy exports a buffer
         return deserialize(header, buffers)
 
     def unhold(self, reply: dict[str, Any], data: bytearray) -> None:
-        """Undo the hold of a reply that raced an interrupt and was never used."""
-        if "offset" in reply:
-            self.conn.hold()
-            self.conn.release(reply["key"])
+        """Undo the holds of a reply that raced an interrupt and was never used."""
+        for item in reply.get("items", [reply]):
+            if "offset" in item:
+                self.conn.hold()
+                self.conn.release(item["key"])
+
+
+def _items(reply: dict[str, Any], data: bytearray) -> list[tuple[dict[str, Any], memoryview]]:
+    """A recv reply's items, each with its inline bytes (a view of ``data``)."""
+    view = memoryview(data)
+    out = []
+    for item in reply["items"]:
+        start, length = item.get("inline", (0, 0))
+        out.append((item, view[start : start + length]))
+    return out
 
 
 class EmbeddedSender:
+    """Sends are posted (not waited for) while the channel is known to have room.
+
+    The channel has one sender, and only receiving makes room, so the room the broker last
+    reported, minus the sends posted since, is room the next send is sure to find: such a
+    send cannot block or time out, and waiting for its reply would only add a round trip.
+    When that count is used up, a send waits for its reply, which reports the room again.
+    """
+
     def __init__(
         self, client: _Client, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
     ) -> None:
         self._client = client
         self._ident = {"namespace": namespace, "dataset_name": dataset_name}
         try:
-            client.conn.request(
+            reply, _ = client.conn.request(
                 {"op": "create", **self._ident, "num_shards": num_shards, "full_batch": full_batch,
                  "max_queue_size": max_queue_size}
             )
         except BaseException:
             client.conn.close()
             raise
+        self._room = int(reply["room"])
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        descriptions, payload = self._client.pack(parts, timeout, deadline)
+        # Spare blocks only for objects the queue could take anyway: they hold store memory.
+        spares = max(0, min(self._room - 1, MAX_SPARES))
+        descriptions, payload, room = self._client.pack(parts, timeout, deadline, self._ident, spares)
+        if room is not None:
+            self._room = room
         # On failure the broker frees the blocks named in the request.
-        self._client.conn.request(
-            {"op": "send", **self._ident, "parts": descriptions, "timeout": _remaining(deadline), "asked": timeout},
-            payload,
-        )
+        msg = {"op": "send", **self._ident, "parts": descriptions, "timeout": _remaining(deadline), "asked": timeout}
+        if self._room > 0:
+            self._client.conn.post(msg, payload)
+            self._room -= 1
+        else:
+            reply, _ = self._client.conn.request(msg, payload)
+            self._room = int(reply["room"])
 
     def queue(self, shard_id: int | None) -> Any:
         reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id})
@@ -151,10 +210,23 @@ def _queue(raw: Any) -> Any:
 
 
 class EmbeddedReceiver:
-    def __init__(self, client: _Client, namespace: str, dataset_name: str, shard_id: int, wait: float | None) -> None:
+    """Receives up to ``prefetch`` objects per round trip when that many are queued.
+
+    The extra ones wait here, reserved for this receiver, and are handed out in order by
+    the next calls, each with a one-way note to the broker, which counts them as queued
+    until then (so ``max_queue_size`` still bounds what the sender is ahead). ``close``
+    puts back any not handed out, at the head of the queue.
+    """
+
+    def __init__(
+        self, client: _Client, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int
+    ) -> None:
         self._client = client
         self._ident = {"namespace": namespace, "dataset_name": dataset_name}
         self._shard = shard_id
+        self._prefetch = prefetch
+        self._buffer: collections.deque[tuple[dict[str, Any], memoryview]] = collections.deque()
+        self._shared = False
         try:
             reply, _ = client.conn.request({"op": "open", **self._ident, "shard": shard_id, "timeout": wait})
         except BaseException:
@@ -164,24 +236,47 @@ class EmbeddedReceiver:
         self.full_batch = bool(reply["full_batch"])
 
     def recv(self, timeout: float | None, peek: bool) -> Any:
-        reply, data = self._client.conn.request(
-            {"op": "recv", **self._ident, "shard": self._shard, "peek": peek, "timeout": timeout},
-            on_interrupt=self._client.unhold if peek else self._put_back,
-        )
-        return self._client.unpack(reply, data)
+        if not self._buffer:
+            reply, data = self._client.conn.request(
+                {"op": "recv", **self._ident, "shard": self._shard, "peek": peek, "timeout": timeout,
+                 "limit": 1 if peek else self._prefetch},
+                on_interrupt=self._client.unhold if peek else self._put_back,
+            )
+            self._shared = bool(reply["shared"])
+            items = _items(reply, data)
+            if peek:
+                return self._client.unpack(*items[0], self._shared)
+            self._buffer.extend(items)
+        elif not peek:  # a reserved one: the broker counts it as queued until told
+            self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard})
+        if not peek:
+            return self._client.unpack(*self._buffer.popleft(), self._shared)
+        item, inline = self._buffer[0]
+        if "offset" in item:  # the view needs a hold of its own: the object may still go back
+            self._client.conn.one_way({"op": "hold", "key": item["key"]})
+            return self._client.unpack(item, inline, self._shared)
+        return self._client.unpack(item, bytearray(inline), self._shared)  # its own copy, as from the broker
 
     def _put_back(self, reply: dict[str, Any], data: bytearray) -> None:
-        inline = "offset" not in reply
-        self._client.conn.one_way(
-            {"op": "requeue", **self._ident, "shard": self._shard, "key": reply["key"], "inline": inline},
-            data if inline else b"",
-        )
+        self._requeue([item["key"] for item in reply["items"]])
+
+    def _requeue(self, keys: list[str]) -> None:
+        self._client.conn.one_way({"op": "requeue", **self._ident, "shard": self._shard, "keys": keys})
 
     def queue(self, shard_id: int | None) -> Any:
         reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id})
         return _queue(reply["queue"])
 
+    def ack(self) -> None:
+        self._client.conn.one_way({"op": "ack", **self._ident, "shard": self._shard})
+
     def close(self) -> None:
+        if self._buffer and not self._client.conn.closed:
+            try:
+                self._requeue([item["key"] for item, _ in self._buffer])
+            except ChannelError:
+                pass  # the broker is gone: nothing to give back to
+            self._buffer.clear()
         self._client.conn.close({"op": "detach", **self._ident})
 
 
@@ -191,13 +286,13 @@ class EmbeddedDataSystem:
 
     def put(self, obj: Any, timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
-        (part,), payload = self._client.pack([obj], timeout, deadline)
+        (part,), payload, _ = self._client.pack([obj], timeout, deadline)
         reply, _ = self._client.conn.request({"op": "put", "parts": [part]}, payload)
         return str(reply["key"])
 
     def get(self, key: str) -> Any:
         reply, data = self._client.conn.request({"op": "get", "key": key}, on_interrupt=self._client.unhold)
-        return self._client.unpack(reply, data)
+        return self._client.unpack(reply, data, True)
 
     def delete(self, key: str) -> None:
         self._client.conn.request({"op": "delete", "key": key})
@@ -228,8 +323,10 @@ class EmbeddedBackend:
     ) -> EmbeddedSender:
         return EmbeddedSender(self._client(), namespace, dataset_name, num_shards, full_batch, max_queue_size)
 
-    def open_receiver(self, namespace: str, dataset_name: str, shard_id: int, wait: float | None) -> EmbeddedReceiver:
-        return EmbeddedReceiver(self._client(), namespace, dataset_name, shard_id, wait)
+    def open_receiver(
+        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int = 1
+    ) -> EmbeddedReceiver:
+        return EmbeddedReceiver(self._client(), namespace, dataset_name, shard_id, wait, prefetch)
 
     def data_system(self) -> EmbeddedDataSystem:
         return EmbeddedDataSystem(self._client())

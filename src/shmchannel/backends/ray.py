@@ -198,6 +198,9 @@ class RayReceiver:
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]
 
+    def ack(self) -> None:
+        pass  # the channel actor forgets an object when it hands it out
+
     def close(self) -> None:
         if os.getpid() == self._pid:
             self._calls.dispose("detach", self._token)
@@ -244,7 +247,9 @@ class RayBackend:
     def create_sender(self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int) -> RaySender:
         return RaySender(self._ray, namespace, dataset_name, num_shards, full_batch, max_queue_size)
 
-    def open_receiver(self, namespace: str, dataset_name: str, shard_id: int, wait: float | None) -> RayReceiver:
+    def open_receiver(
+        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int
+    ) -> RayReceiver:
         return RayReceiver(self._ray, namespace, dataset_name, shard_id, wait)
 
     def data_system(self) -> RayDataSystem:

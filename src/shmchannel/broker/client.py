@@ -1,7 +1,11 @@
-"""A blocking connection to the broker: one request at a time, releases at any time.
+"""A blocking connection to the broker: requests in order, releases at any time.
 
-Two locks: ``_request`` serializes request/reply pairs (the protocol allows one outstanding
-request per connection), ``_write`` only guards writing a frame. Releases of zero-copy
+A request either waits for its reply (``request``) or is *posted*: written at once, its
+reply read later, before the next request's (``post``; a sender posts sends it knows the
+broker can take without waiting). The broker handles a connection's requests in order.
+
+Two locks: ``_request`` serializes requests and the reading of replies, ``_write`` only
+guards writing a frame. Releases of zero-copy
 objects come from finalizers, which may run in any thread at any allocation -- including
 inside this module's own code in the same thread. A finalizer therefore only queues the key
 and *tries* the write lock; whoever holds it flushes the queue right after letting go, so a
@@ -21,6 +25,7 @@ from ..errors import BrokerUnavailable, Cancelled, ChannelError, EndpointClosed,
 from . import protocol
 
 Reply = tuple[dict[str, Any], bytearray]
+READ_CHUNK = 64 * 1024
 
 
 class Connection:
@@ -36,6 +41,10 @@ class Connection:
         self._holds = 0
         self._holds_lock = threading.Lock()  # finalizers of other threads release concurrently
         self._closing = False
+        self._posted_failure: ChannelError | None = None  # seen, not raised yet
+        self._unconfirmed = False  # posted requests since the last reply
+        self._rbuf = bytearray()
+        self._scratch = memoryview(bytearray(READ_CHUNK))  # reused: a fresh large buffer per recv costs an mmap
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
@@ -66,7 +75,60 @@ class Connection:
         ``on_interrupt`` so that, e.g., a received object can be put back in its queue.
         """
         with self._request:
+            if self._unconfirmed:
+                self._poll(self._live())
+            self._raise_posted_failure()
             return self._exchange(msg, payload, on_interrupt)
+
+    def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
+        """Send ``msg`` without waiting: the broker answers it only if it fails, and that
+        failure is raised by a later call -- the next one if the broker has answered by
+        then, at the latest the next that waits for a reply, or ``close``. Only for
+        requests the broker can complete without waiting."""
+        with self._request:
+            sock = self._live()
+            if self._unconfirmed:
+                self._poll(sock)
+            self._raise_posted_failure()
+            self._send(protocol.encode({**msg, "posted": True}, payload))
+            self._unconfirmed = True
+
+    def _poll(self, sock: socket.socket) -> None:
+        """Take in, without waiting, failures of posted requests the broker already sent."""
+        try:
+            k = sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._shutdown()
+            raise self._lost(exc) from exc
+        if not k:
+            self._shutdown()
+            raise self._lost(None)
+        self._rbuf += self._scratch[:k]
+        size = protocol.HEAD.size
+        while len(self._rbuf) >= size:  # nothing is awaited: only failures can be here
+            json_len, payload_len = protocol.parse_head(self._rbuf[:size])
+            if len(self._rbuf) < size + json_len + payload_len:
+                return
+            self._take_frame(sock)
+
+    def settle(self) -> None:
+        """Raise the failure of a posted request, if one was seen."""
+        with self._request:
+            self._raise_posted_failure()
+
+    def _raise_posted_failure(self) -> None:
+        failure, self._posted_failure = self._posted_failure, None
+        if failure is not None:
+            raise failure
+
+    def _note_posted_failure(self, reply: dict[str, Any]) -> None:
+        if self._posted_failure is None:
+            self._posted_failure = from_wire(
+                str(reply.get("error")),
+                f"an earlier call that returned without waiting for the broker failed: {reply.get('message')}",
+            )
 
     def _exchange(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
@@ -74,13 +136,12 @@ class Connection:
     ) -> Reply:
         sock = self._live()
         self._send(protocol.encode(msg, payload))
-        started = [False]
         try:
-            reply, data = self._read(sock, started)
+            reply, data = self._read(sock)
         except ChannelError:
             raise
         except BaseException:
-            self._abandon(sock, started[0], on_interrupt)
+            self._abandon(sock, on_interrupt)
             raise
         if not reply.get("ok"):
             if reply.get("error") == Cancelled.code and self._closing:
@@ -105,39 +166,64 @@ class Connection:
     def _send(self, parts: list[Any]) -> None:
         sock = self._live()
         with self._write_lock:
+            if self._releases:  # in the same write: one system call, and memory back sooner
+                parts = self._release_frame() + parts
             try:
                 sock.sendall(b"".join(parts))
             except OSError as exc:
                 raise self._lost(exc) from exc
         self._flush_releases()
 
-    def _read(self, sock: socket.socket, started: list[bool]) -> Reply:
-        head = self._exact(sock, protocol.HEAD.size, started)
+    def _release_frame(self) -> list[Any]:
+        """The frame releasing every queued key (call with the write lock held)."""
+        keys = []
+        while self._releases:
+            keys.append(self._releases.popleft())
+        return protocol.encode({"op": "release", "keys": keys})
+
+    def _read(self, sock: socket.socket) -> Reply:
+        """The next reply (failures of posted requests before it are noted, not returned)."""
+        while True:
+            self._fill(sock, protocol.HEAD.size)
+            frame = self._take_frame(sock)
+            if frame is not None:
+                return frame
+
+    def _take_frame(self, sock: socket.socket) -> Reply | None:
+        """The reply at the head of the read buffer, once it is whole (None before, and for
+        a posted request's failure, which is noted). A frame leaves the buffer only whole,
+        so an interrupted read leaves the stream in sync."""
+        size = protocol.HEAD.size
         try:
-            json_len, payload_len = protocol.parse_head(head)
-            msg = protocol.parse_body(self._exact(sock, json_len, started), request=False)
+            json_len, payload_len = protocol.parse_head(self._rbuf[:size])
+            end = size + json_len + payload_len
+            if len(self._rbuf) < end:
+                self._fill(sock, end)
+            msg = protocol.parse_body(self._rbuf[size : size + json_len], request=False)
         except protocol.FrameError as exc:
             self._shutdown()
             raise ProtocolError(f"bad reply from the broker: {exc}") from None
-        data = self._exact(sock, payload_len, started) if payload_len else bytearray()
+        data = self._rbuf[size + json_len : end] if payload_len else bytearray()
+        del self._rbuf[:end]
+        if msg.get("posted"):  # not a reply anyone waits for: a posted request failed
+            self._note_posted_failure(msg)
+            return None
+        self._unconfirmed = False
         return msg, data
 
-    def _exact(self, sock: socket.socket, n: int, started: list[bool]) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
+    def _fill(self, sock: socket.socket, n: int) -> None:
+        """Read until the buffer holds ``n`` bytes (more if they came: one recv often
+        brings several replies)."""
+        while len(self._rbuf) < n:
             try:
-                k = sock.recv_into(view[got:])
+                k = sock.recv_into(self._scratch)
             except OSError as exc:
                 self._shutdown()
                 raise self._lost(exc) from exc
-            if k == 0:
+            if not k:
                 self._shutdown()
                 raise self._lost(None)
-            got += k
-            started[0] = True
-        return buf
+            self._rbuf += self._scratch[:k]
 
     def _lost(self, exc: OSError | None) -> ChannelError:
         """The error for a socket that failed: our own close() from another thread, or the broker."""
@@ -148,18 +234,14 @@ class Connection:
         return BrokerUnavailable(f"lost the broker at {self.path}: {exc}")
 
     def _abandon(
-        self, sock: socket.socket, started: bool,
-        on_interrupt: Callable[[dict[str, Any], bytearray], None] | None,
+        self, sock: socket.socket, on_interrupt: Callable[[dict[str, Any], bytearray], None] | None
     ) -> None:
         """After an interrupted wait: cancel at the broker and consume its one reply."""
-        if started:  # the reply was half read: the stream cannot be resynchronized
-            self._shutdown()
-            return
         try:
             self._send(protocol.encode({"op": "cancel"}))
             sock.settimeout(5.0)
             try:
-                reply, data = self._read(sock, [False])
+                reply, data = self._read(sock)
             finally:
                 if self._sock is not None:
                     sock.settimeout(None)
@@ -194,11 +276,8 @@ class Connection:
             if sock is None or not self._write_lock.acquire(blocking=False):
                 return  # the holder flushes when it lets go
             try:
-                keys = []
-                while self._releases:
-                    keys.append(self._releases.popleft())
                 try:
-                    sock.sendall(b"".join(protocol.encode({"op": "release", "keys": keys})))
+                    sock.sendall(b"".join(self._release_frame()))
                 except OSError:
                     return  # broker gone: it freed everything of ours with the connection
             finally:
@@ -215,14 +294,19 @@ class Connection:
         if os.getpid() != self.pid or self._closing:
             return
         self._closing = True
+        failure: ChannelError | None = None
         if self._sock is not None:
             if self._request.acquire(blocking=False):
                 try:
+                    # A reply comes after the failures of the requests posted before it.
+                    if farewell is None and self._unconfirmed:
+                        farewell = {"op": "sync"}
                     if farewell is not None:
                         self._exchange(farewell, b"", None)
                 except ChannelError:
                     pass  # the broker is gone: it has forgotten us anyway
                 finally:
+                    failure, self._posted_failure = self._posted_failure, None
                     self._request.release()
             else:
                 try:
@@ -231,6 +315,8 @@ class Connection:
                     pass
         if self._holds <= 0:
             self._shutdown()
+        if failure is not None:
+            raise failure
 
     def _shutdown(self) -> None:
         sock, self._sock = self._sock, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from .protocol import FrameError
 from .state import Client
 
 if TYPE_CHECKING:
+    from .operations import Waiter
     from .server import Server
 
 log = logging.getLogger("shmchannel.broker")
@@ -26,7 +28,10 @@ class ClientConnection(asyncio.Protocol):
         self.client: Client  # set when the server accepts the peer
         self.accepted = False
         self.transport: asyncio.Transport | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.waiter: Waiter | None = None
+        # Requests that arrived while ``waiter`` waits: a client may post several requests
+        # (pipelining), and they must take effect in the order it sent them.
+        self.backlog: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
         self._buffer = bytearray()
         self._need = protocol.HEAD.size  # bytes the next step needs
         self._head: tuple[int, int] | None = None
@@ -55,9 +60,19 @@ class ClientConnection(asyncio.Protocol):
                 return
             del buffer[: self._need]
             self._head, self._need = None, protocol.HEAD.size
+            if (self.waiter is not None or self.backlog) and msg.get("op") not in protocol.ONE_WAY:
+                self.backlog.append((msg, payload))
+            else:
+                self.server._dispatch(self, msg, payload)
+
+    def resume(self) -> None:
+        """The waiting request finished: handle the requests that queued up behind it."""
+        while self.backlog and self.waiter is None and self.accepted:
+            msg, payload = self.backlog.popleft()
             self.server._dispatch(self, msg, payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.backlog.clear()
         self.server._forget(self, exc)
 
     def reply(self, msg: dict[str, Any], payload: bytes = b"") -> None:

@@ -1,8 +1,8 @@
 """The broker's operations: decode a request's fields, decide with ``BrokerState``, reply.
 
-Requests that can complete at once return their reply; the others return a coroutine that
-waits on the state's signals (see state.py) -- the broker never sleeps to find out whether
-something changed.
+Requests that can complete at once return their reply; the others return a ``Waiter``
+that retries when the state's signals fire (see state.py) -- the broker never sleeps to
+find out whether something changed.
 """
 
 from __future__ import annotations
@@ -13,15 +13,19 @@ import os
 import time
 from typing import Any, Callable
 
-from ..errors import ChannelError, InvalidArgument, StoreFullTimeout
+from ..errors import Cancelled, ChannelError, InvalidArgument, StoreFullTimeout
 from ..store.arena import ArenaFile
 from . import protocol, rules
 from .connection import ClientConnection
+from ..store.table import StoredObject
 from .state import WAIT, BrokerState, Channel, Part, Signal
 
 log = logging.getLogger("shmchannel.broker")
 
 Reply = tuple[dict[str, Any], bytes]
+
+#: Most spare block sets one alloc may ask for (see EmbeddedSender).
+MAX_SPARES = 8
 
 
 def request_field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
@@ -38,6 +42,72 @@ def _asked(msg: dict[str, Any]) -> Any:
     return msg.get("asked", msg.get("timeout"))
 
 
+class Waiter:
+    """A request that cannot complete yet. It is retried when one of its signals fires --
+    on the loop's next turn, so a burst of changes (several sends read in one go) costs one
+    retry that takes them all -- and answered when it completes, fails, times out or is
+    cancelled. A callback, not a task: a wake-up is the hot path of every blocked recv.
+    """
+
+    def __init__(
+        self, attempt: Callable[[], Any], signals: list[Signal], done: Callable[[Any], Reply],
+        on_timeout: Callable[[], ChannelError], timeout: float | None, on_fail: Callable[[], None] | None,
+    ) -> None:
+        self._attempt, self._signals, self._done = attempt, signals, done
+        self._on_timeout, self._timeout, self._on_fail = on_timeout, timeout, on_fail
+        self._answer: Callable[[Reply | BaseException], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False
+        self.finished = False
+
+    def start(self, answer: Callable[[Reply | BaseException], None]) -> None:
+        """Wait; ``answer`` gets the reply, or the exception that ended the request."""
+        self._answer = answer
+        loop = asyncio.get_running_loop()
+        for signal in self._signals:
+            signal.add(self._poke)
+        if self._timeout is not None:
+            self._timer = loop.call_later(self._timeout, self._expire)
+
+    def cancel(self) -> None:
+        self._end(Cancelled("request cancelled by the client"))
+
+    def _poke(self) -> None:
+        if not self._scheduled and not self.finished:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._retry)
+
+    def _retry(self) -> None:
+        self._scheduled = False
+        if self.finished:
+            return
+        try:
+            result = self._attempt()
+            if result is WAIT:
+                return
+            outcome: Reply | BaseException = self._done(result)
+        except Exception as exc:  # the request's error, or a bug: either way its answer
+            outcome = exc
+        self._end(outcome)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._end(self._on_timeout())
+
+    def _end(self, outcome: Reply | BaseException) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for signal in self._signals:
+            signal.discard(self._poke)
+        if self._timer is not None:
+            self._timer.cancel()
+        if not isinstance(outcome, tuple) and self._on_fail is not None:
+            self._on_fail()
+        if self._answer is not None:
+            self._answer(outcome)
+
+
 class Operations:
     """Request handlers; the Server adds the connections and the lifecycle."""
 
@@ -49,56 +119,19 @@ class Operations:
 
     # -- waiting -------------------------------------------------------------------------
 
-    async def _until(self, signals: list[Signal], attempt: Callable[[], Any], timeout: float | None) -> Any:
-        """Retry ``attempt`` each time one of ``signals`` fires, until it stops returning WAIT.
-
-        Raises:
-            asyncio.TimeoutError: ``timeout`` seconds passed first.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            # Ask again before waiting: between the caller's first attempt and this task's
-            # first step, another client may have changed the state and fired the signal.
-            result = attempt()
-            if result is not WAIT:
-                return result
-            future: asyncio.Future[None] = loop.create_future()
-
-            def wake(future: asyncio.Future[None] = future) -> None:
-                if not future.done():
-                    future.set_result(None)
-
-            for signal in signals:
-                signal.add(wake)
-            try:
-                if deadline is None:
-                    await future
-                else:
-                    await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
-            finally:
-                for signal in signals:
-                    signal.discard(wake)
-
     def _blocking(
         self, attempt: Callable[[], Any], signals: Callable[[], list[Signal]], msg: dict[str, Any],
         done: Callable[[Any], Reply], on_timeout: Callable[[], ChannelError],
-    ) -> Any:
-        """Answer now if ``attempt`` can; otherwise a coroutine that waits (or a timeout error)."""
+        on_fail: Callable[[], None] | None = None,
+    ) -> Reply | Waiter:
+        """Answer now if ``attempt`` can; otherwise a Waiter (or a timeout error at once)."""
         result = attempt()
         if result is not WAIT:
             return done(result)
         timeout = msg.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise on_timeout()
-
-        async def wait() -> Reply:
-            try:
-                return done(await self._until(signals(), attempt, timeout))
-            except asyncio.TimeoutError:
-                raise on_timeout() from None
-
-        return wait()
+        return Waiter(attempt, signals(), done, on_timeout, timeout, on_fail)
 
     # -- operations ----------------------------------------------------------------------
 
@@ -121,7 +154,7 @@ class Operations:
             bool(msg.get("full_batch")),
             request_field(msg, "max_queue_size", int),
         )
-        return protocol.ok(**channel.info()), b""
+        return protocol.ok(**channel.info(), room=channel.room()), b""
 
     def _open(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
         namespace, name = request_field(msg, "namespace", str), request_field(msg, "dataset_name", str)
@@ -148,20 +181,30 @@ class Operations:
         sizes = [int(s) for s in request_field(msg, "sizes", list)]
         if any(s < 0 for s in sizes):
             raise InvalidArgument("alloc sizes must not be negative")
+        spares = min(request_field(msg, "spares", int, optional=True) or 0, MAX_SPARES)
         table = self.state.table
 
         def attempt() -> Any:
             try:
-                return self.state.try_allocate(conn.client, sizes)
+                return self.state.try_allocate(conn.client, sizes, spares)
             except OSError as exc:  # /dev/shm itself is full: wait for our own frees
                 log.warning("cannot reserve shared memory: %s", exc)
                 return WAIT
+
+        # A sender names its channel: the reply then says how many sends it takes now.
+        channel = self._channel(msg) if "dataset_name" in msg else None
+
+        def done(blocks: tuple[list[int], list[list[int]]]) -> Reply:
+            offsets, spare_sets = blocks
+            if channel is None:
+                return protocol.ok(offsets=offsets, spares=spare_sets), b""
+            return protocol.ok(offsets=offsets, spares=spare_sets, room=channel.room()), b""
 
         return self._blocking(
             attempt,
             lambda: [self.state.store_freed],
             msg,
-            lambda offsets: (protocol.ok(offsets=offsets), b""),
+            done,
             lambda: StoreFullTimeout(
                 f"store full: asked for {sum(sizes)} bytes, {table.allocator.free} of "
                 f"{table.allocator.capacity} free (largest free block {table.allocator.largest_free})"
@@ -186,7 +229,7 @@ class Operations:
                 parts.append(Part(int(item["size"]), offset=int(item["offset"])))
         return parts
 
-    def _send(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
+    def _send(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply | Waiter:
         channel = self._channel(msg)
         parts = self._parts(msg, payload)
         client = conn.client
@@ -195,42 +238,39 @@ class Operations:
             self.state.free_allocations(client, [p.offset for p in parts if p.inline is None])
 
         try:
-            result = self._blocking(
+            return self._blocking(
                 lambda: self.state.try_send(client, channel, parts),
                 lambda: [channel.space],
                 msg,
-                lambda _: (protocol.ok(), b""),
+                lambda room: (protocol.ok(room=room), b""),
                 lambda: rules.send_timeout(_asked(msg), channel.label, channel.max_queue_size),
+                give_back,
             )
         except BaseException:
             give_back()
             raise
-        if isinstance(result, tuple):
-            return result
-
-        async def guarded() -> Reply:
-            try:
-                return await result
-            except BaseException:
-                give_back()
-                raise
-
-        return guarded()
 
     def _recv(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
         channel = self._channel(msg)
         shard = request_field(msg, "shard", int)
         rules.check_shard(shard, channel.num_shards)
         peek = bool(msg.get("peek"))
+        limit = request_field(msg, "limit", int, optional=True) or 1
         shared = channel.full_batch and channel.num_shards > 1
 
-        def done(obj: Any) -> Reply:
-            if obj.inline is not None:
-                return protocol.ok(key=obj.key, size=obj.size, shared=shared), obj.inline
-            return protocol.ok(key=obj.key, size=obj.size, offset=obj.offset, shared=shared), b""
+        def done(objs: list[StoredObject]) -> Reply:
+            items, inline, pos = [], [], 0
+            for obj in objs:
+                if obj.inline is None:
+                    items.append({"key": obj.key, "size": obj.size, "offset": obj.offset})
+                else:
+                    items.append({"key": obj.key, "size": obj.size, "inline": [pos, len(obj.inline)]})
+                    inline.append(obj.inline)
+                    pos += len(obj.inline)
+            return protocol.ok(items=items, shared=shared), b"".join(inline)
 
         return self._blocking(
-            lambda: self.state.try_recv(conn.client, channel, shard, peek),
+            lambda: self.state.try_recv(conn.client, channel, shard, peek, max(1, limit)),
             lambda: [channel.data[shard]],
             msg,
             done,

@@ -3,8 +3,12 @@
 A frame is ``u32 json_len | u32 payload_len | json | payload``. The JSON object carries the
 operation and its small arguments; the payload carries inline blobs (small objects travel
 with their key instead of through the arena). JSON, not pickle: the broker must never
-unpickle what a client sends. Every request gets exactly one reply, except the one-way
-operations listed in ``ONE_WAY``; a client has at most one request outstanding.
+unpickle what a client sends. Every request gets exactly one reply, in the order of the
+requests, except the one-way operations listed in ``ONE_WAY``, which are handled as they
+arrive, and *posted* requests (``"posted": true``), which are answered only if they fail,
+with an error reply marked ``"posted": true``. A client may send requests before earlier
+ones were answered; the broker handles them in order, holding later ones back while an
+earlier one waits.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import json
 import struct
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEAD = struct.Struct("<II")
 MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call with options
+
 #: Operations that get no reply.
-ONE_WAY = frozenset({"release", "cancel", "requeue"})
+ONE_WAY = frozenset({"release", "cancel", "requeue", "next", "ack", "hold"})
 
 
 class FrameError(ValueError):
@@ -28,7 +34,7 @@ class FrameError(ValueError):
 
 def encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[Any]:
     """The parts of one frame, ready for ``socket.sendmsg`` or a transport's writelines."""
-    body = json.dumps(msg, separators=(",", ":")).encode()
+    body = _ENCODER.encode(msg).encode()
     return [HEAD.pack(len(body), len(payload)), body, payload] if len(payload) else [HEAD.pack(len(body), 0), body]
 
 

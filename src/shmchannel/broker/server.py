@@ -3,7 +3,7 @@ the operations (operations.py), answers, and exits when told or idle.
 
 One reader per client handles every frame as it arrives, so one-way messages (release,
 cancel) are handled even while that client's blocking request waits; a waiting request is
-one task per client.
+a Waiter (operations.py), and the client's later requests queue behind it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from ..errors import ChannelError, InvalidArgument
 from ..store.arena import ArenaFile
 from . import protocol
 from .connection import ClientConnection
-from .operations import Operations, Reply, request_field
+from .operations import Operations, Reply, Waiter, request_field
 from .state import BrokerState
 
 log = logging.getLogger("shmchannel.broker")
@@ -58,6 +58,7 @@ class Server(Operations):
             "stats": self._stats,
             "status": self._status,
             "stop": self._stop,
+            "sync": lambda conn, msg, payload: (protocol.ok(), b""),  # answered after what came before
         }
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -113,8 +114,8 @@ class Server(Operations):
         if conn not in self._conns:
             return
         log.debug("client pid %d left%s", conn.client.pid, f": {exc}" if exc else "")
-        if conn.task is not None:
-            conn.task.cancel()
+        if conn.waiter is not None:
+            conn.waiter.cancel()
         self._conns.discard(conn)
         self.state.disconnect(conn.client)
         self._arm_idle_timer()
@@ -123,59 +124,71 @@ class Server(Operations):
 
     def _dispatch(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> None:
         op = msg["op"]
-        answer = op not in protocol.ONE_WAY  # a one-way message must never get a reply
+        posted = msg.get("posted") is True  # answered only if it fails
         try:
-            if not answer:
+            if op in protocol.ONE_WAY:  # never answered, not even with an error
                 self._one_way(conn, op, msg, payload)
                 return
             handler = self._ops.get(op)
             if handler is None:
                 raise InvalidArgument(f"unknown operation {op!r}")
             result = handler(conn, msg, payload)
-        except ChannelError as exc:
-            failure = protocol.error(exc.code, str(exc))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            log.warning("client pid %d sent a malformed %r request: %r", conn.client.pid, op, exc)
-            failure = protocol.error("invalid", f"malformed {op!r} request: {exc!r}")
-        except Exception as exc:  # a bug: answer and keep serving everyone else
-            log.exception("%r request of client pid %d failed", op, conn.client.pid)
-            failure = protocol.error("error", f"broker error in {op!r}: {exc!r}")
-        else:
-            if isinstance(result, tuple):
-                conn.reply(*result)
+        except Exception as exc:
+            if op in protocol.ONE_WAY:
+                log.warning("client pid %d: %s failed: %r", conn.client.pid, op, exc)
             else:
-                conn.task = asyncio.ensure_future(self._finish(conn, result))
+                self._answer(conn, op, posted, exc)
             return
-        if answer:
-            conn.reply(failure)
+        if isinstance(result, Waiter):
+            conn.waiter = result
+            result.start(lambda outcome: self._answer(conn, op, posted, outcome))
         else:
-            log.warning("client pid %d: %s failed: %s", conn.client.pid, op, failure["message"])
+            self._answer(conn, op, posted, result)
 
-    async def _finish(self, conn: ClientConnection, pending: Awaitable[Reply]) -> None:
-        try:
-            conn.reply(*(await pending))
-        except asyncio.CancelledError:
-            conn.reply(protocol.error("cancelled", "request cancelled by the client"))
-        except ChannelError as exc:
-            conn.reply(protocol.error(exc.code, str(exc)))
-        except Exception as exc:  # a bug: say so to the client rather than hang it
-            log.exception("request failed")
-            conn.reply(protocol.error("error", f"broker error: {exc!r}"))
-        finally:
-            conn.task = None
+    def _answer(self, conn: ClientConnection, op: str, posted: bool, outcome: Reply | BaseException) -> None:
+        """Reply with ``outcome`` (a reply, or the exception that ended the request); a
+        posted request is answered only if it failed, with a reply marked as such."""
+        waited = conn.waiter is not None and conn.waiter.finished
+        if waited:
+            conn.waiter = None
+        if isinstance(outcome, tuple):
+            if not posted:
+                conn.reply(*outcome)
+        else:
+            if isinstance(outcome, ChannelError):
+                failure = protocol.error(outcome.code, str(outcome))
+            elif isinstance(outcome, (KeyError, TypeError, ValueError, IndexError)):
+                log.warning("client pid %d sent a malformed %r request: %r", conn.client.pid, op, outcome)
+                failure = protocol.error("invalid", f"malformed {op!r} request: {outcome!r}")
+            else:  # a bug: answer and keep serving everyone else
+                log.error("%r request of client pid %d failed", op, conn.client.pid, exc_info=outcome)
+                failure = protocol.error("error", f"broker error in {op!r}: {outcome!r}")
+            conn.reply({**failure, "posted": True} if posted else failure)
+        if waited:  # requests that queued behind it go now (others: their reader goes on)
+            conn.resume()
 
     def _one_way(self, conn: ClientConnection, op: str, msg: dict[str, Any], payload: bytes) -> None:
         if op == "release":
             self.state.release(conn.client, [k for k in request_field(msg, "keys", list) if isinstance(k, str)])
         elif op == "cancel":
-            if conn.task is not None:
-                conn.task.cancel()
+            if conn.waiter is not None:
+                conn.waiter.cancel()
         elif op == "requeue":
             channel = self._channel(msg)
             shard = request_field(msg, "shard", int)
             if not 0 <= shard < channel.num_shards:
                 raise InvalidArgument(f"shard {shard} out of range")
-            inline = bytes(payload) if msg.get("inline") else None
-            self.state.requeue(conn.client, channel, shard, request_field(msg, "key", str), inline)
+            self.state.requeue(conn.client, channel, shard, [k for k in request_field(msg, "keys", list) if isinstance(k, str)])
+        elif op in ("next", "ack"):
+            channel = self._channel(msg)
+            shard = request_field(msg, "shard", int)
+            if not 0 <= shard < channel.num_shards:
+                raise InvalidArgument(f"shard {shard} out of range")
+            if op == "next":
+                self.state.take_next(conn.client, channel, shard)
+            else:
+                self.state.acknowledge(conn.client, channel, shard)
+        elif op == "hold":
+            self.state.hold(conn.client, request_field(msg, "key", str))
         if self.state.idle():
             self._arm_idle_timer()

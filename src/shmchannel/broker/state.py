@@ -6,9 +6,15 @@ server then waits on the ``Signal`` this module names for that case and asks aga
 operation that frees a slot, enqueues a key or frees memory fires exactly that signal, so
 a blocked client is woken by the event that unblocks it, never by a timer.
 
-Delivery bookkeeping: a queue entry holds one reference to its object; ``recv`` moves that
-reference to the receiving client (a *hold*) until the client releases it -- when its
-zero-copy views are gone -- or disconnects. ``peek`` adds a hold of its own.
+Delivery bookkeeping: a queue entry holds one reference to its object. ``recv`` moves it
+to the receiving client's ``Lent`` record and, for an arena object, adds a *hold* for the
+client's zero-copy views, released when they are gone. A recv may take several objects
+(prefetch): the first is handed to the user, the others are *reserved* -- they wait in the
+client and still count as queued (for ``max_queue_size``, ``queue`` and status) until the
+client hands the next one out (``take_next``). A handed-out object is acknowledged -- and
+its reference dropped -- by the client's next ``recv``/``peek``/``take_next`` of that shard
+or by detaching; what it gives back unused (``requeue``), or holds when its connection
+drops, goes back to the head of the queue, in order. ``peek`` adds a hold of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +61,19 @@ class Part:
 
 
 @dataclass
+class Lent:
+    """Objects of one shard lent to one client, oldest first: the first ``taken`` were
+    handed to the user (not yet acknowledged), the rest wait in the client (reserved)."""
+
+    keys: deque[str] = field(default_factory=deque)
+    taken: int = 0
+
+    @property
+    def reserved(self) -> list[str]:
+        return list(self.keys)[self.taken :]
+
+
+@dataclass
 class Channel:
     namespace: str
     name: str
@@ -67,6 +86,7 @@ class Channel:
     receivers: dict[int, int] = field(default_factory=dict)  # client id -> shard
     data: list[Signal] = field(default_factory=list)  # per shard: something to receive
     space: Signal = field(default_factory=Signal)  # a slot came free
+    reserved: list[int] = field(default_factory=list)  # per shard: prefetched, not handed out
     sent_objects: int = 0
     sent_bytes: int = 0
     received_objects: list[int] = field(default_factory=list)
@@ -81,6 +101,7 @@ class Channel:
         self.num_shards = num_shards
         self.queues = [deque() for _ in range(num_shards)]
         self.data = [Signal() for _ in range(num_shards)]
+        self.reserved = [0] * num_shards
         self.received_objects = [0] * num_shards
         self.received_bytes = [0] * num_shards
 
@@ -91,6 +112,14 @@ class Channel:
     @property
     def empty(self) -> bool:
         return not any(self.queues)
+
+    def depth(self, shard: int) -> int:
+        """Objects of ``shard`` not handed to a user yet: queued, or reserved by a receiver."""
+        return len(self.queues[shard]) + self.reserved[shard]
+
+    def room(self) -> int:
+        """Sends the channel takes now without waiting (its fullest shard decides)."""
+        return max(0, self.max_queue_size - max(map(self.depth, range(self.num_shards))))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -108,6 +137,7 @@ class Client:
     pid: int
     holds: Counter[str] = field(default_factory=Counter)
     allocations: dict[int, int] = field(default_factory=dict)  # offset -> size
+    lent: dict[tuple[str, str, int], Lent] = field(default_factory=dict)  # by (namespace, name, shard)
     sends_to: set[tuple[str, str]] = field(default_factory=set)
     receives_from: set[tuple[str, str]] = field(default_factory=set)
     datasystem: bool = False
@@ -134,6 +164,11 @@ class BrokerState:
     def disconnect(self, client: Client) -> None:
         """Forget a client: its unfinished allocations and holds are freed, its roles end."""
         self.clients.pop(client.id, None)
+        for (namespace, name, shard), lent in list(client.lent.items()):
+            channel = self.channels.get((namespace, name))
+            if channel is not None:  # delivered, never acknowledged: the next receiver gets it
+                self.requeue(client, channel, shard, list(lent.keys))
+        client.lent.clear()
         freed = bool(client.allocations)
         for offset in client.allocations:
             self.table.free_allocation(offset)
@@ -203,6 +238,12 @@ class BrokerState:
     def detach(self, client: Client, channel: Channel) -> None:
         """End this client's role (sender or receiver) on ``channel``."""
         ident = (channel.namespace, channel.name)
+        for shard in range(channel.num_shards):
+            self.acknowledge(client, channel, shard)
+            lent = client.lent.get((channel.namespace, channel.name, shard))
+            if lent is not None:  # reserved, never handed out: back for the next receiver
+                self.requeue(client, channel, shard, list(lent.keys))
+                client.lent.pop((channel.namespace, channel.name, shard), None)
         channel.receivers.pop(client.id, None)
         if channel.sender == client.id:
             channel.sender = None
@@ -229,14 +270,26 @@ class BrokerState:
 
     # -- memory --------------------------------------------------------------------------
 
-    def try_allocate(self, client: Client, sizes: list[int]) -> Any:
-        """Offsets for blobs of ``sizes`` (all or none); WAIT while the store is too full."""
+    def try_allocate(self, client: Client, sizes: list[int], spares: int = 0) -> Any:
+        """Offsets for blobs of ``sizes`` (all or none), then as many as fit of up to
+        ``spares`` more such sets, which never wait: (offsets, spare sets). WAIT while the
+        store is too full for the first set."""
         offsets = self.table.allocate(sizes)
         if offsets is None:
             return WAIT
-        for offset, size in zip(offsets, sizes):
-            client.allocations[offset] = size
-        return offsets
+        sets = [offsets]
+        for _ in range(spares):
+            try:
+                spare = self.table.allocate(sizes)
+            except OSError:
+                spare = None
+            if spare is None:
+                break
+            sets.append(spare)
+        for block in sets:
+            for offset, size in zip(block, sizes):
+                client.allocations[offset] = size
+        return offsets, sets[1:]
 
     def free_allocations(self, client: Client, offsets: list[int]) -> None:
         for offset in offsets:
@@ -261,13 +314,14 @@ class BrokerState:
     # -- sending and receiving -----------------------------------------------------------
 
     def try_send(self, client: Client, channel: Channel, parts: list[Part]) -> Any:
-        """Enqueue one object (one part per shard, or one for all with full_batch), atomically."""
+        """Enqueue one object (one part per shard, or one for all with full_batch), atomically;
+        return the room left (see ``Channel.room``)."""
         self._check_sender(client, channel)
         expected = 1 if channel.full_batch else channel.num_shards
         if len(parts) != expected:
             raise InvalidArgument(f"send to {channel.label} needs {expected} parts, got {len(parts)}")
         self._claim(client, parts)
-        if any(len(q) >= channel.max_queue_size for q in channel.queues):
+        if channel.room() == 0:
             return WAIT
         if channel.full_batch:
             obj = self._store(client, parts[0], refs=channel.num_shards)
@@ -280,56 +334,109 @@ class BrokerState:
         channel.sent_bytes += sum(p.size for p in parts)
         for signal in channel.data:
             signal.fire()
-        return True
+        return channel.room()
 
-    def try_recv(self, client: Client, channel: Channel, shard: int, peek: bool) -> Any:
-        """The oldest object of ``shard``, held for this client; WAIT if none yet.
+    def try_recv(self, client: Client, channel: Channel, shard: int, peek: bool, limit: int = 1) -> Any:
+        """The oldest (up to ``limit``) objects of ``shard``, lent to this client, the first
+        handed out and the others reserved; WAIT if none yet. Acknowledges the objects the
+        client was handed from this shard before.
 
         Raises:
             ChannelClosed: the channel was closed and this shard is drained.
         """
+        self.acknowledge(client, channel, shard)
         queue = channel.queues[shard]
         if not queue:
             if channel.closed:
                 raise rules.drained(channel.label, shard)
             return WAIT
-        key = queue[0]
-        obj = self.table.get(key)
-        assert obj is not None, key
-        if not peek:
-            queue.popleft()
+        if peek:
+            obj = self.table.get(queue[0])
+            assert obj is not None, queue[0]
+            self._hold(client, obj)
+            return [obj]
+        lent = client.lent.setdefault((channel.namespace, channel.name, shard), Lent())
+        objs: list[StoredObject] = []
+        while queue and len(objs) < limit:
+            obj = self.table.get(queue.popleft())
+            assert obj is not None
+            lent.keys.append(obj.key)  # the queue's reference goes with it
+            self._hold(client, obj)
             channel.received_objects[shard] += 1
             channel.received_bytes[shard] += obj.size
-            channel.space.fire()
-        if obj.inline is not None:
-            # The bytes travel in the reply: nothing for the client to hold or release.
-            if not peek and self.table.unref(key):
-                self.store_freed.fire()
-        else:
-            if peek:
-                obj.refs += 1
-            client.holds[key] += 1
-        if not peek and channel.closed and channel.empty:
+            objs.append(obj)
+        lent.taken += 1
+        channel.reserved[shard] += len(objs) - 1
+        channel.space.fire()
+        if channel.closed and channel.empty:
             for signal in channel.data:
                 signal.fire()
-        return obj
+        return objs
 
-    def requeue(self, client: Client, channel: Channel, shard: int, key: str, inline: bytes | None) -> None:
-        """Put an object a client received but never used back at the head of its queue.
-
-        An inline object left the table when it was received; its bytes come back with the call.
-        """
-        if inline is not None:
-            key = self.table.add(len(inline), inline=inline, refs=1).key
-        elif client.holds.get(key, 0) > 0:
-            client.holds[key] -= 1
-            if not client.holds[key]:
-                del client.holds[key]
-        else:
+    def take_next(self, client: Client, channel: Channel, shard: int) -> None:
+        """The client hands its next reserved object to the user (acknowledging the ones before)."""
+        self.acknowledge(client, channel, shard)
+        lent = client.lent.get((channel.namespace, channel.name, shard))
+        if lent is None or len(lent.keys) <= lent.taken:
             return
-        channel.queues[shard].appendleft(key)
-        channel.received_objects[shard] -= 1
-        channel.data[shard].fire()
+        lent.taken += 1
+        channel.reserved[shard] -= 1
+        channel.space.fire()
+
+    def _hold(self, client: Client, obj: StoredObject) -> None:
+        """A reference for the client's zero-copy views (inline bytes travel: nothing to hold)."""
+        if obj.inline is None:
+            obj.refs += 1
+            client.holds[obj.key] += 1
+
+    def hold(self, client: Client, key: str) -> None:
+        """One more hold on an object the client already holds (it views it once more)."""
+        obj = self.table.get(key)
+        if obj is not None and client.holds.get(key, 0) > 0:
+            self._hold(client, obj)
+
+    def acknowledge(self, client: Client, channel: Channel, shard: int) -> None:
+        """The objects handed out from ``shard`` to ``client`` are consumed: drop their references."""
+        ident = (channel.namespace, channel.name, shard)
+        lent = client.lent.get(ident)
+        if lent is None or not lent.taken:
+            return
+        freed = False
+        for _ in range(lent.taken):
+            freed |= self.table.unref(lent.keys.popleft())
+        lent.taken = 0
+        if not lent.keys:
+            del client.lent[ident]
+        if freed:
+            self.store_freed.fire()
+
+    def requeue(self, client: Client, channel: Channel, shard: int, keys: list[str]) -> None:
+        """Put objects lent to ``client`` back at the head of ``shard``'s queue, in order:
+        it gave them back unused, or its connection dropped before it acknowledged them."""
+        lent = client.lent.get((channel.namespace, channel.name, shard))
+        if lent is None:
+            return
+        wanted = set(keys)
+        back: list[str] = []
+        kept: deque[str] = deque()
+        taken = 0
+        for i, key in enumerate(lent.keys):
+            if key in wanted:
+                back.append(key)
+                if i >= lent.taken:
+                    channel.reserved[shard] -= 1
+            else:
+                kept.append(key)
+                taken += i < lent.taken
+        lent.keys, lent.taken = kept, taken
+        for key in back:
+            if client.holds.get(key, 0) > 0:  # the views' hold; the lent reference stays
+                self.release(client, [key])
+            channel.received_objects[shard] -= 1
+            channel.received_bytes[shard] -= self.table.get(key).size  # type: ignore[union-attr]
+        if back:
+            channel.queues[shard].extendleft(reversed(back))
+            channel.data[shard].fire()
 
     def release(self, client: Client, keys: list[str]) -> None:
         freed = False
@@ -344,9 +451,15 @@ class BrokerState:
             self.store_freed.fire()
 
     def queue(self, channel: Channel, shard: int | None) -> Any:
+        """Keys not handed to a user yet, oldest first: reserved by receivers, then queued."""
         if shard is None:
-            return {str(i): list(q) for i, q in enumerate(channel.queues)}
-        return list(channel.queues[shard])
+            return {str(i): self.queue(channel, i) for i in range(channel.num_shards)}
+        reserved = []
+        for client_id in channel.receivers:
+            lent = self.clients[client_id].lent.get((channel.namespace, channel.name, shard))
+            if lent is not None:
+                reserved += lent.reserved
+        return reserved + list(channel.queues[shard])
 
     # -- data system ---------------------------------------------------------------------
 
@@ -380,7 +493,7 @@ class BrokerState:
             "closed": channel.closed,
             "sender": channel.sender is not None,
             "receivers": len(channel.receivers),
-            "depths": [len(q) for q in channel.queues],
+            "depths": [channel.depth(i) for i in range(channel.num_shards)],
             "sent_objects": channel.sent_objects,
             "sent_bytes": channel.sent_bytes,
             "received_objects": list(channel.received_objects),
