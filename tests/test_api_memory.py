@@ -275,3 +275,55 @@ def test_forgotten_sender_warns(broker: int) -> None:
         sender = DataSender(ADDRESS, dataset_name=name)
         del sender
         gc.collect()
+
+
+# -- a long stream stays flat -------------------------------------------------------------
+
+STREAM = 10_000
+#: Every 10th object of the stream goes through the arena (256 KiB), the rest travel inline.
+STREAM_BIG = 256 * 1024
+
+
+def _stream_mixed(name: str) -> None:
+    small, big = np.ones(256, dtype=np.float32), np.ones(STREAM_BIG // 4, dtype=np.float32)
+    with DataSender(ADDRESS, dataset_name=name, max_queue_size=10) as sender:
+        for i in range(STREAM):
+            obj = big if i % 10 == 0 else small
+            obj[0] = i
+            sender.send(obj)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_stays_flat_over_a_long_stream(broker: int) -> None:
+    """Over 10,000 objects (every 10th through the arena) the receiver's RSS and the store's
+    usage stay flat, and the arena's pages in /dev/shm never grow past one reservation step,
+    far below what max_queue_size allows: freed blocks are reused, nothing accumulates."""
+    from shmchannel import config
+    from shmchannel.store.arena import RESERVE_STEP
+    from shmchannel.testing import join_ok, start_process
+
+    name = f"long-{os.getpid()}"
+    proc = start_process(_stream_mixed, name)
+    samples: dict[int, tuple[int, int, int]] = {}
+    (arena_file,) = config.our_shm_entries(broker)
+    with DataReceiver(ADDRESS, dataset_name=name, wait=30) as receiver:
+        for i in range(STREAM):
+            got = receiver.recv(timeout=30)
+            assert got[0] == i and got.nbytes == (STREAM_BIG if i % 10 == 0 else 1024)
+            del got
+            if i % 1000 == 999:
+                gc.collect()
+                with DataSystem(ADDRESS) as ds:
+                    stats = ds.stats()
+                samples[i + 1] = (_rss(), stats.used, arena_file.stat().st_blocks * 512)
+    join_ok(proc, 60)
+    rss = [s[0] for s in samples.values()]
+    assert rss[-1] - rss[1] < 4 * MIB, f"receiver RSS grew from {rss[1]} to {rss[-1]} bytes"
+    # In use at any sample: at most the queue (10), the prefetched (8) and the held objects.
+    assert all(s[1] <= 20 * (STREAM_BIG + 4096) for s in samples.values()), samples
+    assert max(s[2] for s in samples.values()) <= RESERVE_STEP, samples
+    wait_until(_store_empty, 10, "the store to be empty after the stream")

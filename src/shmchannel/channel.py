@@ -109,7 +109,9 @@ class DataSender:
 
         With ``full_batch`` every shard gets the whole object. Blocks while a shard's queue
         holds ``max_queue_size`` objects (or the store is full), at most ``timeout`` seconds.
-        All shards are queued or none.
+        All shards are queued or none. On the embedded backend a send the queue is known to
+        have room for returns without waiting for the broker's answer; should the broker
+        still refuse it, a later call of this sender raises that error.
 
         Raises:
             TypeError: ``obj`` is not a numpy.ndarray, list, pandas DataFrame/Series or pyarrow.Table.

@@ -82,15 +82,15 @@ class Connection:
 
     def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
         """Send ``msg`` without waiting: the broker answers it only if it fails, and that
-        failure is raised by a later call -- the next one if the broker has answered by
-        then, at the latest the next that waits for a reply, or ``close``. Only for
-        requests the broker can complete without waiting."""
+        failure is raised by a later call -- the next one if the broker had answered by the
+        end of this one, at the latest the next that waits for a reply, or ``close``. Only
+        for requests the broker can complete without waiting."""
         with self._request:
             sock = self._live()
-            if self._unconfirmed:
-                self._poll(sock)
             self._raise_posted_failure()
             self._send(protocol.encode({**msg, "posted": True}, payload))
+            if self._unconfirmed:  # after the write: a message never waits for this look
+                self._poll(sock)
             self._unconfirmed = True
 
     def _poll(self, sock: socket.socket) -> None:
