@@ -22,11 +22,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # spawned children inherit sys.path, so they find these modules too
 
 import harness  # noqa: E402
+import memory  # noqa: E402
 import raycluster  # noqa: E402
 import report  # noqa: E402
 from peers import PEERS  # noqa: E402
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cap", type=float, default=None,
                         help="seconds after which a producer stops sending (default 4; 1.5 with --quick)")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results.png go")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory measurement (bench/memory.py; runs when shmchannel is among the peers)")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     args.cap = args.cap or (1.5 if args.quick else 4.0)
@@ -72,6 +76,22 @@ class Progress:
         print(f"[{self.done + 1:2d}/{self.total} {elapsed:5.0f}s] {self.current:<28} {message}", flush=True)
 
 
+def run_memory(messages: int) -> dict[str, Any]:
+    """bench/memory.py's measurement with a printed summary; ``{"error": ...}`` if it fails.
+
+    A failure is reported, not raised: the peers' results are still worth writing.
+    """
+    print(f"\nmemory: {messages:,} messages through one channel (bench/memory.py) ...", flush=True)
+    try:
+        result: dict[str, Any] = memory.measure(messages)
+    except Exception as exc:
+        print(f"memory: FAILED: {exc!r}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}", "messages": messages}
+    for line in memory.summary(result):
+        print(f"memory: {line}", flush=True)
+    return result
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(f"terminated by signal {signum}")
 
@@ -84,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [w for name, w in WORKLOADS.items() if name in args.workloads]
     progress = Progress(len(peers) * len(workloads))
     summaries: dict[tuple[str, str], report.Summary] = {}
+    mem_result: dict[str, Any] | None = None
     t0 = time.monotonic()
     print(f"shmchannel bench: {len(peers)} peers x {len(workloads)} workloads, {cfg.reps} repetition(s), "
           f"time cap {cfg.cap} s per repetition", flush=True)
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         progress.step(f"FAILED: {exc}")
                         summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, None, str(exc))
                     progress.finish()
+        if "shmchannel" in args.peers and not args.no_memory:
+            mem_result = run_memory(2_000 if args.quick else 10_000)
     finally:
         raycluster.shutdown()
         for path in glob.glob("/dev/shm/shb_*"):
@@ -123,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     report.write_chart(chart, ordered)
     info = {"command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "duration": duration, "quick": args.quick}
-    report.write_markdown(args.out / "RESULTS.md", ordered, info, chart.name)
+    report.write_markdown(args.out / "RESULTS.md", ordered, info, chart.name, mem_result)
     print(f"\n{duration:.0f} s; wrote {args.out / 'RESULTS.md'} and {chart}")
-    return 1 if any(s.error for s in ordered) else 0
+    return 1 if any(s.error for s in ordered) or (mem_result is not None and "error" in mem_result) else 0
 
 
 if __name__ == "__main__":

@@ -82,9 +82,10 @@ class Connection:
 
     def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
         """Send ``msg`` without waiting: the broker answers it only if it fails, and that
-        failure is raised by a later call -- the next one if the broker had answered by the
-        end of this one, at the latest the next that waits for a reply, or ``close``. Only
-        for requests the broker can complete without waiting."""
+        failure is raised by a later call: one that waits for a reply raises it first thing
+        if it has come; a post looks for it after writing (so that its message never waits
+        for the look) and leaves it to the next call. Only for requests the broker can
+        complete without waiting."""
         with self._request:
             sock = self._live()
             self._raise_posted_failure()
@@ -95,28 +96,9 @@ class Connection:
 
     def _poll(self, sock: socket.socket) -> None:
         """Take in, without waiting, failures of posted requests the broker already sent."""
-        try:
-            k = sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._shutdown()
-            raise self._lost(exc) from exc
-        if not k:
-            self._shutdown()
-            raise self._lost(None)
-        self._rbuf += self._scratch[:k]
-        size = protocol.HEAD.size
-        while len(self._rbuf) >= size:  # nothing is awaited: only failures can be here
-            json_len, payload_len = protocol.parse_head(self._rbuf[:size])
-            if len(self._rbuf) < size + json_len + payload_len:
-                return
-            self._take_frame(sock)
-
-    def settle(self) -> None:
-        """Raise the failure of a posted request, if one was seen."""
-        with self._request:
-            self._raise_posted_failure()
+        if self._receive(sock, socket.MSG_DONTWAIT):
+            while len(self._rbuf) >= self._frame_end():  # nothing is awaited: only failures can be here
+                self._take_frame()
 
     def _raise_posted_failure(self) -> None:
         failure, self._posted_failure = self._posted_failure, None
@@ -185,25 +167,35 @@ class Connection:
         """The next reply (failures of posted requests before it are noted, not returned)."""
         while True:
             self._fill(sock, protocol.HEAD.size)
-            frame = self._take_frame(sock)
+            self._fill(sock, self._frame_end())
+            frame = self._take_frame()
             if frame is not None:
                 return frame
 
-    def _take_frame(self, sock: socket.socket) -> Reply | None:
-        """The reply at the head of the read buffer, once it is whole (None before, and for
-        a posted request's failure, which is noted). A frame leaves the buffer only whole,
-        so an interrupted read leaves the stream in sync."""
+    def _frame_end(self) -> int:
+        """Bytes of the frame at the head of the read buffer (the head's size until it is in)."""
         size = protocol.HEAD.size
+        if len(self._rbuf) < size:
+            return size
         try:
             json_len, payload_len = protocol.parse_head(self._rbuf[:size])
-            end = size + json_len + payload_len
-            if len(self._rbuf) < end:
-                self._fill(sock, end)
+        except protocol.FrameError as exc:
+            self._shutdown()
+            raise ProtocolError(f"bad reply from the broker: {exc}") from None
+        return size + json_len + payload_len
+
+    def _take_frame(self) -> Reply | None:
+        """Remove the (whole) frame at the head of the read buffer and return it; None for a
+        posted request's failure, which is noted instead. A frame leaves the buffer only
+        whole, so an interrupted read leaves the stream in sync."""
+        size, end = protocol.HEAD.size, self._frame_end()
+        json_len = protocol.HEAD.unpack(self._rbuf[:size])[0]
+        try:
             msg = protocol.parse_body(self._rbuf[size : size + json_len], request=False)
         except protocol.FrameError as exc:
             self._shutdown()
             raise ProtocolError(f"bad reply from the broker: {exc}") from None
-        data = self._rbuf[size + json_len : end] if payload_len else bytearray()
+        data = self._rbuf[size + json_len : end] if end > size + json_len else bytearray()
         del self._rbuf[:end]
         if msg.get("posted"):  # not a reply anyone waits for: a posted request failed
             self._note_posted_failure(msg)
@@ -215,15 +207,22 @@ class Connection:
         """Read until the buffer holds ``n`` bytes (more if they came: one recv often
         brings several replies)."""
         while len(self._rbuf) < n:
-            try:
-                k = sock.recv_into(self._scratch)
-            except OSError as exc:
-                self._shutdown()
-                raise self._lost(exc) from exc
-            if not k:
-                self._shutdown()
-                raise self._lost(None)
-            self._rbuf += self._scratch[:k]
+            self._receive(sock)
+
+    def _receive(self, sock: socket.socket, flags: int = 0) -> bool:
+        """One read into the buffer; False if nothing was waiting (with MSG_DONTWAIT)."""
+        try:
+            k = sock.recv_into(self._scratch, 0, flags)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._shutdown()
+            raise self._lost(exc) from exc
+        if not k:
+            self._shutdown()
+            raise self._lost(None)
+        self._rbuf += self._scratch[:k]
+        return True
 
     def _lost(self, exc: OSError | None) -> ChannelError:
         """The error for a socket that failed: our own close() from another thread, or the broker."""
