@@ -6,6 +6,8 @@ Environment variables (read when used, so tests can point each broker elsewhere)
   ``$XDG_RUNTIME_DIR/shmchannel`` or ``/tmp/shmchannel-<uid>``), created mode 0700.
 - ``SHMCHANNEL_MEMORY``: store capacity for a broker started on demand (``2G``, ``512M``...).
 - ``SHMCHANNEL_IDLE_TIMEOUT``: seconds an idle broker waits before it exits.
+- ``SHMCHANNEL_SHM_DIR``: the tmpfs where a broker keeps its arena (default ``/dev/shm``;
+  for containers whose /dev/shm is tiny).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def parse_size(text: str | int, *, name: str = "memory") -> int:
     if value <= 0:
         raise InvalidArgument(f"{name} must be a positive size, got {text!r}")
     return value
+
+
+def shm_dir() -> Path:
+    """Where brokers keep their arenas (a tmpfs: its pages are memory)."""
+    return Path(os.environ.get("SHMCHANNEL_SHM_DIR") or SHM_DIR)
 
 
 def runtime_dir(create: bool = True) -> Path:
@@ -86,6 +93,6 @@ def our_shm_entries(broker_pid: int | None = None) -> list[Path]:
     if broker_pid is not None:
         prefix += f"{broker_pid}-"
     try:
-        return sorted(p for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+        return sorted(p for p in shm_dir().iterdir() if p.name.startswith(prefix))
     except FileNotFoundError:
         return []

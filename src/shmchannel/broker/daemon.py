@@ -176,7 +176,7 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
     for entry in remove_stale_entries():
         log.warning("removed %s left by a broker that died", entry)
     sock_path.unlink(missing_ok=True)  # a dead broker's socket; the starter holds the lock
-    arena = ArenaFile(config.SHM_DIR / config.shm_name(os.getpid(), "arena"), memory)
+    arena = ArenaFile(config.shm_dir() / config.shm_name(os.getpid(), "arena"), memory)
     try:
         state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"))
 

@@ -183,13 +183,30 @@ class Operations:
             raise InvalidArgument("alloc sizes must not be negative")
         spares = min(request_field(msg, "spares", int, optional=True) or 0, MAX_SPARES)
         table = self.state.table
+        tmpfs_full: list[OSError] = []  # why the last attempt failed, if the tmpfs was the limit
 
         def attempt() -> Any:
+            tmpfs_full.clear()
             try:
                 return self.state.try_allocate(conn.client, sizes, spares)
-            except OSError as exc:  # /dev/shm itself is full: wait for our own frees
-                log.warning("cannot reserve shared memory: %s", exc)
+            except OSError as exc:  # the tmpfs itself is full: wait for our own frees
+                log.warning("cannot reserve shared memory in %s: %s", self.arena.path.parent, exc)
+                tmpfs_full.append(exc)
                 return WAIT
+
+        def full() -> StoreFullTimeout:
+            asked = f"asked for {sum(sizes)} bytes"
+            if tmpfs_full:
+                return StoreFullTimeout(
+                    f"no room in {self.arena.path.parent} for the store's pages: {asked}, "
+                    f"{tmpfs_full[0].strerror or tmpfs_full[0]} (the store has {table.allocator.free} of "
+                    f"{table.allocator.capacity} bytes free) after waiting {_asked(msg)} s"
+                )
+            return StoreFullTimeout(
+                f"store full: {asked}, {table.allocator.free} of "
+                f"{table.allocator.capacity} free (largest free block {table.allocator.largest_free})"
+                f" after waiting {_asked(msg)} s"
+            )
 
         # A sender names its channel: the reply then says how many sends it takes now.
         channel = self._channel(msg) if "dataset_name" in msg else None
@@ -205,11 +222,7 @@ class Operations:
             lambda: [self.state.store_freed],
             msg,
             done,
-            lambda: StoreFullTimeout(
-                f"store full: asked for {sum(sizes)} bytes, {table.allocator.free} of "
-                f"{table.allocator.capacity} free (largest free block {table.allocator.largest_free})"
-                f" after waiting {_asked(msg)} s"
-            ),
+            full,
         )
 
     def _free(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:

@@ -89,7 +89,9 @@ class ObjectTable:
                 return None
             offsets.append(offset)
         try:
-            self._reserve(self.allocator.high_water)
+            # Up to the end of these blocks, not the allocator's high-water mark: that may
+            # stay above what the tmpfs can hold after a block that failed here is released.
+            self._reserve(max((offset + align(max(size, 1)) for offset, size in zip(offsets, sizes)), default=0))
         except OSError:
             for done in offsets:
                 self.allocator.release(done)
