@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from shmchannel import DataReceiver, DataSender, DataSystem, StoreFull, StoreFullTimeout
 from shmchannel.backends import embedded
+from shmchannel import config
 from shmchannel.broker import daemon
 from shmchannel.testing import start_process, wait_until
 
@@ -119,7 +121,7 @@ def test_tmpfs_too_small_for_the_store_is_backpressure_not_sigbus(small_tmpfs: s
     os.environ["SHMCHANNEL_MEMORY"] = "256M"
     name = "tiny-tmpfs"
     with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
-        (arena,) = [entry for entry in os.listdir(small_tmpfs) if entry.startswith("shmchannel-")]
+        (arena,) = [entry for entry in os.listdir(small_tmpfs) if entry.endswith("-arena")]
         for i in range(3):
             sender.send(np.full(2 * MIB, i, dtype=np.uint8))
             assert receiver.recv(timeout=10)[0] == i
@@ -132,3 +134,128 @@ def test_tmpfs_too_small_for_the_store_is_backpressure_not_sigbus(small_tmpfs: s
         sender.send(np.full(2 * MIB, 9, dtype=np.uint8))
         assert receiver.recv(timeout=10)[0] == 9
         assert os.stat(os.path.join(small_tmpfs, arena)).st_blocks * 512 <= 24 * MIB
+
+
+# -- the broker killed ----------------------------------------------------------------------
+
+
+def _item(i: int) -> np.ndarray:
+    """Object i of a stream: every 5th one large (through the arena), the others inline."""
+    return np.full(20_000 if i % 5 == 0 else 4, i, dtype=np.float64)
+
+
+def _blocked_recv(name: str, started: Any, out: Any) -> None:
+    from shmchannel import BrokerUnavailable
+
+    with DataReceiver(ADDRESS, dataset_name=name, wait=30) as receiver:
+        started.set()
+        try:
+            receiver.recv()
+        except BrokerUnavailable:
+            out.put(("BrokerUnavailable", time.monotonic()))
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test
+            out.put((repr(exc), time.monotonic()))
+
+
+def test_broker_killed_loses_nothing_queued(broker: int) -> None:
+    """Send 100 objects, receive 40, SIGKILL the broker: a client blocked in recv gets
+    BrokerUnavailable within a second; the next client starts a broker that recovers the
+    channel from shared memory, and a receiver gets exactly the other 60, in order. A view
+    received before the crash keeps its values, and the dead broker's arena goes once its
+    last recovered object is consumed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    started, out = ctx.Event(), ctx.Queue()
+    sender = DataSender(ADDRESS, dataset_name="survives", max_queue_size=200)
+    idle_sender = DataSender(ADDRESS, dataset_name="idle")
+    blocked = start_process(_blocked_recv, "idle", started, out)
+    assert started.wait(60)
+    for i in range(100):
+        sender.send(_item(i))
+    receiver = DataReceiver(ADDRESS, dataset_name="survives", prefetch=4)
+    held = None
+    for i in range(40):
+        got = receiver.recv(timeout=10)
+        np.testing.assert_array_equal(got, _item(i))
+        if i == 35:
+            held = got  # a zero-copy view into the arena
+    receiver.ack()
+    receiver.get_queue(0)  # a round trip: the broker has handled the ack
+    wait_until(lambda: (daemon.status() or {}).get("clients", 0) >= 5, 10, "the blocked receiver to connect")
+
+    os.kill(broker, signal.SIGKILL)
+    killed_at = time.monotonic()
+    what, when = out.get(timeout=10)
+    assert what == "BrokerUnavailable" and when - killed_at < 1.0, (what, when - killed_at)
+    blocked.join(10)
+    for endpoint in (receiver, sender, idle_sender):
+        endpoint.close()  # their broker is gone: closing must not fail
+
+    with DataReceiver(ADDRESS, dataset_name="survives") as again:  # starts a new broker
+        new_pid = (daemon.status() or {})["pid"]
+        assert new_pid != broker
+        assert len(again.get_queue(0)) == 60
+        for i in range(40, 100):
+            np.testing.assert_array_equal(again.recv(timeout=10), _item(i))
+        assert again.get_queue(0) == []
+    assert held is not None
+    np.testing.assert_array_equal(held, _item(35))
+    wait_until(lambda: config.our_shm_entries(broker) == [], 10, "the dead broker's arena to be removed")
+    del held
+    with DataSystem(ADDRESS) as ds:
+        assert ds.stats().objects == 0
+
+
+def test_recovery_after_the_journal_was_rewritten(broker: int) -> None:
+    """A stream long enough for the journal to be rewritten (compacted) several times, then
+    the broker killed: what was queued comes back, in order, and the journal stayed short."""
+    name = "compacted"
+    payload = 16_000  # floats of 8 bytes: 128 KiB objects through the arena, and inline ones
+    with DataSender(ADDRESS, dataset_name=name, max_queue_size=50) as sender, DataReceiver(
+        ADDRESS, dataset_name=name
+    ) as receiver:
+        for i in range(600):
+            sender.send(np.full(payload if i % 2 else 1000, i, dtype=np.float64))
+            if i >= 20:
+                assert int(receiver.recv(timeout=10)[0]) == i - 20
+        receiver.ack()
+        receiver.get_queue(0)
+        (journal,) = [e for e in config.our_shm_entries(broker) if e.name.endswith("-journal")]
+        assert journal.stat().st_size < 4 << 20, "the journal was never rewritten"
+        os.kill(broker, signal.SIGKILL)
+    with DataReceiver(ADDRESS, dataset_name=name) as again:
+        assert [int(again.recv(timeout=10)[0]) for _ in range(20)] == list(range(580, 600))
+        assert again.get_queue(0) == []
+
+
+def _broker_in(runtime: str) -> int:
+    """Start a broker for ``runtime`` (from this process) and return its pid."""
+    os.environ["SHMCHANNEL_RUNTIME_DIR"] = runtime
+    conn = daemon.ensure_running()
+    pid = int(conn.info["pid"])
+    conn.close()
+    return pid
+
+
+def test_a_dead_brokers_queue_waits_for_its_own_runtime_directory(broker: int, tmp_path: Path) -> None:
+    """Two projects of one user (two runtime directories): when the first one's broker is
+    killed, a broker started for the second leaves the dead one's data alone; the first
+    project's next broker recovers it."""
+    first = os.environ["SHMCHANNEL_RUNTIME_DIR"]
+    second = str(tmp_path / "rt")
+    os.makedirs(second, mode=0o700)
+    with DataSender(ADDRESS, dataset_name="mine") as sender:
+        sender.send([1, 2, 3])
+        assert len(sender.get_queue(0)) == 1  # a round trip: the broker has it
+        os.kill(broker, signal.SIGKILL)
+        wait_until(lambda: not daemon.pid_alive(broker), 10, "the broker to die")
+    try:
+        other = _broker_in(second)
+        assert config.our_shm_entries(broker), "another project's broker removed our dead broker's data"
+        daemon.stop()
+        assert not daemon.pid_alive(other)
+    finally:
+        os.environ["SHMCHANNEL_RUNTIME_DIR"] = first
+    with DataReceiver(ADDRESS, dataset_name="mine") as receiver:
+        assert receiver.recv(timeout=10) == [1, 2, 3]

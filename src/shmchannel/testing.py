@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+from pathlib import Path
 import time
 from typing import Any, Callable, Iterator
 
@@ -36,8 +37,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, message: str
 def isolated_runtime(memory: str = "256M", idle_timeout: float = 60.0) -> Iterator[str]:
     """Point this process (and children it spawns) at a fresh runtime directory.
 
-    On exit, stops any broker started there and asserts that no broker process and no
-    /dev/shm entry of it remain.
+    On exit, stops any broker started there, discards what brokers killed there left for
+    recovery, and asserts that no broker process and no /dev/shm entry of it remain.
     """
     saved = {k: os.environ.get(k) for k in ("SHMCHANNEL_RUNTIME_DIR", "SHMCHANNEL_MEMORY", "SHMCHANNEL_IDLE_TIMEOUT")}
     path = tempfile.mkdtemp(prefix="shc-")  # short: a Unix socket path has at most 107 bytes
@@ -49,6 +50,7 @@ def isolated_runtime(memory: str = "256M", idle_timeout: float = 60.0) -> Iterat
     finally:
         pid = _pid_of_broker()
         daemon.stop()
+        daemon.discard_dead(Path(path))
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -52,6 +52,20 @@ def _arena_for(info: dict[str, Any]) -> ArenaMap:
         return _arena[2]
 
 
+_foreign: dict[tuple[int, str], ArenaMap] = {}  # (pid, path) -> map of a dead broker's arena
+
+
+def _foreign_arena(path: str) -> ArenaMap:
+    """This process's mapping of a dead broker's arena, whose objects a new broker recovered.
+    Kept for the life of the process: a mapping outlives the file's removal, and objects
+    received from it may still be viewed."""
+    with _arena_lock:
+        key = (os.getpid(), path)
+        if key not in _foreign:
+            _foreign[key] = ArenaMap(path, os.stat(path).st_size)
+        return _foreign[key]
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -131,7 +145,8 @@ class _Client:
             # Shared objects are read-only whatever their size.
             header, buffers = read_blob(view.toreadonly() if shared else view)
             return deserialize(header, buffers)
-        base = self.arena.array(int(item["offset"]), int(item["size"]))
+        arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
+        base = arena.array(int(item["offset"]), int(item["size"]))
         if shared:
             base.flags.writeable = False  # other receivers read the same memory
         self.conn.hold()

@@ -76,6 +76,9 @@ class ClientConnection(asyncio.Protocol):
         self.server._forget(self, exc)
 
     def reply(self, msg: dict[str, Any], payload: bytes = b"") -> None:
+        journal = self.server.state.journal
+        if journal is not None:  # whatever a client is told has happened is in the journal first
+            journal.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(protocol.encode(msg, payload))
 

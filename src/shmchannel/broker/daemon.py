@@ -28,6 +28,8 @@ from ..errors import BrokerUnavailable
 from ..store.arena import ArenaFile
 from ..store.table import ObjectTable
 from .client import Connection
+from .journal import Journal, Recovered
+from .journal import runtime_of as journal_runtime
 from .server import Server
 from .state import BrokerState
 
@@ -134,7 +136,7 @@ def stop(timeout: float = 10.0) -> int | None:
     while pid_alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
-            remove_stale_entries()
+            discard_dead()
             break
         time.sleep(0.005)  # waiting for another process to exit: no event to wait on
     return pid
@@ -153,18 +155,56 @@ def status() -> dict[str, Any] | None:
     return reply
 
 
+def _pid_of(entry: Path) -> int | None:
+    try:
+        return int(entry.name.split("-")[2])
+    except (IndexError, ValueError):
+        return None
+
+
 def remove_stale_entries() -> list[Path]:
     """Unlink /dev/shm entries of this user's brokers that are no longer running."""
-    removed = []
-    for entry in config.our_shm_entries():
+    dead = [e for e in config.our_shm_entries() if (pid := _pid_of(e)) is not None and not pid_alive(pid)]
+    for entry in dead:
+        entry.unlink(missing_ok=True)
+    return dead
+
+
+def _own_arena(journal: Path) -> str:
+    return journal.name[: -len("journal")] + "arena"
+
+
+def _recover(runtime: Path) -> tuple[Recovered, list[Path]]:
+    """What the journals of dead brokers of ``runtime`` say is queued (oldest first), and
+    the dead brokers' entries nobody else may need: not those a running broker took over,
+    nor those of a dead broker of another runtime directory that still exists (another
+    project of this user, whose next broker will come back for them)."""
+    recovered = Recovered()
+    entries = config.our_shm_entries()
+    dead = [e for e in entries if (pid := _pid_of(e)) is not None and not pid_alive(pid)]
+    protected: set[str] = set()
+    journals = sorted((e for e in entries if e.name.endswith("-journal")), key=lambda e: e.stat().st_mtime)
+    for journal in journals:
         try:
-            pid = int(entry.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if not pid_alive(pid):
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
+            owner, running = journal_runtime(journal), journal not in dead
+            if not running and owner == str(runtime):
+                recovered.replay(journal, _own_arena(journal))
+            elif running or (owner is not None and Path(owner).is_dir()):
+                theirs = Recovered()
+                theirs.replay(journal, _own_arena(journal))
+                protected |= theirs.arenas() | {journal.name, _own_arena(journal)}
+        except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:  # a damaged journal
+            log.error("cannot read %s, its channels are lost: %r", journal, exc)
+    return recovered, [e for e in dead if e.name not in protected]
+
+
+def discard_dead(runtime: Path | None = None) -> list[Path]:
+    """Remove what dead brokers of ``runtime`` (default: this process's) left, giving up
+    its data, along with leftovers nobody can come back for."""
+    _, removable = _recover(runtime or config.runtime_dir(create=False))
+    for entry in removable:
+        entry.unlink(missing_ok=True)
+    return removable
 
 
 # -- the daemon itself -----------------------------------------------------------------
@@ -173,16 +213,41 @@ def remove_stale_entries() -> list[Path]:
 def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
     rt = config.runtime_dir()
     sock_path = rt / "broker.sock"
-    for entry in remove_stale_entries():
-        log.warning("removed %s left by a broker that died", entry)
+    recovered, dead = _recover(rt)
     sock_path.unlink(missing_ok=True)  # a dead broker's socket; the starter holds the lock
     arena = ArenaFile(config.shm_dir() / config.shm_name(os.getpid(), "arena"), memory)
+    journal: Journal | None = None
+    state: BrokerState | None = None
     try:
-        state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"))
+        journal = Journal(config.shm_dir() / config.shm_name(os.getpid(), "journal"), str(rt))
+        state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"), journal)
+        count = state.restore(recovered)
+        journal.rewrite(state.snapshot())  # before the dead journals go: a crash now loses nothing
+        keep = set(state.foreign)
+        for entry in dead:
+            if entry.name not in keep:
+                entry.unlink(missing_ok=True)
+                log.warning("removed %s left by a broker that died", entry)
+        if count:
+            log.warning("recovered %d objects in %d channels from dead brokers (arenas kept: %s)",
+                        count, len(state.channels), ", ".join(sorted(keep)) or "none")
+        state.on_foreign_empty = _remove_foreign
 
         async def main() -> None:
+            assert state is not None and journal is not None
             server = Server(state, arena, str(sock_path), idle_timeout, memory)
             loop = asyncio.get_running_loop()
+            journal_state, journal_file = state, journal
+
+            def write_journal() -> None:
+                journal_file.flush()
+                if journal_file.due:
+                    journal_file.rewrite(journal_state.snapshot())
+
+            def schedule() -> None:  # one write per turn of the loop, whatever happened in it
+                loop.call_soon(write_journal)
+
+            journal.on_pending = schedule
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, server.stopping.set)
 
@@ -200,7 +265,17 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
         asyncio.run(main())
     finally:
         arena.destroy()
+        if journal is not None:
+            journal.destroy()
+        for name in state.foreign if state is not None else ():
+            _remove_foreign(name)
         log.info("broker %d stopped; removed %s", os.getpid(), arena.path)
+
+
+def _remove_foreign(name: str) -> None:
+    """A dead broker's arena whose last recovered object is gone."""
+    (config.shm_dir() / name).unlink(missing_ok=True)
+    log.info("removed %s: its recovered objects are all consumed", name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -274,7 +274,10 @@ class Operations:
         def done(objs: list[StoredObject]) -> Reply:
             items, inline, pos = [], [], 0
             for obj in objs:
-                if obj.inline is None:
+                if obj.arena is not None:  # recovered from a dead broker: still in its arena
+                    items.append({"key": obj.key, "size": obj.size, "offset": obj.offset,
+                                  "arena": str(self.arena.path.parent / obj.arena)})
+                elif obj.inline is None:
                     items.append({"key": obj.key, "size": obj.size, "offset": obj.offset})
                 else:
                     items.append({"key": obj.key, "size": obj.size, "inline": [pos, len(obj.inline)]})

@@ -22,11 +22,12 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import EndpointClosed, InvalidArgument
-from . import rules
 from ..store.table import ObjectTable, StoredObject
+from . import rules
+from .journal import Journal, Recovered
 
 WAIT: Any = object()
 """Returned by an operation that must wait for a signal before it is tried again."""
@@ -144,14 +145,79 @@ class Client:
 
 
 class BrokerState:
-    def __init__(self, table: ObjectTable) -> None:
+    def __init__(self, table: ObjectTable, journal: Journal | None = None) -> None:
         self.table = table
+        self.journal = journal
         self.channels: dict[tuple[str, str], Channel] = {}
         self.clients: dict[int, Client] = {}
         self.channel_created = Signal()
         self.store_freed = Signal()
         self.pinned: set[str] = set()  # DataSystem keys
         self._next_client = 0
+        self.foreign: dict[str, int] = {}  # dead brokers' arenas -> objects of ours still in them
+        self.on_foreign_empty: Callable[[str], None] = lambda name: None
+        table.on_foreign_freed = self._foreign_freed
+
+    # -- the journal (see journal.py) ----------------------------------------------------
+
+    def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
+        if self.journal is not None:
+            self.journal.record(msg, payload)
+
+    @staticmethod
+    def _object_record(obj: StoredObject) -> tuple[dict[str, Any], bytes]:
+        if obj.inline is not None:
+            return {"r": "object", "key": obj.key, "size": obj.size, "inline": [0, len(obj.inline)]}, obj.inline
+        record: dict[str, Any] = {"r": "object", "key": obj.key, "size": obj.size, "offset": obj.offset}
+        if obj.arena is not None:
+            record["arena"] = obj.arena
+        return record, b""
+
+    def _channel_record(self, channel: Channel) -> dict[str, Any]:
+        return {"r": "channel", "ns": channel.namespace, "name": channel.name, "shards": channel.num_shards,
+                "full": channel.full_batch, "max": channel.max_queue_size}
+
+    def snapshot(self) -> Iterator[tuple[dict[str, Any], bytes]]:
+        """Records of the live state: what a new journal starts from."""
+        for channel in self.channels.values():
+            ident = {"ns": channel.namespace, "name": channel.name}
+            yield self._channel_record(channel), b""
+            for shard in range(channel.num_shards):
+                keys = self.queue(channel, shard, lent=True)
+                for key in keys:
+                    obj = self.table.get(key)
+                    if obj is not None:
+                        yield self._object_record(obj)
+                yield {"r": "queue", **ident, "shard": shard, "keys": keys}, b""
+            if channel.closed:
+                yield {"r": "close", **ident}, b""
+
+    def restore(self, recovered: Recovered) -> int:
+        """Take over what dead brokers' journals say is queued; the number of objects."""
+        counts: Counter[str] = Counter()
+        for (namespace, name), saved in recovered.live():
+            for queue in saved["queues"]:
+                counts.update(key for key in queue if key in recovered.objects)
+        for key, refs in counts.items():
+            entry = recovered.objects[key]
+            if "inline" in entry:
+                self.table.add(entry["size"], inline=entry["inline"], refs=refs, key=key)
+            else:
+                self.table.add(entry["size"], offset=entry["offset"], refs=refs, key=key, arena=entry["arena"])
+                self.foreign[entry["arena"]] = self.foreign.get(entry["arena"], 0) + 1
+        for (namespace, name), saved in recovered.live():
+            channel = Channel(namespace, name, saved["shards"], saved["full"], saved["max"], closed=saved["closed"])
+            for queue, keys in zip(channel.queues, saved["queues"]):
+                queue.extend(key for key in keys if key in counts)
+            self.channels[(namespace, name)] = channel
+        return len(counts)
+
+    def _foreign_freed(self, obj: StoredObject) -> None:
+        assert obj.arena is not None
+        self.foreign[obj.arena] -= 1
+        if not self.foreign[obj.arena]:
+            del self.foreign[obj.arena]
+            self.on_foreign_empty(obj.arena)
 
     # -- clients -------------------------------------------------------------------------
 
@@ -214,6 +280,7 @@ class BrokerState:
         else:
             channel = Channel(namespace, name, num_shards, full_batch, max_queue_size)
             self.channels[ident] = channel
+        self._log(self._channel_record(channel))
         channel.sender = client.id
         client.sends_to.add(ident)
         self.channel_created.fire()
@@ -255,6 +322,7 @@ class BrokerState:
         """End of stream: receivers drain what is queued, then get ChannelClosed."""
         self._check_sender(client, channel)
         channel.closed = True
+        self._log({"r": "close", "ns": channel.namespace, "name": channel.name})
         for signal in channel.data:
             signal.fire()
         self.detach(client, channel)
@@ -263,6 +331,7 @@ class BrokerState:
         channel = self.channels.get(ident)
         if channel is not None and channel.sender is None and not channel.receivers and channel.empty:
             del self.channels[ident]
+            self._log({"r": "drop", "ns": channel.namespace, "name": channel.name})
 
     def _check_sender(self, client: Client, channel: Channel) -> None:
         if channel.sender != client.id:
@@ -324,12 +393,17 @@ class BrokerState:
         if channel.room() == 0:
             return WAIT
         if channel.full_batch:
-            obj = self._store(client, parts[0], refs=channel.num_shards)
+            stored = [self._store(client, parts[0], refs=channel.num_shards)]
             for queue in channel.queues:
-                queue.append(obj.key)
+                queue.append(stored[0].key)
         else:
-            for queue, part in zip(channel.queues, parts):
-                queue.append(self._store(client, part, refs=1).key)
+            stored = [self._store(client, part, refs=1) for part in parts]
+            for queue, obj in zip(channel.queues, stored):
+                queue.append(obj.key)
+        if self.journal is not None:
+            for obj in stored:
+                self._log(*self._object_record(obj))
+            self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "keys": [o.key for o in stored]})
         channel.sent_objects += 1
         channel.sent_bytes += sum(p.size for p in parts)
         for signal in channel.data:
@@ -402,8 +476,10 @@ class BrokerState:
         if lent is None or not lent.taken:
             return
         freed = False
-        for _ in range(lent.taken):
-            freed |= self.table.unref(lent.keys.popleft())
+        taken = [lent.keys.popleft() for _ in range(lent.taken)]
+        self._log({"r": "ack", "ns": channel.namespace, "name": channel.name, "shard": shard, "keys": taken})
+        for key in taken:
+            freed |= self.table.unref(key)
         lent.taken = 0
         if not lent.keys:
             del client.lent[ident]
@@ -450,16 +526,17 @@ class BrokerState:
         if freed:
             self.store_freed.fire()
 
-    def queue(self, channel: Channel, shard: int | None) -> Any:
-        """Keys not handed to a user yet, oldest first: reserved by receivers, then queued."""
+    def queue(self, channel: Channel, shard: int | None, lent: bool = False) -> Any:
+        """Keys not handed to a user yet, oldest first: reserved by receivers, then queued
+        (with ``lent``: also those handed out and not acknowledged, first)."""
         if shard is None:
-            return {str(i): self.queue(channel, i) for i in range(channel.num_shards)}
-        reserved = []
+            return {str(i): self.queue(channel, i, lent) for i in range(channel.num_shards)}
+        out = []
         for client_id in channel.receivers:
-            lent = self.clients[client_id].lent.get((channel.namespace, channel.name, shard))
-            if lent is not None:
-                reserved += lent.reserved
-        return reserved + list(channel.queues[shard])
+            record = self.clients[client_id].lent.get((channel.namespace, channel.name, shard))
+            if record is not None:
+                out += list(record.keys) if lent else record.reserved
+        return out + list(channel.queues[shard])
 
     # -- data system ---------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class StoredObject:
     offset: int = -1  # arena offset; -1 when the blob is kept inline
     inline: bytes | None = None
     refs: int = 0
+    arena: str | None = None  # file name of a dead broker's arena holding it (None: ours)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ObjectTable:
     def __init__(self, capacity: int, reserve: Callable[[int], None], key_prefix: str) -> None:
         self.allocator = Allocator(capacity)
         self._reserve = reserve
+        self.on_foreign_freed: Callable[[StoredObject], None] = lambda obj: None
         self._reserved_upto = 0
         self._objects: dict[str, StoredObject] = {}
         self._keys = (f"{key_prefix}{n:x}" for n in itertools.count(1))
@@ -101,8 +103,13 @@ class ObjectTable:
     def free_allocation(self, offset: int) -> None:
         self.allocator.release(offset)
 
-    def add(self, size: int, *, offset: int = -1, inline: bytes | None = None, refs: int) -> StoredObject:
-        obj = StoredObject(next(self._keys), size, offset, inline, refs)
+    def add(
+        self, size: int, *, offset: int = -1, inline: bytes | None = None, refs: int,
+        key: str | None = None, arena: str | None = None,
+    ) -> StoredObject:
+        """A new object: in our arena at ``offset``, inline, or (recovered after a broker
+        died, under its old ``key``) in that broker's ``arena``."""
+        obj = StoredObject(key or next(self._keys), size, offset, inline, refs, arena)
         self._objects[obj.key] = obj
         if inline is not None:
             self.inline_bytes += len(inline)
@@ -115,7 +122,9 @@ class ObjectTable:
         if obj.refs > 0:
             return False
         del self._objects[key]
-        if obj.offset >= 0:
+        if obj.arena is not None:
+            self.on_foreign_freed(obj)
+        elif obj.offset >= 0:
             self.allocator.release(obj.offset)
         if obj.inline is not None:
             self.inline_bytes -= len(obj.inline)
