@@ -18,8 +18,8 @@ past ``COMPACT_AT`` bytes and four times its last snapshot.
 
 Records (field ``r``):
     channel  ns, name, shards, full, max      made, or re-made by a new sender
-    object   key, size, offset + arena | inline bytes (the payload)
-    send     ns, name, keys                   one key per shard (one for full_batch)
+    object   key, size, offset + arena | inline [start, length] of the payload
+    send     ns, name, objects                object records, one per shard (one for full_batch)
     queue    ns, name, shard, keys            a shard's whole queue (snapshots)
     ack      ns, name, shard, keys            consumed
     close    ns, name                         end of stream
@@ -139,17 +139,11 @@ class Recovered:
                     "shards": len(queues), "full": msg["full"], "max": msg["max"], "closed": False, "queues": queues,
                 }
             elif kind == "object":
-                if "inline" in msg:
-                    start, length = msg["inline"]
-                    self.objects[msg["key"]] = {"size": msg["size"], "inline": bytes(payload[start : start + length])}
-                else:
-                    self.objects[msg["key"]] = {
-                        "size": msg["size"], "offset": msg["offset"], "arena": msg.get("arena") or own_arena,
-                    }
+                self._object(msg, payload, own_arena)
             elif ident in self.channels:
                 channel = self.channels[ident]
                 if kind == "send":
-                    keys = msg["keys"]
+                    keys = [self._object(obj, payload, own_arena) for obj in msg["objects"]]
                     for i, queue in enumerate(channel["queues"]):
                         queue.append(keys[0] if len(keys) == 1 else keys[i])
                 elif kind == "queue":
@@ -163,6 +157,16 @@ class Recovered:
                     channel["closed"] = True
                 elif kind == "drop":
                     del self.channels[ident]
+
+    def _object(self, record: dict[str, Any], payload: bytes, own_arena: str) -> str:
+        if "inline" in record:
+            start, length = record["inline"]
+            self.objects[record["key"]] = {"size": record["size"], "inline": bytes(payload[start : start + length])}
+        else:
+            self.objects[record["key"]] = {
+                "size": record["size"], "offset": record["offset"], "arena": record.get("arena") or own_arena,
+            }
+        return str(record["key"])
 
     def live(self) -> Iterator[tuple[tuple[str, str], dict[str, Any]]]:
         """Channels with something queued, or not yet closed (a sender may come back)."""

@@ -165,9 +165,10 @@ class BrokerState:
             self.journal.record(msg, payload)
 
     @staticmethod
-    def _object_record(obj: StoredObject) -> tuple[dict[str, Any], bytes]:
+    def _object_record(obj: StoredObject, pos: int = 0) -> tuple[dict[str, Any], bytes]:
+        """The record of an object; inline bytes go at ``pos`` of the record's payload."""
         if obj.inline is not None:
-            return {"r": "object", "key": obj.key, "size": obj.size, "inline": [0, len(obj.inline)]}, obj.inline
+            return {"r": "object", "key": obj.key, "size": obj.size, "inline": [pos, len(obj.inline)]}, obj.inline
         record: dict[str, Any] = {"r": "object", "key": obj.key, "size": obj.size, "offset": obj.offset}
         if obj.arena is not None:
             record["arena"] = obj.arena
@@ -400,10 +401,14 @@ class BrokerState:
             stored = [self._store(client, part, refs=1) for part in parts]
             for queue, obj in zip(channel.queues, stored):
                 queue.append(obj.key)
-        if self.journal is not None:
+        if self.journal is not None:  # one record: the objects and where they were queued
+            objects, inline, pos = [], [], 0
             for obj in stored:
-                self._log(*self._object_record(obj))
-            self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "keys": [o.key for o in stored]})
+                record, data = self._object_record(obj, pos)
+                objects.append(record)
+                inline.append(data)
+                pos += len(data)
+            self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "objects": objects}, b"".join(inline))
         channel.sent_objects += 1
         channel.sent_bytes += sum(p.size for p in parts)
         for signal in channel.data:
