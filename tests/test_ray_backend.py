@@ -73,3 +73,50 @@ def test_missing_ray_extra_is_named() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "the ray backend needs Ray: pip install 'shmchannel[ray]'", out
+
+
+def _hold_first_and_wait(address: str, name: str, ready: object) -> None:
+    import signal
+
+    receiver = DataReceiver(address, dataset_name=name, wait=30)
+    assert receiver.recv(timeout=30) == [0]
+    ready.set()  # type: ignore[attr-defined]
+    signal.pause()  # SIGKILLed here, holding object 0 unacknowledged
+
+
+def test_objects_of_a_killed_ray_receiver_go_to_the_next_one(ray_two_nodes: str) -> None:
+    """On Ray too: a receiver SIGKILLed while holding an unacknowledged object; its object goes
+    back to the head of the queue, and a new receiver gets it first, then the rest."""
+    import multiprocessing
+    import signal
+
+    from shmchannel.testing import start_process
+
+    name = f"ray-killed-rx-{os.getpid()}"
+    ready = multiprocessing.get_context("spawn").Event()
+    with DataSender(ray_two_nodes, dataset_name=name) as sender:
+        for i in range(5):
+            sender.send([i])
+        proc = start_process(_hold_first_and_wait, ray_two_nodes, name, ready)
+        assert ready.wait(60)
+        assert len(sender.get_queue(0)) == 4
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        wait_until(lambda: len(sender.get_queue(0)) == 5, 30, "the dead receiver's object to be queued again")
+        with DataReceiver(ray_two_nodes, dataset_name=name) as receiver:
+            assert [receiver.recv(timeout=30) for _ in range(5)] == [[i] for i in range(5)]
+
+
+def test_ray_ack_and_recv_consume_what_was_received(ray_two_nodes: str) -> None:
+    """An acknowledged object (by ack() or the next recv) is not given to anyone again."""
+    name = f"ray-ack-{os.getpid()}"
+    with DataSender(ray_two_nodes, dataset_name=name) as sender:
+        for i in range(3):
+            sender.send([i])
+        with DataReceiver(ray_two_nodes, dataset_name=name) as first:
+            assert first.recv(timeout=30) == [0]
+            assert first.recv(timeout=30) == [1]
+            first.ack()
+        with DataReceiver(ray_two_nodes, dataset_name=name) as second:
+            assert second.recv(timeout=30) == [2]
+            assert second.get_queue(0) == []

@@ -273,9 +273,8 @@ class DataReceiver:
         returns to the store once they are dropped.
 
         Without it the next ``recv``/``peek`` or ``close`` acknowledges them. Until then
-        the embedded broker keeps them, and if this process dies they go back to the head
-        of the queue for the next receiver of this shard (at-least-once delivery). On the
-        Ray backend an object is consumed when ``recv`` returns, and ``ack`` does nothing.
+        the broker (or Ray channel actor) keeps them, and if this process dies they go back
+        to the head of the queue for the next receiver of this shard (at-least-once).
         """
         self._live().ack()
 

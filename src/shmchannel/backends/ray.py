@@ -158,11 +158,12 @@ class RaySender:
 
 class RayReceiver:
     def __init__(self, ray: Any, namespace: str, dataset_name: str, shard_id: int, wait: float | None) -> None:
-        from .ray_actor import ChannelActor, actor_name
+        from .ray_actor import ChannelActor, Lease, actor_name
 
         self._ray = ray
         self._token = uuid.uuid4().hex
         self._shard = shard_id
+        self._lease = Lease.remote()  # type: ignore[attr-defined]  # owned here: dies with this process
         self._pid = os.getpid()
         label = f"{namespace}/{dataset_name}"
         if wait == 0:
@@ -178,7 +179,7 @@ class RayReceiver:
             ).remote(namespace, dataset_name)
         self._calls = _Calls(ray, actor, label)
         try:
-            info = self._calls.call("attach_receiver", self._token, shard_id, wait)[1]
+            info = self._calls.call("attach_receiver", self._token, shard_id, wait, self._lease)[1]
         except ChannelError:
             self._calls.dispose("detach", self._token)
             raise
@@ -186,24 +187,27 @@ class RayReceiver:
 
     def recv(self, timeout: float | None, peek: bool) -> Any:
         reply = self._calls.call(
-            "get", self._shard, peek, timeout, timeout, on_interrupt=None if peek else self._put_back
+            "get", self._token, self._shard, peek, timeout, timeout, on_interrupt=None if peek else self._put_back
         )
         _, key, small, payload = reply
         return payload if small else self._ray.get(payload[0])
 
     def _put_back(self, reply: Any) -> None:
-        _, key, small, payload = reply
-        self._calls.actor.requeue.remote(self._shard, key, small, payload)
+        self._calls.actor.requeue.remote(self._token, self._shard, reply[1])
 
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]
 
     def ack(self) -> None:
-        pass  # the channel actor forgets an object when it hands it out
+        self._calls.call("ack", self._token)
 
     def close(self) -> None:
         if os.getpid() == self._pid:
             self._calls.dispose("detach", self._token)
+            try:
+                self._ray.kill(self._lease)
+            except Exception:  # noqa: BLE001 -- Ray already gone: so is the lease
+                pass
 
 
 class RayDataSystem:

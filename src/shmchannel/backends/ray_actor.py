@@ -9,6 +9,12 @@ is passed to ``put`` by value and the actor stores it with ``ray.put`` itself: t
 owns every queued object, which therefore outlives the sender. That costs one copy inside
 the object store on the actor's node -- the price of "data outlives the sender" in Ray.
 
+Delivery: an object a receiver gets stays *lent* to it until it acknowledges it (its next
+``get``, ``ack`` or ``detach``). Each receiver gives the actor a ``Lease``, a tiny actor it
+owns, which Ray kills when the receiver's process dies; while objects are lent, the actor
+checks the leases every ``LEASE_CHECK`` seconds and puts a dead receiver's objects back at
+the head of their queue, in order (at-least-once, as on the embedded broker).
+
 Replies are tuples: ``("ok", ...)`` or ``("error", code, message)``; the client maps the
 code to the same exception class the embedded backend raises (``errors.from_wire``).
 """
@@ -29,6 +35,15 @@ from ..errors import ChannelError, EndpointClosed, InvalidArgument
 
 PREFIX = "shmchannel:"
 DATASYSTEM = PREFIX + "datasystem"
+LEASE_CHECK = 1.0  # seconds between liveness checks of receivers holding unacknowledged objects
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Lease:
+    """Owned by a receiver's process, so it dies with it: the channel actor pings it."""
+
+    def ping(self) -> bool:
+        return True
 
 
 def actor_name(dataset_name: str) -> str:
@@ -81,6 +96,9 @@ class ChannelActor:
         self.sender: str | None = None
         self.closed = False
         self.receivers: dict[str, int] = {}
+        self.leases: dict[str, Any] = {}  # receiver token -> its Lease
+        self.lent: dict[str, list[tuple[int, tuple[str, bool, Any]]]] = {}  # token -> (shard, entry)
+        self._watch: asyncio.Task[None] | None = None
         self.sent_objects = 0
         self.received: list[int] = []
         self.created = time.time()
@@ -105,7 +123,7 @@ class ChannelActor:
 
     def _disposable(self) -> bool:
         """Nothing left to deliver and nobody attached: the client that sees this kills us."""
-        return self.sender is None and not self.receivers and not any(self.queues)
+        return self.sender is None and not self.receivers and not any(self.queues) and not self.lent
 
     @_answers
     async def attach_sender(self, token: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Any:
@@ -125,12 +143,14 @@ class ChannelActor:
             return ("ok", self._info())
 
     @_answers
-    async def attach_receiver(self, token: str, shard: int, wait: float | None) -> Any:
+    async def attach_receiver(self, token: str, shard: int, wait: float | None, lease: Any = None) -> Any:
         async with self.cond:
             if not await _wait(self.cond, lambda: self.configured, wait):
                 raise rules.not_found(self.namespace, self.name, wait)
             rules.check_shard(shard, self.num_shards, self.label)
             self.receivers[token] = shard
+            if lease is not None:
+                self.leases[token] = lease
             return ("ok", self._info())
 
     @_answers
@@ -162,25 +182,66 @@ class ChannelActor:
         return ("ok",)
 
     @_answers
-    async def get(self, shard: int, peek: bool, timeout: float | None, asked: float | None) -> Any:
+    async def get(self, token: str, shard: int, peek: bool, timeout: float | None, asked: float | None) -> Any:
         rules.check_shard(shard, self.num_shards)
         async with self.cond:
+            self.lent.pop(token, None)  # what it had is consumed: it asks for more
             queue = self.queues[shard]
             if not await _wait(self.cond, lambda: bool(queue) or self.closed, timeout):
                 raise rules.recv_timeout(peek, asked, shard, self.label)
             if not queue:
                 raise rules.drained(self.label, shard)
-            key, small, payload = queue[0] if peek else queue.popleft()
+            entry = queue[0] if peek else queue.popleft()
             if not peek:
                 self.received[shard] += 1
+                self.lent.setdefault(token, []).append((shard, entry))
+                if token in self.leases and self._watch is None:
+                    self._watch = asyncio.ensure_future(self._watch_leases())
                 self.cond.notify_all()
-            return ("ok", key, small, payload)
+            return ("ok", *entry)
 
-    async def requeue(self, shard: int, key: str, small: bool, payload: Any) -> None:
+    async def ack(self, token: str) -> Any:
         async with self.cond:
-            self.queues[shard].appendleft((key, small, payload))
-            self.received[shard] -= 1
-            self.cond.notify_all()
+            self.lent.pop(token, None)
+        return ("ok",)
+
+    async def requeue(self, token: str, shard: int, key: str) -> None:
+        """Put back an object lent to ``token`` (it never reached the user)."""
+        async with self.cond:
+            lent = self.lent.get(token, [])
+            for i, (lent_shard, entry) in enumerate(lent):
+                if entry[0] == key and lent_shard == shard:
+                    del lent[i]
+                    self._put_back(shard, [entry])
+                    break
+
+    def _put_back(self, shard: int, entries: list[tuple[str, bool, Any]]) -> None:
+        self.queues[shard].extendleft(reversed(entries))
+        self.received[shard] -= len(entries)
+        self.cond.notify_all()
+
+    async def _watch_leases(self) -> None:
+        """While objects are lent, put those of receivers whose process died back."""
+        try:
+            while any(token in self.leases for token in self.lent):
+                await asyncio.sleep(LEASE_CHECK)
+                for token in [t for t in self.lent if t in self.leases]:
+                    try:
+                        await asyncio.wait_for(self.leases[token].ping.remote(), 10)
+                    except ray.exceptions.RayActorError:
+                        await self._receiver_died(token)
+                    except asyncio.TimeoutError:
+                        pass  # unreachable for now (a busy or partitioned node): not proven dead
+        finally:
+            self._watch = None
+
+    async def _receiver_died(self, token: str) -> None:
+        async with self.cond:
+            lent = self.lent.pop(token, [])
+            self.receivers.pop(token, None)
+            self.leases.pop(token, None)
+            for shard in range(self.num_shards):
+                self._put_back(shard, [entry for lent_shard, entry in lent if lent_shard == shard])
 
     @_answers
     async def queue(self, shard: int | None) -> Any:
@@ -201,6 +262,8 @@ class ChannelActor:
     async def detach(self, token: str) -> bool:
         async with self.cond:
             self.receivers.pop(token, None)
+            self.leases.pop(token, None)
+            self.lent.pop(token, None)  # consumed: it leaves after using them
             return self._disposable()
 
     async def status(self) -> dict[str, Any]:
