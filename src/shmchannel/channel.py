@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable, Iterator
 
 from .backends import backend_for
+from .broker import rules
 from .errors import ChannelClosed, EndpointClosed, InvalidArgument
 from .serialization import row_count, split
 from .store.table import StoreStats
@@ -85,6 +86,7 @@ class DataSender:
             raise InvalidArgument(f"full_batch must be a bool, got {full_batch!r} ({type(full_batch).__name__})")
         self._full_batch = full_batch
         self._max_queue_size = _check_int("max_queue_size", max_queue_size, 1)
+        rules.check_channel_shape(num_shards, max_queue_size)  # and at most rules.MAX_SHARDS shards
         if inline_threshold is not None:
             _check_int("inline_threshold", inline_threshold, 0)
         backend = backend_for(address, inline_threshold=inline_threshold)

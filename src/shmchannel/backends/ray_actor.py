@@ -127,6 +127,7 @@ class ChannelActor:
 
     @_answers
     async def attach_sender(self, token: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Any:
+        rules.check_channel_shape(num_shards, max_queue_size)
         async with self.cond:
             rules.check_new_sender(
                 self.namespace, self.name, attached=self.sender is not None, closed=self.closed,

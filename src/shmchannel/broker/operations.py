@@ -37,6 +37,17 @@ def request_field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...],
     return value
 
 
+def _count(value: Any, what: str) -> int:
+    """``value`` as a byte count or offset: an int >= 0 (not a bool, a float or a string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"{what} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _counts(msg: dict[str, Any], name: str) -> list[int]:
+    return [_count(v, f"request field {name!r}") for v in request_field(msg, name, list)]
+
+
 def _asked(msg: dict[str, Any]) -> Any:
     """The timeout the user gave (a client sends what is left of it as ``timeout``)."""
     return msg.get("asked", msg.get("timeout"))
@@ -146,13 +157,11 @@ class Operations:
         return protocol.ok(pid=os.getpid(), arena=str(self.arena.path), capacity=self.arena.capacity), b""
 
     def _create(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
+        namespace, name = request_field(msg, "namespace", str), request_field(msg, "dataset_name", str)
+        num_shards, max_queue_size = request_field(msg, "num_shards", int), request_field(msg, "max_queue_size", int)
+        rules.check_channel_shape(num_shards, max_queue_size)
         channel = self.state.create_channel(
-            conn.client,
-            request_field(msg, "namespace", str),
-            request_field(msg, "dataset_name", str),
-            request_field(msg, "num_shards", int),
-            bool(msg.get("full_batch")),
-            request_field(msg, "max_queue_size", int),
+            conn.client, namespace, name, num_shards, bool(msg.get("full_batch")), max_queue_size
         )
         return protocol.ok(**channel.info(), room=channel.room()), b""
 
@@ -178,9 +187,7 @@ class Operations:
         return protocol.ok(), b""
 
     def _alloc(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
-        sizes = [int(s) for s in request_field(msg, "sizes", list)]
-        if any(s < 0 for s in sizes):
-            raise InvalidArgument("alloc sizes must not be negative")
+        sizes = _counts(msg, "sizes")
         spares = min(request_field(msg, "spares", int, optional=True) or 0, MAX_SPARES)
         table = self.state.table
         tmpfs_full: list[OSError] = []  # why the last attempt failed, if the tmpfs was the limit
@@ -226,7 +233,7 @@ class Operations:
         )
 
     def _free(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
-        self.state.free_allocations(conn.client, [int(o) for o in request_field(msg, "offsets", list)])
+        self.state.free_allocations(conn.client, _counts(msg, "offsets"))
         return protocol.ok(), b""
 
     @staticmethod
@@ -234,12 +241,12 @@ class Operations:
         parts = []
         for item in request_field(msg, "parts", list):
             if "inline" in item:
-                start, length = item["inline"]
-                if not (0 <= start and start + length <= len(payload)):
+                start, length = (_count(v, "an inline part's start and length") for v in item["inline"])
+                if start + length > len(payload):
                     raise InvalidArgument("inline part outside the payload")
                 parts.append(Part(length, inline=payload[start : start + length]))
             else:
-                parts.append(Part(int(item["size"]), offset=int(item["offset"])))
+                parts.append(Part(_count(item["size"], "a part's size"), offset=_count(item["offset"], "a part's offset")))
         return parts
 
     def _send(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply | Waiter:

@@ -38,6 +38,10 @@ def encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -
     return [HEAD.pack(len(body), len(payload)), body, payload] if len(payload) else [HEAD.pack(len(body), 0), body]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this protocol carries")
+
+
 def parse_head(head: bytes | bytearray | memoryview) -> tuple[int, int]:
     json_len, payload_len = HEAD.unpack(head)
     if json_len > MAX_JSON or json_len == 0:
@@ -49,9 +53,9 @@ def parse_head(head: bytes | bytearray | memoryview) -> tuple[int, int]:
 
 def parse_body(body: bytes | bytearray | memoryview, *, request: bool = True) -> dict[str, Any]:
     try:
-        msg = json.loads(bytes(body))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FrameError(f"frame body is not JSON: {exc}") from None
+        msg = json.loads(bytes(body), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameError(f"frame body is not JSON: {exc}"[:300]) from None
     if not isinstance(msg, dict):
         raise FrameError("frame body must be a JSON object")
     if request and not isinstance(msg.get("op"), str):

@@ -7,6 +7,18 @@ from __future__ import annotations
 
 from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, InvalidArgument, NameInUse, ObjectNotFound
 
+#: Most shards a channel may have: a queue and a signal each, and a receiver process each
+#: in practice; a bound so that one request cannot make a broker allocate without limit.
+MAX_SHARDS = 4096
+
+
+def check_channel_shape(num_shards: object, max_queue_size: object) -> None:
+    """num_shards in 1..MAX_SHARDS and max_queue_size >= 1, both ints; raises naming the field."""
+    for field, value, top in (("num_shards", num_shards, MAX_SHARDS), ("max_queue_size", max_queue_size, None)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (top is not None and value > top):
+            bound = f"an int from 1 to {top}" if top is not None else "an int >= 1"
+            raise InvalidArgument(f"{field} must be {bound}, got {value!r}")
+
 
 def check_new_sender(
     namespace: str, name: str, *, attached: bool, closed: bool, holds_data: bool,
