@@ -75,9 +75,11 @@ class ClientConnection(asyncio.Protocol):
         self.backlog.clear()
         self.server._forget(self, exc)
 
-    def reply(self, msg: dict[str, Any], payload: bytes = b"") -> None:
+    def reply(self, msg: dict[str, Any], payload: bytes = b"", confirms: bool = True) -> None:
+        """Send a reply. One that ``confirms`` a change (a send, a close...) goes out only
+        after the journal holds it; a recv's does not wait for that (see journal.py)."""
         journal = self.server.state.journal
-        if journal is not None:  # whatever a client is told has happened is in the journal first
+        if confirms and journal is not None:
             journal.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(protocol.encode(msg, payload))

@@ -36,6 +36,9 @@ from .state import BrokerState
 log = logging.getLogger("shmchannel.broker")
 
 START_TIMEOUT = 20.0
+#: Seconds the journal's records may wait to be written unless a reply confirming them
+#: goes out first: the one write then covers every object received meanwhile.
+JOURNAL_DELAY = 0.01
 
 
 def pid_alive(pid: int) -> bool:
@@ -244,8 +247,8 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
                 if journal_file.due:
                     journal_file.rewrite(journal_state.snapshot())
 
-            def schedule() -> None:  # one write per turn of the loop, whatever happened in it
-                loop.call_soon(write_journal)
+            def schedule() -> None:  # one write per JOURNAL_DELAY at most, whatever happened
+                loop.call_later(JOURNAL_DELAY, write_journal)
 
             journal.on_pending = schedule
             for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,10 +5,11 @@ A broker appends a record for every change of what is queued -- a channel made o
 closed, an object sent, objects acknowledged -- to a file in the same tmpfs as its arena
 (``shmchannel-<uid>-<pid>-journal``). Records use the wire format (protocol.py): a JSON
 object plus, for objects kept in the broker's memory, their bytes. Records are written
-before the broker's next reply to anyone, and at the latest at the end of the event
-loop's turn: what a client was told has happened is in the journal, and what a broker
-dies before writing it had not confirmed (posted sends are confirmed by nothing, but are
-written within the turn that reads them).
+before any reply that confirms a change (a send, an allocation, a close, a queue
+listing...), and otherwise within 10 ms (daemon.JOURNAL_DELAY): what a sender was told is
+queued is in the journal. A broker that dies loses at most the last 10 ms of what it was
+told without confirming it -- sends posted without waiting (which it may not even have
+read) and acknowledgements (whose objects are then delivered again: at-least-once).
 
 The next broker reads the journals of dead brokers (``replay``), takes over their arenas
 for the objects still queued -- read-only: it never allocates in them, because clients of
