@@ -166,7 +166,7 @@ def serialize(obj: Any) -> Serialized:
     Raises:
         UnsupportedType (a TypeError): ``obj``, or something inside it, cannot be pickled.
     """
-    if type(obj) is np.ndarray and obj.dtype.kind in _RAW_KINDS and obj.ndim < 256:
+    if type(obj) is np.ndarray and obj.dtype.kind in _RAW_KINDS and obj.dtype.metadata is None and obj.ndim < 256:
         return Serialized(_raw_header(obj), [obj])
     stream = io.BytesIO()
     pickler = _Pickler(stream)
