@@ -77,7 +77,7 @@ class ClientConnection(asyncio.Protocol):
 
     def reply(self, msg: dict[str, Any], payload: bytes = b"", confirms: bool = True) -> None:
         """Send a reply. One that ``confirms`` a change (a send, a close...) goes out only
-        after the journal holds it; a recv's does not wait for that (see journal.py)."""
+        after the journal holds it; others (recv, alloc...) do not wait for that."""
         journal = self.server.state.journal
         if confirms and journal is not None:
             journal.flush()

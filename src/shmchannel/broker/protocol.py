@@ -24,6 +24,10 @@ MAX_PAYLOAD = 256 << 20
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call with options
 
+#: Operations whose reply confirms a change of what is queued (or shows it): it goes out
+#: only after the broker's journal holds that change (see journal.py).
+CONFIRMS = frozenset({"create", "send", "close", "detach", "queue", "status", "sync", "stop"})
+
 #: Operations that get no reply.
 ONE_WAY = frozenset({"release", "cancel", "requeue", "next", "ack", "hold"})
 

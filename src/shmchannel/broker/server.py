@@ -153,7 +153,7 @@ class Server(Operations):
             conn.waiter = None
         if isinstance(outcome, tuple):
             if not posted:
-                conn.reply(*outcome, confirms=op != "recv")
+                conn.reply(*outcome, confirms=op in protocol.CONFIRMS)
         else:
             if isinstance(outcome, ChannelError):
                 failure = protocol.error(outcome.code, str(outcome))
