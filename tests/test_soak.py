@@ -4,7 +4,6 @@ left behind."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal

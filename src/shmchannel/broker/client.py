@@ -97,8 +97,8 @@ class Connection:
     def _poll(self, sock: socket.socket) -> None:
         """Take in, without waiting, failures of posted requests the broker already sent."""
         if self._receive(sock, socket.MSG_DONTWAIT):
-            while len(self._rbuf) >= self._frame_end():  # nothing is awaited: only failures can be here
-                self._take_frame()
+            while len(self._rbuf) >= (end := self._frame_end()):  # nothing is awaited: only failures
+                self._take_frame(end)
 
     def _raise_posted_failure(self) -> None:
         failure, self._posted_failure = self._posted_failure, None
@@ -167,8 +167,9 @@ class Connection:
         """The next reply (failures of posted requests before it are noted, not returned)."""
         while True:
             self._fill(sock, protocol.HEAD.size)
-            self._fill(sock, self._frame_end())
-            frame = self._take_frame()
+            end = self._frame_end()
+            self._fill(sock, end)
+            frame = self._take_frame(end)
             if frame is not None:
                 return frame
 
@@ -180,21 +181,19 @@ class Connection:
         try:
             json_len, payload_len = protocol.parse_head(self._rbuf[:size])
         except protocol.FrameError as exc:
-            self._shutdown()
-            raise ProtocolError(f"bad reply from the broker: {exc}") from None
+            raise self._bad_reply(exc) from None
         return size + json_len + payload_len
 
-    def _take_frame(self) -> Reply | None:
-        """Remove the (whole) frame at the head of the read buffer and return it; None for a
-        posted request's failure, which is noted instead. A frame leaves the buffer only
-        whole, so an interrupted read leaves the stream in sync."""
-        size, end = protocol.HEAD.size, self._frame_end()
+    def _take_frame(self, end: int) -> Reply | None:
+        """Remove the frame at the head of the read buffer, whole (``end`` bytes, from
+        ``_frame_end``), and return it; None for a posted request's failure, which is noted
+        instead. A frame leaves the buffer only whole: an interrupted read stays in sync."""
+        size = protocol.HEAD.size
         json_len = protocol.HEAD.unpack(self._rbuf[:size])[0]
         try:
             msg = protocol.parse_body(self._rbuf[size : size + json_len], request=False)
         except protocol.FrameError as exc:
-            self._shutdown()
-            raise ProtocolError(f"bad reply from the broker: {exc}") from None
+            raise self._bad_reply(exc) from None
         data = self._rbuf[size + json_len : end] if end > size + json_len else bytearray()
         del self._rbuf[:end]
         if msg.get("posted"):  # not a reply anyone waits for: a posted request failed
@@ -202,6 +201,10 @@ class Connection:
             return None
         self._unconfirmed = False
         return msg, data
+
+    def _bad_reply(self, exc: protocol.FrameError) -> ProtocolError:
+        self._shutdown()  # the stream cannot be resynchronized
+        return ProtocolError(f"bad reply from the broker: {exc}")
 
     def _fill(self, sock: socket.socket, n: int) -> None:
         """Read until the buffer holds ``n`` bytes (more if they came: one recv often

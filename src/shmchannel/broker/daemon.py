@@ -3,9 +3,10 @@
 Start is race-free: a starter takes an exclusive ``flock`` on ``broker.lock`` in the runtime
 directory, looks again whether a broker answers, and only then spawns one and waits for
 its "ready" line on a pipe -- so two processes starting at once end with one broker. The
-daemon double-forks (no zombie in the starter), removes /dev/shm entries that brokers of
-this user left when they died (their pid is in the name), creates its arena, and exits
-after ``idle_timeout`` seconds without clients, channels or objects, removing everything.
+daemon double-forks (no zombie in the starter), recovers what dead brokers of its runtime
+directory left queued (journal.py) and removes the rest of their /dev/shm entries (their
+pid is in the name), creates its arena and journal, and exits after ``idle_timeout``
+seconds without clients, channels or objects, removing everything.
 """
 
 from __future__ import annotations
@@ -163,14 +164,6 @@ def _pid_of(entry: Path) -> int | None:
         return int(entry.name.split("-")[2])
     except (IndexError, ValueError):
         return None
-
-
-def remove_stale_entries() -> list[Path]:
-    """Unlink /dev/shm entries of this user's brokers that are no longer running."""
-    dead = [e for e in config.our_shm_entries() if (pid := _pid_of(e)) is not None and not pid_alive(pid)]
-    for entry in dead:
-        entry.unlink(missing_ok=True)
-    return dead
 
 
 def _own_arena(journal: Path) -> str:

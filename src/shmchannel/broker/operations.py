@@ -17,7 +17,7 @@ from ..errors import Cancelled, ChannelError, InvalidArgument, StoreFullTimeout
 from ..store.arena import ArenaFile
 from . import protocol, rules
 from .connection import ClientConnection
-from ..store.table import StoredObject
+from ..store.table import StoredObject, describe_all
 from .state import WAIT, BrokerState, Channel, Part, Signal
 
 log = logging.getLogger("shmchannel.broker")
@@ -279,18 +279,11 @@ class Operations:
         shared = channel.full_batch and channel.num_shards > 1
 
         def done(objs: list[StoredObject]) -> Reply:
-            items, inline, pos = [], [], 0
-            for obj in objs:
-                if obj.arena is not None:  # recovered from a dead broker: still in its arena
-                    items.append({"key": obj.key, "size": obj.size, "offset": obj.offset,
-                                  "arena": str(self.arena.path.parent / obj.arena)})
-                elif obj.inline is None:
-                    items.append({"key": obj.key, "size": obj.size, "offset": obj.offset})
-                else:
-                    items.append({"key": obj.key, "size": obj.size, "inline": [pos, len(obj.inline)]})
-                    inline.append(obj.inline)
-                    pos += len(obj.inline)
-            return protocol.ok(items=items, shared=shared), b"".join(inline)
+            items, inline = describe_all(objs)
+            for item in items:
+                if "arena" in item:  # recovered from a dead broker: clients map its arena by path
+                    item["arena"] = str(self.arena.path.parent / item["arena"])
+            return protocol.ok(items=items, shared=shared), inline
 
         return self._blocking(
             lambda: self.state.try_recv(conn.client, channel, shard, peek, max(1, limit)),
@@ -314,9 +307,7 @@ class Operations:
 
     def _get(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         obj = self.state.get(conn.client, request_field(msg, "key", str))
-        if obj.inline is not None:
-            return protocol.ok(key=obj.key, size=obj.size, shared=True), obj.inline
-        return protocol.ok(key=obj.key, size=obj.size, offset=obj.offset, shared=True), b""
+        return protocol.ok(**obj.describe(), shared=True), obj.inline or b""
 
     def _delete(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         self.state.delete(request_field(msg, "key", str))

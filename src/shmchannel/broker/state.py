@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..errors import EndpointClosed, InvalidArgument
-from ..store.table import ObjectTable, StoredObject
+from ..store.table import ObjectTable, StoredObject, describe_all
 from . import rules
 from .journal import Journal, Recovered
 
@@ -164,16 +164,6 @@ class BrokerState:
         if self.journal is not None:
             self.journal.record(msg, payload)
 
-    @staticmethod
-    def _object_record(obj: StoredObject, pos: int = 0) -> tuple[dict[str, Any], bytes]:
-        """The record of an object; inline bytes go at ``pos`` of the record's payload."""
-        if obj.inline is not None:
-            return {"r": "object", "key": obj.key, "size": obj.size, "inline": [pos, len(obj.inline)]}, obj.inline
-        record: dict[str, Any] = {"r": "object", "key": obj.key, "size": obj.size, "offset": obj.offset}
-        if obj.arena is not None:
-            record["arena"] = obj.arena
-        return record, b""
-
     def _channel_record(self, channel: Channel) -> dict[str, Any]:
         return {"r": "channel", "ns": channel.namespace, "name": channel.name, "shards": channel.num_shards,
                 "full": channel.full_batch, "max": channel.max_queue_size}
@@ -188,7 +178,7 @@ class BrokerState:
                 for key in keys:
                     obj = self.table.get(key)
                     if obj is not None:
-                        yield self._object_record(obj)
+                        yield {"r": "object", **obj.describe()}, obj.inline or b""
                 yield {"r": "queue", **ident, "shard": shard, "keys": keys}, b""
             if channel.closed:
                 yield {"r": "close", **ident}, b""
@@ -231,10 +221,10 @@ class BrokerState:
     def disconnect(self, client: Client) -> None:
         """Forget a client: its unfinished allocations and holds are freed, its roles end."""
         self.clients.pop(client.id, None)
-        for (namespace, name, shard), lent in list(client.lent.items()):
+        for namespace, name, shard in list(client.lent):
             channel = self.channels.get((namespace, name))
             if channel is not None:  # delivered, never acknowledged: the next receiver gets it
-                self.requeue(client, channel, shard, list(lent.keys))
+                self._give_back(client, channel, shard)
         client.lent.clear()
         freed = bool(client.allocations)
         for offset in client.allocations:
@@ -308,10 +298,7 @@ class BrokerState:
         ident = (channel.namespace, channel.name)
         for shard in range(channel.num_shards):
             self.acknowledge(client, channel, shard)
-            lent = client.lent.get((channel.namespace, channel.name, shard))
-            if lent is not None:  # reserved, never handed out: back for the next receiver
-                self.requeue(client, channel, shard, list(lent.keys))
-                client.lent.pop((channel.namespace, channel.name, shard), None)
+            self._give_back(client, channel, shard)  # reserved, never handed out: for the next receiver
         channel.receivers.pop(client.id, None)
         if channel.sender == client.id:
             channel.sender = None
@@ -402,13 +389,8 @@ class BrokerState:
             for queue, obj in zip(channel.queues, stored):
                 queue.append(obj.key)
         if self.journal is not None:  # one record: the objects and where they were queued
-            objects, inline, pos = [], [], 0
-            for obj in stored:
-                record, data = self._object_record(obj, pos)
-                objects.append(record)
-                inline.append(data)
-                pos += len(data)
-            self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "objects": objects}, b"".join(inline))
+            objects, inline = describe_all(stored)
+            self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "objects": objects}, inline)
         channel.sent_objects += 1
         channel.sent_bytes += sum(p.size for p in parts)
         for signal in channel.data:
@@ -490,6 +472,14 @@ class BrokerState:
             del client.lent[ident]
         if freed:
             self.store_freed.fire()
+
+    def _give_back(self, client: Client, channel: Channel, shard: int) -> None:
+        """Requeue everything ``client`` still has lent from ``shard``, and forget the record."""
+        ident = (channel.namespace, channel.name, shard)
+        lent = client.lent.get(ident)
+        if lent is not None:
+            self.requeue(client, channel, shard, list(lent.keys))
+            client.lent.pop(ident, None)
 
     def requeue(self, client: Client, channel: Channel, shard: int, keys: list[str]) -> None:
         """Put objects lent to ``client`` back at the head of ``shard``'s queue, in order:

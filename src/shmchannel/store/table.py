@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from ..errors import StoreFull
 from .allocator import Allocator, align
@@ -24,6 +24,28 @@ class StoredObject:
     inline: bytes | None = None
     refs: int = 0
     arena: str | None = None  # file name of a dead broker's arena holding it (None: ours)
+
+    def describe(self, pos: int = 0) -> dict[str, Any]:
+        """Where the object is, as replies and journal records carry it: ``offset`` (and
+        ``arena`` if it is a dead broker's), or ``inline`` [start, length] of the payload
+        that goes with the description, where its bytes are put at ``pos``."""
+        if self.inline is not None:
+            return {"key": self.key, "size": self.size, "inline": [pos, len(self.inline)]}
+        where: dict[str, Any] = {"key": self.key, "size": self.size, "offset": self.offset}
+        if self.arena is not None:
+            where["arena"] = self.arena
+        return where
+
+
+def describe_all(objs: Iterable[StoredObject]) -> tuple[list[dict[str, Any]], bytes]:
+    """Descriptions of ``objs`` and the one payload holding the inline ones' bytes."""
+    described, inline, pos = [], [], 0
+    for obj in objs:
+        described.append(obj.describe(pos))
+        if obj.inline is not None:
+            inline.append(obj.inline)
+            pos += len(obj.inline)
+    return described, b"".join(inline)
 
 
 @dataclass(frozen=True)
