@@ -121,6 +121,9 @@ def test_failed_send_that_did_not_wait_is_raised_by_a_later_call(broker: int, th
     name = f"posted-{os.getpid()}-{then}"
     with DataSender(ADDRESS, dataset_name=name) as sender:
         sender.send([1])
+        # A reply: nothing is unconfirmed now, so the bad post below does not look for
+        # failures after its write (which, if the broker were quick, would find its own).
+        assert len(sender.get_queue(0)) == 1
         # A send the broker refuses: no such channel (written by the sender's own connection).
         sender._endpoint._client.conn.post(
             {"op": "send", "namespace": "default", "dataset_name": "no-such", "parts": [{"inline": [0, 0]}],
