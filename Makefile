@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+# torch pinned to a CPU build: this machine's pip finds its wheel locally (find-links), and an
+# open range would pull a CUDA build of several GB.
+TORCH := torch==2.13.0
 
 .PHONY: demo test bench install clean
 
@@ -13,7 +16,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q -e '.[pandas,arrow,ray,test]'
+	$(PY) -m pip install -q '$(TORCH)' -e '.[pandas,arrow,polars,torch,ray,cli,test]'
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(PY) pyproject.toml
