@@ -31,7 +31,9 @@ class ReceiverEndpoint(Protocol):
 
     def ack(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, give_back_last: bool = False) -> None:
+        """Leave the channel; with ``give_back_last`` the object handed out last goes back to
+        the head of the queue (it never reached the user: see aio.py)."""
 
 
 class DataSystemEndpoint(Protocol):

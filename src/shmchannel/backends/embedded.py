@@ -242,6 +242,7 @@ class EmbeddedReceiver:
         self._prefetch = prefetch
         self._buffer: collections.deque[tuple[dict[str, Any], memoryview]] = collections.deque()
         self._shared = False
+        self._last: str | None = None  # key of the object handed out last
         try:
             reply, _ = client.conn.request({"op": "open", **self._ident, "shard": shard_id, "timeout": wait})
         except BaseException:
@@ -265,7 +266,9 @@ class EmbeddedReceiver:
         elif not peek:  # a reserved one: the broker counts it as queued until told
             self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard})
         if not peek:
-            return self._client.unpack(*self._buffer.popleft(), self._shared)
+            item, inline = self._buffer.popleft()
+            self._last = item["key"]
+            return self._client.unpack(item, inline, self._shared)
         item, inline = self._buffer[0]
         if "offset" in item:  # the view needs a hold of its own: the object may still go back
             self._client.conn.one_way({"op": "hold", "key": item["key"]})
@@ -285,13 +288,15 @@ class EmbeddedReceiver:
     def ack(self) -> None:
         self._client.conn.one_way({"op": "ack", **self._ident, "shard": self._shard})
 
-    def close(self) -> None:
-        if self._buffer and not self._client.conn.closed:
+    def close(self, give_back_last: bool = False) -> None:
+        keys = [self._last] if give_back_last and self._last is not None else []
+        keys += [item["key"] for item, _ in self._buffer]
+        if keys and not self._client.conn.closed:
             try:
-                self._requeue([item["key"] for item, _ in self._buffer])
+                self._requeue(keys)
             except ChannelError:
                 pass  # the broker is gone: nothing to give back to
-            self._buffer.clear()
+        self._buffer.clear()
         self._client.conn.close({"op": "detach", **self._ident})
 
 
