@@ -186,7 +186,7 @@ def test_cli_status_shows_channel_shards_and_depths(broker: int) -> None:
             sender.send(np.arange(2 * i, 2 * i + 2))
         with DataReceiver(ADDRESS, dataset_name=name, shard_id=0) as receiver:
             np.testing.assert_array_equal(receiver.recv(timeout=10), [0])
-            result = _cli("status")
+            result = _cli("status", "--plain")
     assert result.returncode == 0, result.stderr
     rows = [re.split(r"\s{2,}", line) for line in result.stdout.splitlines()]
     header = next(row for row in rows if row[0] == "channel")

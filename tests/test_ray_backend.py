@@ -53,7 +53,7 @@ def test_cli_lists_and_removes_a_ray_channel(ray_two_nodes: str) -> None:
     sender = DataSender(ray_two_nodes, dataset_name="listed", num_shards=2)
     for _ in range(3):
         sender.send(np.zeros(8))
-    status = _cli("status", "--ray", ray_two_nodes)
+    status = _cli("status", "--ray", ray_two_nodes, "--plain")
     assert status.returncode == 0, status.stderr
     (row,) = [line for line in status.stdout.splitlines() if line.startswith("default/listed")]
     assert row.split()[1:4] == ["2", "3", "3"], row

@@ -51,11 +51,56 @@ def stop_broker(timeout: float = 10.0) -> int | None:
     return daemon.stop(timeout)
 
 
-def status() -> dict[str, object] | None:
-    """The broker's figures (pid, store usage, channels with queue depths), None if none runs."""
+def status(address: str | None = None) -> dict[str, object] | None:
+    """The figures of the channels at ``address``: what ``shmchannel status`` shows.
+
+    ``address`` None or an IPv4 address of this machine means this user's broker (a query
+    never starts one); a Ray address (``"ray:auto"``, ``"ray://head:10001"``) the channels
+    of that Ray cluster. Rates are per second over the last ``rate_window`` seconds.
+
+    Example, an embedded broker with one channel (``store`` is ``StoreStats`` as a dict)::
+
+        {"backend": "embedded", "pid": 4242, "started": 1718000000.0, "uptime": 12.5,
+         "clients": 3, "idle_timeout": 60.0,
+         "store": {"capacity": 2147483648, "used": 1048576, "free": 2146435072,
+                   "reserved": 4194304, "objects": 8, "inline_bytes": 1024},
+         "channels": [{
+             "namespace": "default", "dataset_name": "clicks", "num_shards": 2,
+             "full_batch": False, "max_queue_size": 10, "closed": False,
+             "sender": True,                 # a sender is attached
+             "receivers": 2,                 # receivers attached, in all
+             "shard_receivers": [1, 1],      # ...and per shard
+             "depths": [3, 0],               # per shard: objects not handed to a user yet
+             "sent_objects": 120, "sent_bytes": 7864320,  # since the channel was created
+             "received_objects": [117, 120], "received_bytes": [3833856, 3932160],  # per shard
+             "rates": {"sent_objects": 24.0, "sent_bytes": 1572864.0,
+                       "received_objects": 47.8, "received_bytes": 1566310.4},
+             "rate_window": 5, "created": 1718000001.2}]}
+
+    For a Ray address: ``{"backend": "ray", "address": address, "channels": [...]}``, each
+    channel with the keys above (depths count queued objects only), or ``namespace``,
+    ``dataset_name`` and ``error`` for a channel actor that could not answer.
+
+    Returns:
+        The figures, or None if no embedded broker runs.
+
+    Raises:
+        InvalidArgument: ``address`` is neither None, an IPv4 address of this machine, nor
+            a Ray address (or Ray is not installed).
+        BrokerUnavailable: the broker died while answering, or the Ray cluster cannot be reached.
+    """
+    if isinstance(address, str) and address.startswith("ray:"):
+        from .backends.ray import list_channels
+
+        return {"backend": "ray", "address": address, "channels": list_channels(address)}
+    if address is not None:
+        from .backends import backend_for
+
+        backend_for(address)  # raises unless it is this machine's; connects to nothing
     from .broker import daemon
 
-    return daemon.status()
+    figures = daemon.status()
+    return None if figures is None else {"backend": "embedded", **figures}
 
 __all__ = [
     "BrokerUnavailable",

@@ -145,7 +145,7 @@ class RaySender:
         # several shards share stay in the object store, where arrays are read-only.
         sizes = [serialize(part).nbytes for part in parts]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
-        self._calls.call("put", self._token, parts, inline, timeout, timeout)
+        self._calls.call("put", self._token, parts, inline, timeout, timeout, sizes)
 
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]
@@ -261,12 +261,21 @@ class RayBackend:
 
 
 def list_channels(address: str) -> list[dict[str, Any]]:
-    """Status of every shmchannel channel actor on the cluster at ``address``."""
+    """Status of every shmchannel channel actor on the cluster at ``address`` (the keys of
+    ``shmchannel.status``'s channels); a channel that cannot answer has an ``error`` instead.
+
+    Raises:
+        BrokerUnavailable: the cluster cannot be reached (or stopped answering).
+    """
     from .ray_actor import DATASYSTEM, PREFIX
 
     ray = connect(address)
+    try:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+    except (ray.exceptions.RayError, ConnectionError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"cannot list the actors of the Ray cluster at {address!r}: {exc}") from exc
     out = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
+    for entry in actors:
         if not entry["name"].startswith(PREFIX) or entry["name"] == DATASYSTEM:
             continue
         try:

@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable
 import ray
 
 from ..broker import rules
+from ..broker.rates import WINDOW, Rates
 from ..errors import ChannelError, EndpointClosed, InvalidArgument
 
 PREFIX = "shmchannel:"
@@ -91,16 +92,20 @@ class ChannelActor:
         self.num_shards = 0
         self.full_batch = False
         self.max_queue_size = 0
-        # (key, inline, payload): payload is the value itself (small objects) or [ref]
-        self.queues: list[deque[tuple[str, bool, Any]]] = []
+        # (key, inline, payload, size): payload is the value itself (small objects) or [ref];
+        # size is the part's encoded size, as the sender measured it (for status)
+        self.queues: list[deque[tuple[str, bool, Any, int]]] = []
         self.sender: str | None = None
         self.closed = False
         self.receivers: dict[str, int] = {}
         self.leases: dict[str, Any] = {}  # receiver token -> its Lease
-        self.lent: dict[str, list[tuple[int, tuple[str, bool, Any]]]] = {}  # token -> (shard, entry)
+        self.lent: dict[str, list[tuple[int, tuple[str, bool, Any, int]]]] = {}  # token -> (shard, entry)
         self._watch: asyncio.Task[None] | None = None
         self.sent_objects = 0
+        self.sent_bytes = 0
         self.received: list[int] = []
+        self.received_bytes: list[int] = []
+        self.rates = Rates()
         self.created = time.time()
         self._keys = (f"{n:x}" for n in itertools.count(1))
         self._cond: asyncio.Condition | None = None
@@ -137,6 +142,7 @@ class ChannelActor:
             if not any(self.queues):
                 self.queues = [deque() for _ in range(num_shards)]
                 self.received = [0] * num_shards
+                self.received_bytes = [0] * num_shards
             self.num_shards, self.full_batch, self.max_queue_size = num_shards, full_batch, max_queue_size
             self.configured = True
             self.sender = token
@@ -156,9 +162,11 @@ class ChannelActor:
 
     @_answers
     async def put(
-        self, token: str, parts: list[Any], inline: list[bool], timeout: float | None, asked: float | None
+        self, token: str, parts: list[Any], inline: list[bool], timeout: float | None, asked: float | None,
+        sizes: list[int] | None = None,
     ) -> Any:
-        """Queue one object; ``inline[i]``: part i is small and is kept (and returned) by value."""
+        """Queue one object; ``inline[i]``: part i is small and is kept (and returned) by value;
+        ``sizes[i]``: its encoded size (counted for status; 0 if a client does not say)."""
         if self.sender != token:
             raise EndpointClosed(f"this client is not the sender of channel {self.label}")
         expected = 1 if self.full_batch else self.num_shards
@@ -166,7 +174,11 @@ class ChannelActor:
             raise InvalidArgument(f"send to {self.label} needs {expected} parts, got {len(parts)}")
         # We own what we keep: it outlives the sender. Small parts stay values here and go
         # back inline with get (one RPC instead of get + fetch from this actor).
-        entries = [(True, part) if small else (False, [ray.put(part)]) for part, small in zip(parts, inline)]
+        sizes = list(sizes) if sizes is not None and len(sizes) == len(parts) else [0] * len(parts)
+        entries = [
+            (True, part, size) if small else (False, [ray.put(part)], size)
+            for part, small, size in zip(parts, inline, sizes)
+        ]
         async with self.cond:
             room = await _wait(self.cond, lambda: all(len(q) < self.max_queue_size for q in self.queues), timeout)
             if not room:
@@ -179,6 +191,8 @@ class ChannelActor:
                 for queue, entry in zip(self.queues, entries):
                     queue.append((next(self._keys), *entry))
             self.sent_objects += 1
+            self.sent_bytes += sum(sizes)
+            self.rates.add(1, sum(sizes), 0, 0)
             self.cond.notify_all()
         return ("ok",)
 
@@ -195,11 +209,13 @@ class ChannelActor:
             entry = queue[0] if peek else queue.popleft()
             if not peek:
                 self.received[shard] += 1
+                self.received_bytes[shard] += entry[3]
+                self.rates.add(0, 0, 1, entry[3])
                 self.lent.setdefault(token, []).append((shard, entry))
                 if token in self.leases and self._watch is None:
                     self._watch = asyncio.ensure_future(self._watch_leases())
                 self.cond.notify_all()
-            return ("ok", *entry)
+            return ("ok", *entry[:3])
 
     async def ack(self, token: str) -> Any:
         async with self.cond:
@@ -216,9 +232,14 @@ class ChannelActor:
                     self._put_back(shard, [entry])
                     break
 
-    def _put_back(self, shard: int, entries: list[tuple[str, bool, Any]]) -> None:
+    def _put_back(self, shard: int, entries: list[tuple[str, bool, Any, int]]) -> None:
+        if not entries:
+            return
+        nbytes = sum(entry[3] for entry in entries)
         self.queues[shard].extendleft(reversed(entries))
         self.received[shard] -= len(entries)
+        self.received_bytes[shard] -= nbytes
+        self.rates.add(0, 0, -len(entries), -nbytes)
         self.cond.notify_all()
 
     async def _watch_leases(self) -> None:
@@ -268,14 +289,24 @@ class ChannelActor:
             return self._disposable()
 
     async def status(self) -> dict[str, Any]:
+        """This channel's figures, with the same keys as the embedded broker's (``shmchannel.status``)."""
+        shard_receivers = [0] * self.num_shards
+        for shard in self.receivers.values():
+            if shard < self.num_shards:
+                shard_receivers[shard] += 1
         return {
             **self._info(),
             "closed": self.closed,
             "sender": self.sender is not None,
             "receivers": len(self.receivers),
+            "shard_receivers": shard_receivers,
             "depths": [len(q) for q in self.queues],
             "sent_objects": self.sent_objects,
+            "sent_bytes": self.sent_bytes,
             "received_objects": list(self.received),
+            "received_bytes": list(self.received_bytes),
+            "rates": self.rates.per_second(),
+            "rate_window": WINDOW,
             "created": self.created,
         }
 

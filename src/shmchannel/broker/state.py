@@ -28,6 +28,7 @@ from ..errors import EndpointClosed, InvalidArgument
 from ..store.table import ObjectTable, StoredObject, describe_all
 from . import rules
 from .journal import Journal, Recovered
+from .rates import WINDOW, Rates
 
 WAIT: Any = object()
 """Returned by an operation that must wait for a signal before it is tried again."""
@@ -92,6 +93,7 @@ class Channel:
     sent_bytes: int = 0
     received_objects: list[int] = field(default_factory=list)
     received_bytes: list[int] = field(default_factory=list)
+    rates: Rates = field(default_factory=Rates)  # the four counters above, per second
     created: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -391,8 +393,10 @@ class BrokerState:
         if self.journal is not None:  # one record: the objects and where they were queued
             objects, inline = describe_all(stored)
             self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "objects": objects}, inline)
+        nbytes = sum(p.size for p in parts)
         channel.sent_objects += 1
-        channel.sent_bytes += sum(p.size for p in parts)
+        channel.sent_bytes += nbytes
+        channel.rates.add(1, nbytes, 0, 0)
         for signal in channel.data:
             signal.fire()
         return channel.room()
@@ -428,6 +432,7 @@ class BrokerState:
             objs.append(obj)
         lent.taken += 1
         channel.reserved[shard] += len(objs) - 1
+        channel.rates.add(0, 0, len(objs), sum(obj.size for obj in objs))
         channel.space.fire()
         if channel.closed and channel.empty:
             for signal in channel.data:
@@ -500,12 +505,15 @@ class BrokerState:
                 kept.append(key)
                 taken += i < lent.taken
         lent.keys, lent.taken = kept, taken
+        nbytes = 0
         for key in back:
             if client.holds.get(key, 0) > 0:  # the views' hold; the lent reference stays
                 self.release(client, [key])
-            channel.received_objects[shard] -= 1
-            channel.received_bytes[shard] -= self.table.get(key).size  # type: ignore[union-attr]
+            nbytes += self.table.get(key).size  # type: ignore[union-attr]
         if back:
+            channel.received_objects[shard] -= len(back)
+            channel.received_bytes[shard] -= nbytes
+            channel.rates.add(0, 0, -len(back), -nbytes)
             channel.queues[shard].extendleft(reversed(back))
             channel.data[shard].fire()
 
@@ -560,15 +568,23 @@ class BrokerState:
     # -- reporting -----------------------------------------------------------------------
 
     def channel_status(self, channel: Channel) -> dict[str, Any]:
+        """A channel's figures, as ``shmchannel.status`` documents them."""
+        shard_receivers = [0] * channel.num_shards
+        for shard in channel.receivers.values():
+            if shard < channel.num_shards:  # a reshape may have left one out of range
+                shard_receivers[shard] += 1
         return {
             **channel.info(),
             "closed": channel.closed,
             "sender": channel.sender is not None,
             "receivers": len(channel.receivers),
+            "shard_receivers": shard_receivers,
             "depths": [channel.depth(i) for i in range(channel.num_shards)],
             "sent_objects": channel.sent_objects,
             "sent_bytes": channel.sent_bytes,
             "received_objects": list(channel.received_objects),
             "received_bytes": list(channel.received_bytes),
+            "rates": channel.rates.per_second(),
+            "rate_window": WINDOW,
             "created": channel.created,
         }
