@@ -4,6 +4,8 @@ The ``mindpandas.channel`` API (``DataSender``, ``DataReceiver``) on a local bro
 shared-memory data system (``DataSystem``), started on first use.
 """
 
+import logging as _logging
+
 from .channel import DataReceiver, DataSender, DataSystem
 from .errors import (
     BrokerUnavailable,
@@ -23,6 +25,9 @@ from .errors import (
 from .store.table import StoreStats
 
 __version__ = "0.1.0"
+
+# The library logs (under "shmchannel") and never prints; what shows is the application's choice.
+_logging.getLogger("shmchannel").addHandler(_logging.NullHandler())
 
 
 def start_broker(memory: int | str | None = None, idle_timeout: float | None = None) -> int:

@@ -2,6 +2,8 @@
 
 Environment variables (read when used, so tests can point each broker elsewhere):
 
+- ``SHMCHANNEL_ADDRESS``: the address endpoints use when given none (default ``127.0.0.1``,
+  the embedded broker; ``ray:auto`` to put every channel on a Ray cluster).
 - ``SHMCHANNEL_RUNTIME_DIR``: the broker's socket, lock and log (default
   ``$XDG_RUNTIME_DIR/shmchannel`` or ``/tmp/shmchannel-<uid>``), created mode 0700.
 - ``SHMCHANNEL_MEMORY``: store capacity for a broker started on demand (``2G``, ``512M``...).
@@ -47,6 +49,11 @@ def parse_size(text: str | int, *, name: str = "memory") -> int:
 def shm_dir() -> Path:
     """Where brokers keep their arenas (a tmpfs: its pages are memory)."""
     return Path(os.environ.get("SHMCHANNEL_SHM_DIR") or SHM_DIR)
+
+
+def default_address() -> str:
+    """The address of endpoints created without one."""
+    return os.environ.get("SHMCHANNEL_ADDRESS") or "127.0.0.1"
 
 
 def runtime_dir(create: bool = True) -> Path:

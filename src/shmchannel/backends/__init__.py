@@ -6,6 +6,7 @@ import functools
 import ipaddress
 import socket
 
+from ..config import default_address
 from ..errors import InvalidArgument
 from .base import Backend
 
@@ -31,12 +32,14 @@ def _is_local_ipv4(address: str) -> bool:
 
 
 def backend_for(address: object, *, inline_threshold: int | None = None) -> Backend:
-    """The backend that serves ``address``.
+    """The backend that serves ``address`` (None: ``SHMCHANNEL_ADDRESS``, else this machine).
 
     Raises:
         InvalidArgument: ``address`` is not a string, not an IPv4 address, or not one of this
             machine's addresses (the message names the backend for remote machines).
     """
+    if address is None:
+        address = default_address()
     if not isinstance(address, str):
         raise InvalidArgument(f"address must be a str (an IPv4 address of this machine), got {address!r} ({type(address).__name__})")
     if address.startswith("ray:"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 import time
 import uuid
@@ -66,6 +67,7 @@ def connect(address: str) -> Any:
             ray.init(address="auto" if address == "ray:auto" else address, **options)
     except (ConnectionError, RuntimeError) as exc:
         raise BrokerUnavailable(f"cannot reach a Ray cluster at {address!r}: {exc}") from exc
+    logging.getLogger("shmchannel").info("connected to the Ray cluster at %s", address)
     return ray
 
 
@@ -165,6 +167,7 @@ class RayReceiver:
         self._shard = shard_id
         self._lease = Lease.remote()  # type: ignore[attr-defined]  # owned here: dies with this process
         self._pid = os.getpid()
+        self._last: str | None = None  # key of the object handed out last
         label = f"{namespace}/{dataset_name}"
         if wait == 0:
             try:
@@ -190,6 +193,8 @@ class RayReceiver:
             "get", self._token, self._shard, peek, timeout, timeout, on_interrupt=None if peek else self._put_back
         )
         _, key, small, payload = reply
+        if not peek:
+            self._last = key
         return payload if small else self._ray.get(payload[0])
 
     def _put_back(self, reply: Any) -> None:
@@ -201,8 +206,10 @@ class RayReceiver:
     def ack(self) -> None:
         self._calls.call("ack", self._token)
 
-    def close(self) -> None:
+    def close(self, give_back_last: bool = False) -> None:
         if os.getpid() == self._pid:
+            if give_back_last and self._last is not None:
+                self._calls.actor.requeue.remote(self._token, self._shard, self._last)
             self._calls.dispose("detach", self._token)
             try:
                 self._ray.kill(self._lease)

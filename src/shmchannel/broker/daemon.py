@@ -105,7 +105,9 @@ def spawn(memory: int | None = None, idle_timeout: float | None = None) -> int:
         raise BrokerUnavailable(
             f"the broker did not start: {answer or 'no answer within %.0f s' % START_TIMEOUT} (log: {rt / 'broker.log'})"
         )
-    return int(answer.split()[1])
+    pid = int(answer.split()[1])
+    log.info("started broker %d: store of %d bytes, socket in %s, log %s", pid, memory, rt, rt / "broker.log")
+    return pid
 
 
 def _read_line(fd: int, timeout: float) -> str:
@@ -139,6 +141,7 @@ def stop(timeout: float = 10.0) -> int | None:
     deadline = time.monotonic() + timeout
     while pid_alive(pid):
         if time.monotonic() > deadline:
+            log.warning("broker %d did not stop within %s s: killing it", pid, timeout)
             os.kill(pid, signal.SIGKILL)
             discard_dead()
             break
