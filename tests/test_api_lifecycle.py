@@ -215,6 +215,25 @@ def test_cli_start_with_idle_timeout_exits_when_idle() -> None:
     assert daemon.status() is None
 
 
+def test_status_queries_do_not_keep_an_idle_broker_alive() -> None:
+    """A broker with idle timeout 1 s exits about 1 s after its last sender left, though
+    `status` asks it every 0.1 s meanwhile (as `shmchannel status --watch` does)."""
+    result = _cli("start", "--idle-timeout", "1")
+    assert result.returncode == 0, result.stderr
+    pid = int(re.search(r"pid (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+    with DataSender(ADDRESS, dataset_name="idle-watch") as sender:
+        sender.send([1])
+    with DataReceiver(ADDRESS, dataset_name="idle-watch") as receiver:
+        assert receiver.recv(timeout=10) == [1]
+    left = time.monotonic()
+    while daemon.pid_alive(pid) and time.monotonic() - left < 10:
+        daemon.status()
+        time.sleep(0.1)
+    gone = time.monotonic() - left
+    assert not daemon.pid_alive(pid), "the broker stayed up for 10 s of status queries"
+    assert 0.9 <= gone < 5, f"the broker exited {gone:.2f} s after the last client"
+
+
 def test_broker_removes_entries_of_dead_broker() -> None:
     """A starting broker unlinks the /dev/shm entries that a dead broker of this user left."""
     dead = next(pid for pid in range(4_194_000, 4_000_000, -1) if not daemon.pid_alive(pid))

@@ -29,6 +29,7 @@ class ClientConnection(asyncio.Protocol):
         self.accepted = False
         self.transport: asyncio.Transport | None = None
         self.waiter: Waiter | None = None
+        self.acted = False  # sent more than looking requests (see Server.OBSERVING)
         # Requests that arrived while ``waiter`` waits: a client may post several requests
         # (pipelining), and they must take effect in the order it sent them.
         self.backlog: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()

@@ -27,6 +27,10 @@ log = logging.getLogger("shmchannel.broker")
 
 
 class Server(Operations):
+    #: Requests that only look: a client sending nothing else (``shmchannel status --watch``)
+    #: does not put off the idle exit.
+    OBSERVING = frozenset({"hello", "status", "stats", "sync"})
+
     def __init__(
         self, state: BrokerState, arena: ArenaFile, socket_path: str, idle_timeout: float, memory: int
     ) -> None:
@@ -40,6 +44,7 @@ class Server(Operations):
         self._conns: set[ClientConnection] = set()
         self._all_gone: asyncio.Event | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._active = time.monotonic()  # when a client last did more than look
         self._ops: dict[str, Callable[[ClientConnection, dict[str, Any], bytes], Any]] = {
             "hello": self._hello,
             "create": self._create,
@@ -85,12 +90,19 @@ class Server(Operations):
     def _arm_idle_timer(self) -> None:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+            self._idle_handle = None
         if self.state.idle():
             loop = asyncio.get_running_loop()
-            self._idle_handle = loop.call_later(self.idle_timeout, self._idle_check)
+            left = self._active + self.idle_timeout - time.monotonic()
+            self._idle_handle = loop.call_later(max(0.0, left), self._idle_check)
 
     def _idle_check(self) -> None:
-        if self.state.idle():
+        self._idle_handle = None
+        if not self.state.idle():
+            return
+        if time.monotonic() < self._active + self.idle_timeout:
+            self._arm_idle_timer()
+        else:
             log.info("idle for %.1f s with no channels, objects or clients: exiting", self.idle_timeout)
             self.stopping.set()
 
@@ -114,6 +126,8 @@ class Server(Operations):
         if conn not in self._conns:
             return
         log.debug("client pid %d left%s", conn.client.pid, f": {exc}" if exc else "")
+        if conn.acted:
+            self._active = time.monotonic()
         if conn.waiter is not None:
             conn.waiter.cancel()
         self._conns.discard(conn)
@@ -125,6 +139,9 @@ class Server(Operations):
     def _dispatch(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> None:
         op = msg["op"]
         posted = msg.get("posted") is True  # answered only if it fails
+        if op not in self.OBSERVING:
+            conn.acted = True
+            self._active = time.monotonic()
         try:
             if op in protocol.ONE_WAY:  # never answered, not even with an error
                 self._one_way(conn, op, msg, payload)
