@@ -2,6 +2,17 @@
 
 The ``mindpandas.channel`` API (``DataSender``, ``DataReceiver``) on a local broker and a
 shared-memory data system (``DataSystem``), started on first use.
+
+Example::
+
+    from shmchannel import DataReceiver, DataSender
+
+    with DataSender(dataset_name="clicks", num_shards=2) as sender:     # producer process
+        sender.send(df)
+
+    with DataReceiver(dataset_name="clicks", shard_id=0, wait=30) as receiver:  # a trainer
+        for part in receiver:
+            train(part)
 """
 
 import logging as _logging
@@ -35,6 +46,10 @@ def start_broker(memory: int | str | None = None, idle_timeout: float | None = N
 
     ``memory`` is the store capacity (bytes or a size like ``"4G"``), ``idle_timeout`` the
     seconds it stays up with no clients, channels or objects.
+
+    Example::
+
+        shmchannel.start_broker(memory="16G", idle_timeout=600)   # before the first channel
     """
     from .broker import daemon
     from .config import parse_size
@@ -50,6 +65,10 @@ def stop_broker(timeout: float = 10.0) -> int | None:
     """Stop this user's broker and remove its shared memory; its pid, or None if none ran.
 
     Queued objects are lost: stop only what nobody needs any more.
+
+    Example::
+
+        pid = shmchannel.stop_broker()   # None if none was running
     """
     from .broker import daemon
 

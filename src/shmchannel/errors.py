@@ -26,31 +26,65 @@ from __future__ import annotations
 
 
 class ChannelError(Exception):
-    """Root of every error shmchannel raises on purpose."""
+    """Root of every error shmchannel raises on purpose.
+
+    Example::
+
+        try:
+            sender.send(batch, timeout=5)
+        except shmchannel.ChannelError as exc:   # any of the errors below
+            log.error("channel failed: %s", exc)
+    """
 
     code = "error"
 
 
 class InvalidArgument(ChannelError, ValueError, TypeError):
-    """A parameter has the wrong type or value; the message names it."""
+    """A parameter has the wrong type or value; the message names it.
+
+    Example::
+
+        DataSender("127.0.0.1", num_shards=0)
+        # InvalidArgument: num_shards must be a positive int, got 0 (int)
+    """
 
     code = "invalid"
 
 
 class ChannelNotFound(InvalidArgument):
-    """No channel of that (namespace, dataset_name) exists (and waiting, if asked, ran out)."""
+    """No channel of that (namespace, dataset_name) exists (and waiting, if asked, ran out).
+
+    Example::
+
+        try:
+            receiver = DataReceiver("127.0.0.1", dataset_name="clicks", wait=30)
+        except ChannelNotFound:
+            sys.exit("no producer started within 30 s")
+    """
 
     code = "not_found"
 
 
 class NameInUse(InvalidArgument):
-    """A sender already owns this (namespace, dataset_name)."""
+    """A sender already owns this (namespace, dataset_name).
+
+    Example::
+
+        first = DataSender("127.0.0.1", dataset_name="clicks")
+        DataSender("127.0.0.1", dataset_name="clicks")   # NameInUse, a ValueError
+    """
 
     code = "name_in_use"
 
 
 class UnsupportedType(ChannelError, TypeError):
-    """``send`` got an object of a type the channel cannot split or carry."""
+    """``send`` got an object of a type the channel cannot split or carry.
+
+    Example::
+
+        DataSender("127.0.0.1", num_shards=2).send({"a": 1})   # a scalar cannot be split
+        DataSender("127.0.0.1").send(lambda x: x)             # cannot be pickled
+    """
 
     code = "unsupported_type"
 
@@ -59,25 +93,55 @@ class ChannelClosed(ChannelError):
     """The sender closed the channel and everything queued for this shard was received.
 
     This is the normal end of a stream: ``for obj in receiver`` stops on it.
+
+    Example::
+
+        while True:
+            try:
+                batch = receiver.recv()
+            except ChannelClosed:
+                break          # the producer is done
     """
 
     code = "closed"
 
 
 class EndpointClosed(ChannelError, ValueError):
-    """This sender, receiver or data system was closed by its own ``close()``."""
+    """This sender, receiver or data system was closed by its own ``close()``.
+
+    Example::
+
+        receiver.close()
+        receiver.recv()     # EndpointClosed, a ValueError
+    """
 
     code = "endpoint_closed"
 
 
 class ChannelTimeout(ChannelError, TimeoutError):
-    """A blocking call waited ``timeout`` seconds without completing; nothing was changed."""
+    """A blocking call waited ``timeout`` seconds without completing; nothing was changed.
+
+    Example::
+
+        try:
+            batch = receiver.recv(timeout=5)
+        except TimeoutError:           # ChannelTimeout is one
+            batch = None               # nothing queued: the receiver is unchanged
+    """
 
     code = "timeout"
 
 
 class ObjectNotFound(ChannelError, KeyError):
-    """The data system holds no object under this key."""
+    """The data system holds no object under this key.
+
+    Example::
+
+        try:
+            ds.get(key)
+        except KeyError:               # ObjectNotFound is one
+            ...                        # deleted, or never stored
+    """
 
     code = "no_such_key"
 
@@ -86,25 +150,56 @@ class ObjectNotFound(ChannelError, KeyError):
 
 
 class StoreFull(ChannelError, MemoryError):
-    """The shared-memory store cannot hold the object (it is larger than the store)."""
+    """The shared-memory store cannot hold the object (it is larger than the store).
+
+    Example::
+
+        try:
+            sender.send(huge)
+        except MemoryError as exc:     # StoreFull is one; the message says what was asked
+            ...                        # start the broker larger: shmchannel start --memory 16G
+    """
 
     code = "store_full"
 
 
 class StoreFullTimeout(StoreFull, TimeoutError):
-    """The store stayed too full for the object until the timeout ran out."""
+    """The store stayed too full for the object until the timeout ran out.
+
+    Example::
+
+        try:
+            sender.send(batch, timeout=10)
+        except StoreFullTimeout:       # receivers hold too much: nothing was queued
+            ...
+    """
 
     code = "store_full_timeout"
 
 
 class BrokerUnavailable(ChannelError, ConnectionError):
-    """The broker could not be started or reached, or it died; the OS error is the cause."""
+    """The broker could not be started or reached, or it died; the OS error is the cause.
+
+    Example::
+
+        try:
+            batch = receiver.recv()
+        except ConnectionError:        # BrokerUnavailable is one
+            receiver = DataReceiver("127.0.0.1", dataset_name="clicks")  # a new broker recovers the queue
+    """
 
     code = "broker_unavailable"
 
 
 class ProtocolError(ChannelError):
-    """A frame on the broker socket broke the protocol."""
+    """A frame on the broker socket broke the protocol (a bug, or a foreign program on the
+    socket): the connection is closed and the endpoint must be made anew.
+
+    Example::
+
+        except ProtocolError as exc:
+            log.critical("broker spoke nonsense: %s", exc)
+    """
 
     code = "protocol"
 

@@ -59,6 +59,12 @@ class StoreStats:
         reserved: bytes of the arena backed by /dev/shm pages so far (never shrinks).
         objects: objects stored (in the arena or inline).
         inline_bytes: bytes of small objects kept in the broker's memory instead.
+
+    Example::
+
+        with DataSystem() as ds:
+            stats = ds.stats()
+            print(f"{stats.used / stats.capacity:.0%} of the store in use, {stats.objects} objects")
     """
 
     capacity: int
