@@ -28,6 +28,7 @@ torch is an extra (``pip install 'shmchannel[torch]'``); importing this module i
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Callable, Iterator
 
@@ -46,15 +47,19 @@ from .errors import ChannelClosed
 
 __all__ = ["ChannelDataset", "to_tensors"]
 
-#: numpy kinds torch.from_numpy accepts: bool, signed/unsigned ints, floats, complex.
-_NUMERIC = frozenset("biufc")
+#: numpy dtypes torch.from_numpy accepts (not float128/complex256, which are kind "f"/"c" too).
+_TORCH_DTYPES = frozenset(
+    "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
+)
 
 
 def _array_to_tensor(array: np.ndarray) -> Any:
-    if array.dtype.kind not in _NUMERIC or not array.dtype.isnative:
-        return array  # strings, objects, datetimes, big-endian: torch has no such tensors
+    if array.dtype.name not in _TORCH_DTYPES or not array.dtype.isnative:
+        return array  # strings, objects, datetimes, long doubles, big-endian: torch has no such tensors
     if not array.flags.writeable:
         return torch.from_numpy(array.copy())  # shared by every receiver: see the module doc
+    if any(stride < 0 or stride % array.itemsize for stride in array.strides):
+        return torch.from_numpy(array.copy())  # a reversed or field view: torch cannot view it
     return torch.from_numpy(array)
 
 
@@ -63,7 +68,14 @@ def _column_to_tensor(column: Any) -> Any:
     pd = sys.modules["pandas"]
     if isinstance(column.dtype, pd.CategoricalDtype):
         return _array_to_tensor(np.asarray(column.cat.codes))
-    return _array_to_tensor(column.to_numpy())
+    values = column.to_numpy()
+    if isinstance(values, np.ndarray) and not values.flags.writeable and values.base is not None:
+        # pandas' Copy-on-Write (always on since pandas 3) hands out a read-only view even of
+        # writable memory; without this every column was copied. numpy refuses the flag where
+        # the memory itself is read-only (full_batch), and the column is copied then.
+        with contextlib.suppress(ValueError):
+            values.flags.writeable = True
+    return _array_to_tensor(values)
 
 
 def to_tensors(obj: Any) -> Any:
@@ -71,11 +83,15 @@ def to_tensors(obj: Any) -> Any:
 
     - numeric ``numpy.ndarray`` -> ``torch.Tensor`` (``torch.from_numpy``);
     - pandas ``DataFrame`` -> ``{column: tensor}``, categoricals as their integer codes;
-      pandas ``Series`` -> tensor;
-    - pyarrow ``Table``/``RecordBatch`` and polars ``DataFrame`` -> ``{column: tensor}``;
+      pandas ``Series`` -> tensor; numeric columns share the frame's memory (Copy-on-Write
+      does not protect the frame from writes through the tensors);
+    - pyarrow ``Table``/``RecordBatch`` and polars ``DataFrame`` -> ``{column: tensor}``
+      (copies: their arrays are read-only);
     - ``dict`` -> the same dict with each value converted;
     - anything else (tensors, strings, lists...) unchanged; so are columns torch cannot
-      hold (strings, nullable integers with missing values, datetimes), as NumPy arrays.
+      hold (strings, nullable booleans with missing values, datetimes), as NumPy arrays;
+      integer columns with missing values become float tensors with NaN (as pandas, Arrow
+      and polars convert them to NumPy).
 
     Example::
 
@@ -169,7 +185,7 @@ class ChannelDataset(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[Any]:
-        convert = self.transform or to_tensors
+        convert = to_tensors if self.transform is None else self.transform  # a callable may be falsy
         with self.receiver() as receiver:
             while True:
                 try:
