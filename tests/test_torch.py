@@ -215,18 +215,39 @@ def test_each_type_arrives_as_tensors_per_shard(broker: int, kind: str) -> None:
 
 
 def test_to_tensors_keeps_what_torch_cannot_hold_and_copies_what_it_cannot_view() -> None:
-    """In-process: datetimes, long doubles and big-endian arrays stay arrays; reversed and
-    field views become tensors of their values; a nested dict is converted throughout; an
-    integer column with a missing value becomes floats with NaN."""
-    when = np.array(["2024-01-01", "2024-01-02"], dtype="M8[ns]")
+    """In-process: long doubles and strings stay arrays; big-endian numbers become native
+    tensors; reversed and field views become tensors of their values; a nested dict is
+    converted throughout; an integer column with a missing value becomes floats with NaN."""
     fields = np.zeros(3, dtype=[("a", "<f8"), ("b", "<i4")])
-    got = to_tensors({"when": when, "long": np.ones(2, np.longdouble), "big": np.ones(2, ">f8"),
+    got = to_tensors({"long": np.ones(2, np.longdouble), "big": np.arange(2, dtype=">f8"), "text": np.array(["a", "b"]),
                       "rev": np.arange(4)[::-1], "field": fields["a"], "inner": {"x": np.ones(2, np.float32)}})
-    assert got["when"] is when and isinstance(got["long"], np.ndarray) and isinstance(got["big"], np.ndarray)
+    assert isinstance(got["long"], np.ndarray) and isinstance(got["text"], np.ndarray)
+    assert got["big"].dtype == torch.float64 and got["big"].tolist() == [0.0, 1.0]
     assert got["rev"].tolist() == [3, 2, 1, 0] and got["field"].tolist() == [0.0, 0.0, 0.0]
     assert torch.equal(got["inner"]["x"], torch.ones(2))
     missing = to_tensors(pd.Series(pd.array([1, None], dtype="Int64")))
     assert missing.dtype == torch.float64 and missing[0] == 1 and torch.isnan(missing[1])
+
+
+def test_datetime_columns_arrive_as_int64_through_the_loader(broker: int) -> None:
+    """A DataFrame with naive and tz-aware datetimes and a timedelta goes through the documented
+    recipe (DataLoader, batch_size=None) as int64 counts of each column's unit (UTC)."""
+    name = f"datetimes-{os.getpid()}"
+    when = pd.date_range("2024-01-01", periods=ROWS, freq="h")
+    frame = pd.DataFrame({"when": when, "local": when.tz_localize("Europe/Paris"),
+                          "took": pd.to_timedelta(np.arange(ROWS), unit="s"), "x": _FLOATS})
+    _send_all(name, [frame])
+    (got,) = DataLoader(ChannelDataset(ADDRESS, name, timeout=10), batch_size=None)
+    assert got["when"].dtype == got["local"].dtype == got["took"].dtype == torch.int64
+    assert got["when"].tolist() == frame["when"].astype("int64").tolist()
+    assert got["local"].tolist() == frame["local"].astype("int64").tolist()  # UTC instants
+    assert got["took"].tolist() == frame["took"].astype("int64").tolist()
+
+
+def test_duplicate_column_names_are_refused_not_merged() -> None:
+    """to_tensors maps columns by name: a DataFrame with two columns "a" raises, naming them."""
+    with pytest.raises(ValueError, match=r"duplicate column names \['a'\]; rename them or pass transform="):
+        to_tensors(pd.DataFrame([[1, 2, 3]], columns=["a", "a", "b"]))
 
 
 # -- transform, full_batch, leaving early, timeouts --------------------------------------------

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import numpy as np
 
 from .channel import PREFETCH, DataReceiver
-from .errors import ChannelClosed
+from .errors import ChannelClosed, InvalidArgument
 
 __all__ = ["ChannelDataset", "to_tensors"]
 
@@ -54,8 +54,12 @@ _TORCH_DTYPES = frozenset(
 
 
 def _array_to_tensor(array: np.ndarray) -> Any:
-    if array.dtype.name not in _TORCH_DTYPES or not array.dtype.isnative:
-        return array  # strings, objects, datetimes, long doubles, big-endian: torch has no such tensors
+    if array.dtype.kind in "mM" and array.dtype.isnative:
+        array = array.view(np.int64)  # counts of the dtype's unit: DataLoader cannot convert datetimes
+    elif array.dtype.name in _TORCH_DTYPES and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # torch has no big-endian tensors
+    if array.dtype.name not in _TORCH_DTYPES:
+        return array  # strings, objects, long doubles: torch has no such tensors
     if not array.flags.writeable:
         return torch.from_numpy(array.copy())  # shared by every receiver: see the module doc
     if any(stride < 0 or stride % array.itemsize for stride in array.strides):
@@ -68,6 +72,8 @@ def _column_to_tensor(column: Any) -> Any:
     pd = sys.modules["pandas"]
     if isinstance(column.dtype, pd.CategoricalDtype):
         return _array_to_tensor(np.asarray(column.cat.codes))
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        column = column.dt.tz_convert(None)  # UTC, as numpy datetime64 (else an object array)
     values = column.to_numpy()
     if isinstance(values, np.ndarray) and not values.flags.writeable and values.base is not None:
         # pandas' Copy-on-Write (always on since pandas 3) hands out a read-only view even of
@@ -88,8 +94,10 @@ def to_tensors(obj: Any) -> Any:
     - pyarrow ``Table``/``RecordBatch`` and polars ``DataFrame`` -> ``{column: tensor}``
       (copies: their arrays are read-only);
     - ``dict`` -> the same dict with each value converted;
+    - datetimes and timedeltas -> int64 counts of their unit (``datetime64[us]``: µs since
+      the epoch; time zones converted to UTC); big-endian numbers -> native (a copy);
     - anything else (tensors, strings, lists...) unchanged; so are columns torch cannot
-      hold (strings, nullable booleans with missing values, datetimes), as NumPy arrays;
+      hold (strings, nullable booleans with missing values), as NumPy arrays;
       integer columns with missing values become float tensors with NaN (as pandas, Arrow
       and polars convert them to NumPy).
 
@@ -105,7 +113,14 @@ def to_tensors(obj: Any) -> Any:
     pd = sys.modules.get("pandas")
     if pd is not None:
         if isinstance(obj, pd.DataFrame):
-            return {str(name): _column_to_tensor(obj.iloc[:, i]) for i, name in enumerate(obj.columns)}
+            names = [str(name) for name in obj.columns]
+            if len(set(names)) < len(names):
+                twice = sorted({name for name in names if names.count(name) > 1})
+                raise InvalidArgument(
+                    f"to_tensors maps columns by name, and the DataFrame has duplicate column names {twice}; "
+                    "rename them or pass transform="
+                )
+            return {name: _column_to_tensor(obj.iloc[:, i]) for i, name in enumerate(names)}
         if isinstance(obj, pd.Series):
             return _column_to_tensor(obj)
     pa = sys.modules.get("pyarrow")
