@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # open range would pull a CUDA build of several GB.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo example test bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# Online learning: CSV click logs -> pandas features -> 2-shard channel -> 2 PyTorch trainers.
+example: $(STAMP)
+	$(PY) examples/online_learning/run.py
 
 test: $(STAMP)
 	$(PY) -m mypy
