@@ -27,7 +27,11 @@ RAY_HINT = (
     "the embedded backend serves this machine only; remote machines are served by the Ray backend "
     "(a Ray address such as 'ray://head:10001')"
 )
-SUPPORTED = "numpy.ndarray, list, pandas.DataFrame, pandas.Series or pyarrow.Table"
+SUPPORTED = (
+    "numpy.ndarray, list, pandas.DataFrame, pandas.Series, pyarrow.Table, pyarrow.RecordBatch, "
+    "polars.DataFrame, torch.Tensor or dict of equal-length columns"
+)
+OTHERS = "other objects need num_shards=1 or full_batch=True"
 
 
 def exact(message: str) -> str:
@@ -200,22 +204,26 @@ def test_malformed_ray_address_raises_invalid_argument(endpoint: str, address: s
 
 @pytest.mark.parametrize(
     ("obj", "qualname"),
-    [({"a": [1, 2]}, "builtins.dict"), ("abc", "builtins.str"), (3, "builtins.int"), ((1, 2), "builtins.tuple"), (None, "builtins.NoneType")],
-    ids=["dict", "str", "int", "tuple", "None"],
+    [({1, 2}, "builtins.set"), ("abc", "builtins.str"), (3, "builtins.int"), ((1, 2), "builtins.tuple"), (None, "builtins.NoneType")],
+    ids=["set", "str", "int", "tuple", "None"],
 )
-def test_send_unsupported_type_raises_type_error(broker: int, obj: Any, qualname: str) -> None:
-    """send of anything but an ndarray, list, DataFrame, Series or Table raises UnsupportedType (TypeError)."""
-    with DataSender(ADDRESS, dataset_name="types") as sender:
-        with pytest.raises(UnsupportedType, match=exact(f"obj must be a {SUPPORTED}, got {qualname}")) as info:
+def test_send_unsplittable_type_to_shards_raises_type_error(broker: int, obj: Any, qualname: str) -> None:
+    """send of an object of no splittable type to 2 shards raises UnsupportedType (TypeError) naming the
+    splittable types and the way to send other objects."""
+    with DataSender(ADDRESS, dataset_name="types", num_shards=2) as sender:
+        with pytest.raises(
+            UnsupportedType, match=exact(f"obj must be a {SUPPORTED} to be split into shards, got {qualname}; {OTHERS}")
+        ) as info:
             sender.send(obj)
         assert isinstance(info.value, TypeError) and not isinstance(info.value, ValueError)
 
 
-def test_send_zero_dim_array_raises_type_error(broker: int) -> None:
-    """send of a 0-d ndarray raises UnsupportedType (TypeError): it has no rows."""
-    with DataSender(ADDRESS, dataset_name="types") as sender:
+def test_send_zero_dim_array_to_shards_raises_type_error(broker: int) -> None:
+    """send of a 0-d ndarray to 2 shards raises UnsupportedType (TypeError): it has no rows."""
+    with DataSender(ADDRESS, dataset_name="types", num_shards=2) as sender:
         with pytest.raises(
-            TypeError, match=exact("obj must be an array with at least one dimension, got a 0-d numpy.ndarray")
+            TypeError,
+            match=exact(f"obj must have at least one dimension to be split into shards, got a 0-d numpy.ndarray; {OTHERS}"),
         ):
             sender.send(np.array(5.0))
 
@@ -345,7 +353,8 @@ def test_close_is_idempotent(address: str) -> None:
 # -- a failed send loses nothing ---------------------------------------------------------
 
 FAILING_SENDS: dict[str, tuple[Any, type[BaseException]]] = {
-    "dict": ({"a": np.arange(2)}, UnsupportedType),
+    "unequal-dict": ({"a": np.arange(2), "b": np.arange(3)}, InvalidArgument),
+    "scalar-dict": ({"a": np.arange(2), "b": 1}, UnsupportedType),
     "zero-dim": (np.array(1), UnsupportedType),
     "empty": (np.empty((0, 2)), InvalidArgument),
     "wrong-length": (np.arange(3), InvalidArgument),

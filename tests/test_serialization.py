@@ -109,8 +109,23 @@ def test_split_gives_equal_contiguous_blocks(n: int) -> None:
 
 
 def test_row_count_refuses_unsupported_types() -> None:
-    """row_count names the supported types when given another."""
-    with pytest.raises(UnsupportedType, match=r"^obj must be a numpy\.ndarray, list, pandas\.DataFrame, pandas\.Series or pyarrow\.Table, got builtins\.dict$"):
+    """row_count names the splittable types when given another, and how other objects travel."""
+    with pytest.raises(
+        UnsupportedType,
+        match=r"^obj must be a numpy\.ndarray, list, pandas\.DataFrame, pandas\.Series, pyarrow\.Table, "
+        r"pyarrow\.RecordBatch, polars\.DataFrame, torch\.Tensor or dict of equal-length columns to be split into "
+        r"shards, got builtins\.set; other objects need num_shards=1 or full_batch=True$",
+    ):
+        row_count({1, 2})
+
+
+def test_row_count_refuses_dict_of_scalars() -> None:
+    """row_count of a dict holding a scalar names the key and the column types."""
+    with pytest.raises(
+        UnsupportedType,
+        match=r"^obj\['a'\] must be a column \(numpy\.ndarray, list, torch\.Tensor or pandas\.Series\) to split a "
+        r"dict into shards, got builtins\.int; other objects need num_shards=1 or full_batch=True$",
+    ):
         row_count({"a": 1})
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from .backends import backend_for
 from .broker import rules
 from .errors import ChannelClosed, EndpointClosed, InvalidArgument
-from .serialization import row_count, split
+from .serialization import row_count, split, splittable
 from .store.table import StoreStats
 
 MAX_NAME = 1024
@@ -109,15 +109,22 @@ class DataSender:
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Split ``obj`` row-wise into ``num_shards`` blocks and queue block i for shard i.
 
-        With ``full_batch`` every shard gets the whole object. Blocks while a shard's queue
-        holds ``max_queue_size`` objects (or the store is full), at most ``timeout`` seconds.
-        All shards are queued or none. On the embedded backend a send the queue is known to
-        have room for returns without waiting for the broker's answer; should the broker
-        still refuse it, a later call of this sender raises that error.
+        These are split: numpy.ndarray, list, pandas DataFrame/Series, pyarrow Table/RecordBatch,
+        polars DataFrame, CPU torch.Tensor (along dim 0, detached), and a dict of equal-length
+        columns (each split alike). Any other picklable object is queued whole, which needs
+        ``num_shards=1`` or ``full_batch``; with ``full_batch`` every shard gets the whole
+        object. Blocks while a shard's queue holds ``max_queue_size`` objects (or the store
+        is full), at most ``timeout`` seconds. All shards are queued or none. On the embedded
+        backend a send the queue is known to have room for returns without waiting for the
+        broker's answer; should the broker still refuse it, a later call of this sender
+        raises that error.
 
         Raises:
-            TypeError: ``obj`` is not a numpy.ndarray, list, pandas DataFrame/Series or pyarrow.Table.
-            ValueError: ``len(obj)`` is not a positive multiple of ``num_shards``.
+            TypeError (``UnsupportedType``): ``obj`` must be split but cannot be (another
+                type, a 0-d array or tensor, an empty dict or one holding a non-column);
+                or it cannot be pickled, or holds a torch.Tensor that is not on the CPU.
+            ValueError: the rows of ``obj`` are not a positive multiple of ``num_shards``
+                (of 1 with ``full_batch``), or a dict to be split has columns of unequal lengths.
             TimeoutError: ``timeout`` ran out; nothing was queued (``StoreFullTimeout`` if
                 the store stayed full).
             StoreFull: one object is larger than the whole store.
@@ -125,16 +132,22 @@ class DataSender:
         """
         endpoint = self._live()
         timeout = _check_timeout("timeout", timeout)
-        rows = row_count(obj)
+        endpoint.send(self._parts(obj), timeout)
+
+    def _parts(self, obj: Any) -> list[Any]:
+        """The blocks of ``obj`` for the shards (the whole object once if it is not split)."""
         divisor = 1 if self._full_batch else self._num_shards
+        if divisor == 1 and not splittable(obj):
+            return [obj]  # any picklable object; serialize() names what it cannot carry
+        rows = row_count(obj)  # UnsupportedType / InvalidArgument saying why obj cannot be split
         if rows == 0 or rows % divisor:
+            what = "the column length of obj" if isinstance(obj, dict) else "len(obj)"  # len(dict) counts keys
             raise InvalidArgument(
-                f"len(obj) must be a positive multiple of num_shards ({divisor}), got {rows}"
+                f"{what} must be a positive multiple of num_shards ({divisor}), got {rows}"
                 if divisor > 1
-                else f"len(obj) must be positive, got {rows}"
+                else f"{what} must be positive, got {rows}"
             )
-        parts = [obj] if self._full_batch else split(obj, self._num_shards)
-        endpoint.send(parts, timeout)
+        return [obj] if divisor == 1 else split(obj, self._num_shards)
 
     def get_queue(self, shard_id: int | None = None) -> Any:
         """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""

@@ -1,6 +1,6 @@
 """Layer 1: objects <-> (header bytes, large buffers), and row-wise splitting."""
 
 from .codec import Serialized, deserialize, serialize
-from .split import row_count, split
+from .split import SUPPORTED, row_count, split, splittable
 
-__all__ = ["Serialized", "deserialize", "row_count", "serialize", "split"]
+__all__ = ["Serialized", "deserialize", "SUPPORTED", "row_count", "serialize", "split", "splittable"]

@@ -13,6 +13,25 @@ On the receiving side each slot is given a memoryview of shared memory and the a
 rebuilt as a view of it: zero-copy. The stream itself (the "header") holds only metadata and
 in-band Python objects (strings of object columns, list items).
 
+Types with a layout of their own have reducers here too, looked up by exact type in a table
+built from the modules already loaded (nothing is imported to find out):
+
+- pyarrow Table and RecordBatch: an Arrow IPC stream written straight into the slot; the
+  receiver reads it back with buffers that are views of shared memory.
+- polars DataFrame: through Arrow (``to_arrow``, zero-copy) and the same IPC stream. Measured
+  with polars 2.1: numeric, boolean, temporal, list, array and struct columns come back as
+  views; String/Binary columns are copied by polars (it converts large_string to its string
+  views), Categorical/Enum are re-encoded, Decimal is a view only when its buffer happens to
+  be 16-byte aligned (IPC guarantees 8). Exporting polars' own string views instead
+  (``CompatLevel.newest``) would make strings views too, but a slice exports every data
+  buffer of its column: each of 4 shards of a 400,000-row frame carried 12.7 MB instead of
+  4.1 MB, so we export large_string. Object columns are refused: Arrow would carry the
+  addresses of the objects. Dtypes Arrow lacks (Int128) fall back to polars' own pickling.
+- torch.Tensor (CPU, detached): its data as a numpy array (dtypes numpy lacks, e.g. bfloat16
+  and float8, as same-size integers), rebuilt with ``torch.from_numpy`` -- a view when the
+  received memory is writable, a copy when it is read-only (see ``_rebuild_tensor``). A
+  tensor on another device is refused; sparse and quantized ones use torch's own pickling.
+
 Rejected alternative: ``persistent_id`` -- it is called for every object, strings included,
 and made object columns about four times slower to pickle.
 """
@@ -23,13 +42,14 @@ import io
 import math
 import pickle
 import struct
-from dataclasses import dataclass
 import sys
-from typing import Any, Iterable, Protocol, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, Union
 
 import numpy as np
 
-from ..errors import UnsupportedType
+from ..errors import ChannelError, UnsupportedType
+
 
 class Writer(Protocol):
     """A source that writes itself into shared memory (e.g. an Arrow IPC stream)."""
@@ -70,6 +90,14 @@ def _rebuild_ndarray(buf: Any, dtype: np.dtype, shape: tuple[int, ...], fortran:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def _fortran(arr: np.ndarray) -> bool:
+    """Whether ``arr`` is written (and rebuilt) in Fortran order: F- but not C-contiguous."""
+    return bool(arr.flags.f_contiguous and not arr.flags.c_contiguous and arr.ndim > 1)
+
+
+# -- pyarrow and polars -------------------------------------------------------------------
+
+
 def _rebuild_arrow_table(buf: Any) -> Any:
     """Read an Arrow IPC stream; the table's buffers are views of ``buf``."""
     import pyarrow as pa
@@ -77,18 +105,32 @@ def _rebuild_arrow_table(buf: Any) -> Any:
     return pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
 
 
+def _rebuild_arrow_batch(buf: Any) -> Any:
+    """Read a one-batch Arrow IPC stream; the RecordBatch's buffers are views of ``buf``."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.py_buffer(buf)).read_next_batch()
+
+
+def _rebuild_polars(buf: Any) -> Any:
+    """A polars DataFrame over the Arrow table in ``buf`` (which columns stay views: see above)."""
+    import polars as pl
+
+    return pl.from_arrow(_rebuild_arrow_table(buf), rechunk=False)  # joining chunks would copy
+
+
 class _ArrowStream:
-    """An Arrow table as an IPC stream, written straight into the destination.
+    """An Arrow Table or RecordBatch as an IPC stream, written straight into the destination.
 
     Pickling a table slice would carry the whole of each buffer it slices (so every shard
     of a split table would hold the entire table); the IPC writer writes only the rows of
     the slice. Sizing runs the writer on a MockOutputStream, which copies nothing.
     """
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, data: Any) -> None:
         import pyarrow as pa
 
-        self.table = table
+        self.data = data
         sink = pa.MockOutputStream()
         self._write(sink)
         self.nbytes = int(sink.size())
@@ -96,13 +138,113 @@ class _ArrowStream:
     def _write(self, sink: Any) -> None:
         import pyarrow as pa
 
-        with pa.ipc.new_stream(sink, self.table.schema) as writer:
-            writer.write_table(self.table)
+        with pa.ipc.new_stream(sink, self.data.schema) as writer:
+            writer.write(self.data)
 
     def write_into(self, dst: memoryview) -> None:
         import pyarrow as pa
 
         self._write(pa.FixedSizeBufferWriter(pa.py_buffer(dst)))
+
+
+#: A reducer of a foreign type: (object, slot maker) -> pickle's reduce tuple, or NotImplemented.
+Slot = Callable[[Source], pickle.PickleBuffer]
+
+
+def _reduce_table(table: Any, slot: Slot) -> Any:
+    return _rebuild_arrow_table, (slot(_ArrowStream(table)),)
+
+
+def _reduce_batch(batch: Any, slot: Slot) -> Any:
+    return _rebuild_arrow_batch, (slot(_ArrowStream(batch)),)
+
+
+def _reduce_polars(df: Any, slot: Slot) -> Any:
+    pl = sys.modules["polars"]
+    objects = [name for name, dtype in df.schema.items() if dtype == pl.Object]
+    if objects:  # polars would export the PyObject pointers as 8-byte binary values
+        raise UnsupportedType(
+            f"a polars.DataFrame in obj must have no Object columns, got {', '.join(map(repr, objects))}; "
+            "Python objects cannot leave their process this way: convert them (e.g. to String) or send a list"
+        )
+    level = getattr(pl, "CompatLevel", None)  # polars < 1.1 has only the oldest
+    try:
+        table = df.to_arrow() if level is None else df.to_arrow(compat_level=level.oldest())
+    except Exception:  # noqa: BLE001 -- a dtype Arrow lacks (Int128, Object): polars pickles such frames itself
+        return NotImplemented
+    return _rebuild_polars, (slot(_ArrowStream(table)),)
+
+
+# -- torch ----------------------------------------------------------------------------------
+
+#: torch dtypes numpy has (same name); the others travel as the integer of their size.
+_NUMPY_TORCH = frozenset(
+    "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
+)
+_CARRIERS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _reduce_tensor(tensor: Any, slot: Slot) -> Any:
+    torch = sys.modules["torch"]
+    if tensor.device.type != "cpu":
+        raise UnsupportedType(
+            f"a torch.Tensor in obj must be on the CPU, got device {str(tensor.device)!r}; move it there with tensor.cpu()"
+        )
+    if tensor.layout is not torch.strided or tensor.is_quantized:
+        return NotImplemented  # sparse or quantized: torch pickles it itself (in-band, a copy)
+    name = str(tensor.dtype).removeprefix("torch.")
+    data = tensor.detach().resolve_conj().resolve_neg()  # the resolves copy only if a lazy bit is set
+    carrier = None
+    if name not in _NUMPY_TORCH:
+        carrier = _CARRIERS.get(data.element_size())
+        if carrier is None:
+            return NotImplemented
+        data = data.view(getattr(torch, carrier))  # same item size: a view, whatever the strides
+    arr = data.numpy()
+    return _rebuild_tensor, (slot(arr), arr.dtype, arr.shape, _fortran(arr), name if carrier else None)
+
+
+def _rebuild_tensor(buf: Any, dtype: np.dtype, shape: tuple[int, ...], fortran: bool, torch_dtype: str | None) -> Any:
+    """A torch.Tensor over ``buf``: a view of it if ``buf`` is writable, else a copy.
+
+    Read-only memory is shared with other receivers (``full_batch``) or is a DataSystem
+    value; torch has no read-only tensors (``from_numpy`` warns), and a write through the
+    tensor would change what the others read, so such a tensor gets memory of its own.
+    """
+    import torch
+
+    arr = _rebuild_ndarray(buf, dtype, shape, fortran)
+    if not arr.flags.writeable:
+        arr = arr.copy(order="K")
+    tensor = torch.from_numpy(arr)
+    return tensor if torch_dtype is None else tensor.view(getattr(torch, torch_dtype))
+
+
+_Reducers = dict[type, Callable[[Any, Slot], Any]]
+_cache: tuple[tuple[Any, ...], _Reducers] = ((None, None, None), {})
+
+
+def _reducers() -> _Reducers:
+    """Reducers of the foreign types whose modules are loaded, by exact type (subclasses such
+    as ``torch.nn.Parameter`` keep their class through their own pickling). Rebuilt only
+    when one of those modules got loaded: building it each time cost 1 us per object."""
+    global _cache
+    pa, pl, torch = modules = (sys.modules.get("pyarrow"), sys.modules.get("polars"), sys.modules.get("torch"))
+    if modules == _cache[0]:
+        return _cache[1]
+    table: _Reducers = {}
+    if pa is not None:
+        table[pa.Table] = _reduce_table
+        table[pa.RecordBatch] = _reduce_batch
+    if pl is not None:
+        table[pl.DataFrame] = _reduce_polars
+    if torch is not None:
+        table[torch.Tensor] = _reduce_tensor
+    _cache = (modules, table)
+    return table
+
+
+# -- the pickler ----------------------------------------------------------------------------
 
 
 class _Pickler(pickle.Pickler):
@@ -112,8 +254,7 @@ class _Pickler(pickle.Pickler):
         # id(placeholder PickleBuffer) -> (placeholder, source); the placeholder is kept
         # alive so that its id stays unique until the pickler hands it to _take_buffer.
         self._sources: dict[int, tuple[pickle.PickleBuffer, Source]] = {}
-        pa = sys.modules.get("pyarrow")
-        self._arrow_table = pa.Table if pa is not None else None
+        self._reducers = _reducers()
 
     def _slot(self, source: Source) -> pickle.PickleBuffer:
         # A writable placeholder: a read-only one would make the loader mark the receiver's
@@ -124,11 +265,9 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is np.ndarray and not obj.dtype.hasobject:
-            fortran = bool(obj.flags.f_contiguous and not obj.flags.c_contiguous and obj.ndim > 1)
-            return _rebuild_ndarray, (self._slot(obj), obj.dtype, obj.shape, fortran)
-        if self._arrow_table is not None and type(obj) is self._arrow_table:
-            return _rebuild_arrow_table, (self._slot(_ArrowStream(obj)),)
-        return NotImplemented
+            return _rebuild_ndarray, (self._slot(obj), obj.dtype, obj.shape, _fortran(obj))
+        reduce = self._reducers.get(type(obj))
+        return NotImplemented if reduce is None else reduce(obj, self._slot)
 
     def _take_buffer(self, buffer: pickle.PickleBuffer) -> bool:
         entry = self._sources.pop(id(buffer), None)
@@ -147,9 +286,8 @@ _RAW_KINDS = frozenset("biufcmMSU")  # dtypes that np.dtype(dtype.str) rebuilds 
 
 
 def _raw_header(obj: np.ndarray) -> bytes:
-    fortran = bool(obj.flags.f_contiguous and not obj.flags.c_contiguous and obj.ndim > 1)
     dtype = obj.dtype.str.encode()
-    return _RAW_HEAD.pack(_RAW, fortran, obj.ndim, len(dtype)) + dtype + struct.pack(f"<{obj.ndim}q", *obj.shape)
+    return _RAW_HEAD.pack(_RAW, _fortran(obj), obj.ndim, len(dtype)) + dtype + struct.pack(f"<{obj.ndim}q", *obj.shape)
 
 
 def _raw_array(header: Any, buffer: Any) -> np.ndarray:
@@ -164,7 +302,8 @@ def serialize(obj: Any) -> Serialized:
     """Serialize ``obj``; array data stays in the source objects (no copy is made here).
 
     Raises:
-        UnsupportedType (a TypeError): ``obj``, or something inside it, cannot be pickled.
+        UnsupportedType (a TypeError): ``obj``, or something inside it, cannot be pickled, or
+            holds a torch.Tensor that is not on the CPU.
     """
     if type(obj) is np.ndarray and obj.dtype.kind in _RAW_KINDS and obj.dtype.metadata is None and obj.ndim < 256:
         return Serialized(_raw_header(obj), [obj])
@@ -172,7 +311,9 @@ def serialize(obj: Any) -> Serialized:
     pickler = _Pickler(stream)
     try:
         pickler.dump(obj)
-    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+    except (ChannelError, MemoryError):
+        raise  # ours already names the cause (a tensor off the CPU); memory is not a type problem
+    except Exception as exc:  # a __reduce__ may raise anything: polars raises ComputeError
         raise UnsupportedType(f"obj cannot be serialized: {exc}") from exc
     return Serialized(stream.getvalue(), pickler.buffers)
 

@@ -1,10 +1,12 @@
 """Row-wise splitting of the objects a channel can shard.
 
 ``split(obj, n)`` returns ``n`` contiguous row blocks of equal length: block ``i`` holds
-rows ``[i*k, (i+1)*k)`` with ``k = len(obj) // n``. Blocks are views where the type allows
-(ndarray, pandas, Arrow), so splitting copies nothing; the codec copies each block once into
-shared memory. pandas and pyarrow are looked up in ``sys.modules`` rather than imported: an
-object can only be a DataFrame if pandas is already loaded.
+rows ``[i*k, (i+1)*k)`` with ``k = row_count(obj) // n``. Blocks are views where the type
+allows (ndarray, pandas, Arrow, polars, torch), so splitting copies nothing; the codec
+copies each block once into shared memory. A dict of equal-length columns (a columnar
+batch) is split column by column. pandas, pyarrow, polars and torch are looked up in
+``sys.modules`` rather than imported: an object can only be a DataFrame if pandas is
+already loaded, and importing torch to find out would cost a second.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnsupportedType
+from ..errors import InvalidArgument, UnsupportedType
 
-SUPPORTED = "numpy.ndarray, list, pandas.DataFrame, pandas.Series or pyarrow.Table"
+SUPPORTED = (
+    "numpy.ndarray, list, pandas.DataFrame, pandas.Series, pyarrow.Table, pyarrow.RecordBatch, "
+    "polars.DataFrame, torch.Tensor or dict of equal-length columns"
+)
+#: What a dict must hold in every value to be split.
+COLUMNS = "numpy.ndarray, list, torch.Tensor or pandas.Series"
+_OTHERS = "other objects need num_shards=1 or full_batch=True"
 
 
 def _kind(obj: Any) -> str | None:
@@ -24,39 +32,100 @@ def _kind(obj: Any) -> str | None:
         return "ndarray"
     if isinstance(obj, list):
         return "list"
+    if isinstance(obj, dict):
+        return "dict"
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(obj, (pd.DataFrame, pd.Series)):
         return "pandas"
     pa = sys.modules.get("pyarrow")
-    if pa is not None and isinstance(obj, pa.Table):
+    if pa is not None and isinstance(obj, (pa.Table, pa.RecordBatch)):
         return "arrow"
+    pl = sys.modules.get("polars")
+    if pl is not None and isinstance(obj, pl.DataFrame):
+        return "polars"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "tensor"
     return None
 
 
-def row_count(obj: Any) -> int:
-    """Number of rows of ``obj``.
+def _name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
-    Raises:
-        UnsupportedType: ``obj`` is not one of the supported types, or a 0-d array.
-    """
-    kind = _kind(obj)
-    if kind is None:
-        raise UnsupportedType(f"obj must be a {SUPPORTED}, got {type(obj).__module__}.{type(obj).__qualname__}")
-    if kind == "ndarray" and obj.ndim == 0:
-        raise UnsupportedType("obj must be an array with at least one dimension, got a 0-d numpy.ndarray")
+
+def _rows(obj: Any, kind: str, param: str) -> int:
+    """Rows of a non-dict ``obj`` of ``kind``; ``param`` names it in errors."""
+    if kind in ("ndarray", "tensor"):
+        if obj.ndim == 0:
+            what = "numpy.ndarray" if kind == "ndarray" else "torch.Tensor"
+            raise UnsupportedType(f"{param} must have at least one dimension to be split into shards, got a 0-d {what}; {_OTHERS}")
+        if kind == "tensor" and obj.layout is not sys.modules["torch"].strided:
+            raise UnsupportedType(f"{param} must be a strided (dense) torch.Tensor to be split into shards, got layout {obj.layout}; {_OTHERS}")
+        return int(obj.shape[0])
     if kind == "arrow":
         return int(obj.num_rows)
+    if kind == "polars":
+        return int(obj.height)
     return len(obj)
 
 
+def _dict_rows(obj: dict[Any, Any]) -> int:
+    if not obj:
+        raise UnsupportedType(f"obj must be a dict with at least one column to be split into shards, got an empty dict; {_OTHERS}")
+    lengths = {}
+    for key, value in obj.items():
+        kind = _kind(value)
+        is_series = kind == "pandas" and isinstance(value, sys.modules["pandas"].Series)
+        if kind not in ("ndarray", "list", "tensor") and not is_series:
+            raise UnsupportedType(
+                f"obj[{key!r}] must be a column ({COLUMNS}) to split a dict into shards, got {_name(value)}; {_OTHERS}"
+            )
+        lengths[key] = _rows(value, str(kind), f"obj[{key!r}]")
+    if len(set(lengths.values())) > 1:
+        got = ", ".join(f"{key!r}: {n}" for key, n in lengths.items())
+        raise InvalidArgument(f"the columns of obj must have equal lengths, got {got}")
+    return next(iter(lengths.values()))
+
+
+def row_count(obj: Any) -> int:
+    """Number of rows of ``obj`` (of each column, for a dict).
+
+    Raises:
+        UnsupportedType: ``obj`` is of no type ``split`` takes, a 0-d array or tensor, or a
+            dict that is empty or holds a value that is not a column.
+        InvalidArgument: ``obj`` is a dict whose columns differ in length.
+    """
+    kind = _kind(obj)
+    if kind is None:
+        raise UnsupportedType(f"obj must be a {SUPPORTED} to be split into shards, got {_name(obj)}; {_OTHERS}")
+    if kind == "dict":
+        return _dict_rows(obj)
+    return _rows(obj, kind, "obj")
+
+
+def splittable(obj: Any) -> bool:
+    """Whether ``split`` can cut ``obj`` into row blocks (exactly when ``row_count`` does not raise)."""
+    try:
+        row_count(obj)
+    except (UnsupportedType, InvalidArgument):
+        return False
+    return True
+
+
+def _block(obj: Any, kind: str | None, start: int, length: int) -> Any:
+    if kind in ("arrow", "polars"):
+        return obj.slice(start, length)
+    if kind == "pandas":
+        return obj.iloc[start : start + length]
+    if kind == "dict":
+        return {key: _block(value, _kind(value), start, length) for key, value in obj.items()}
+    return obj[start : start + length]  # ndarray, list, tensor: a view along the first axis
+
+
 def split(obj: Any, n: int) -> list[Any]:
-    """Split ``obj`` into ``n`` contiguous row blocks of ``len(obj) // n`` rows each."""
+    """Split ``obj`` into ``n`` contiguous row blocks of ``row_count(obj) // n`` rows each."""
     if n == 1:
         return [obj]
     kind = _kind(obj)
     step = row_count(obj) // n
-    if kind == "arrow":
-        return [obj.slice(i * step, step) for i in range(n)]
-    if kind == "pandas":
-        return [obj.iloc[i * step : (i + 1) * step] for i in range(n)]
-    return [obj[i * step : (i + 1) * step] for i in range(n)]
+    return [_block(obj, kind, i * step, step) for i in range(n)]
