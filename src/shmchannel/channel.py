@@ -6,15 +6,18 @@ Each class checks its arguments once, here, and delegates to a backend endpoint 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import warnings
 import weakref
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from . import aio
 
 from .backends import backend_for
 from .broker import rules
-from .errors import ChannelClosed, EndpointClosed, InvalidArgument
+from .errors import ChannelClosed, ChannelTimeout, EndpointClosed, InvalidArgument
 from .serialization import row_count, split, splittable
 from .store.table import StoreStats
 
@@ -46,6 +49,10 @@ def _check_timeout(param: str, value: object) -> float | None:
     return float(value)
 
 
+def _never() -> ChannelTimeout:
+    raise AssertionError("waited without a timeout")
+
+
 def _warn_unclosed(what: str, close: Callable[[], None]) -> None:
     """Finalizer of a forgotten endpoint: warn, then leave the channel without ending it."""
     warnings.warn(f"{what} was never closed; call close() or use it in a with block", ResourceWarning, stacklevel=2)
@@ -69,7 +76,7 @@ class DataSender:
 
     def __init__(
         self,
-        address: str,
+        address: str | None = None,
         namespace: str = "default",
         num_shards: int = 1,
         dataset_name: str = "dataset",
@@ -79,6 +86,7 @@ class DataSender:
         inline_threshold: int | None = None,
     ) -> None:
         self._endpoint: Any = None
+        self._worker: aio.Worker | None = None  # runs asend's sends, in order
         self._namespace = _check_name("namespace", namespace)
         self._dataset_name = _check_name("dataset_name", dataset_name)
         self._num_shards = _check_int("num_shards", num_shards, 1)
@@ -132,7 +140,11 @@ class DataSender:
         """
         endpoint = self._live()
         timeout = _check_timeout("timeout", timeout)
-        endpoint.send(self._parts(obj), timeout)
+        parts = self._parts(obj)
+        if self._worker is not None:  # after the asend calls still running, in order
+            self._worker.submit(endpoint.send, parts, timeout).result()
+        else:
+            endpoint.send(parts, timeout)
 
     def _parts(self, obj: Any) -> list[Any]:
         """The blocks of ``obj`` for the shards (the whole object once if it is not split)."""
@@ -159,6 +171,26 @@ class DataSender:
 
     # -- beyond the reference ------------------------------------------------------------
 
+    async def asend(self, obj: Any, timeout: float | None = None) -> None:
+        """``send`` for asyncio: waits for room without blocking the event loop.
+
+        Example::
+
+            async for message in kafka_consumer:        # an async producer
+                await sender.asend(featurize(message.value))
+
+        Sends run in order, on a thread of this sender. A bad argument raises at once.
+        Cancelling the await does not withdraw the object: once handed over it is sent.
+
+        Raises: as ``send``.
+        """
+        endpoint = self._live()
+        timeout = _check_timeout("timeout", timeout)
+        parts = self._parts(obj)
+        if self._worker is None:
+            self._worker = aio.Worker(f"shmchannel {self!r}")
+        await aio.wait_for(self._worker.submit(endpoint.send, parts, timeout), None, _never)
+
     @property
     def namespace(self) -> str:
         return self._namespace
@@ -180,7 +212,11 @@ class DataSender:
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._finalizer.detach()
-            endpoint.close(end_of_stream=True)
+            if self._worker is not None:  # after the sends asend handed over, which are sent
+                self._worker.submit(endpoint.close, True).result()
+                self._worker.stop()
+            else:
+                endpoint.close(end_of_stream=True)
 
     def _live(self) -> Any:
         if self._endpoint is None:
@@ -217,7 +253,7 @@ class DataReceiver:
 
     def __init__(
         self,
-        address: str,
+        address: str | None = None,
         namespace: str = "default",
         shard_id: int = 0,
         dataset_name: str = "dataset",
@@ -237,6 +273,9 @@ class DataReceiver:
             ValueError: a bad parameter, or ``shard_id >= num_shards`` of the channel.
         """
         self._endpoint: Any = None
+        self._worker: aio.Worker | None = None  # runs arecv's recv calls
+        self._pending: aio.Job | None = None  # a recv whose awaiting arecv gave up (see aio.py)
+        self._async_lock: asyncio.Lock | None = None
         self._namespace = _check_name("namespace", namespace)
         self._dataset_name = _check_name("dataset_name", dataset_name)
         self._shard_id = _check_int("shard_id", shard_id, 0)
@@ -277,11 +316,88 @@ class DataReceiver:
             ChannelClosed: the sender closed the channel and this shard is drained.
             EndpointClosed: this receiver was closed.
         """
-        return self._live().recv(_check_timeout("timeout", timeout), False)
+        endpoint = self._live()
+        timeout = _check_timeout("timeout", timeout)
+        if self._pending is not None:
+            return self._pending_result(timeout, keep=False)
+        return endpoint.recv(timeout, False)
 
     def peek(self, timeout: float | None = None) -> Any:
         """Like ``recv`` but leave the object in the queue."""
-        return self._live().recv(_check_timeout("timeout", timeout), True)
+        endpoint = self._live()
+        timeout = _check_timeout("timeout", timeout)
+        if self._pending is not None:
+            return self._pending_result(timeout, keep=True)
+        return endpoint.recv(timeout, True)
+
+    async def arecv(self, timeout: float | None = None) -> Any:
+        """``recv`` for asyncio: waits without blocking the event loop.
+
+        Example::
+
+            rx = DataReceiver("127.0.0.1", dataset_name="events", wait=30)
+            first = await rx.arecv(timeout=5)
+            async for batch in rx:      # until the sender closes the channel
+                await handle(batch)
+
+        Cancelling it (or its ``timeout`` running out) loses nothing: the object that then
+        arrives is the one the next ``recv``/``arecv`` returns, or ``close`` puts it back.
+        Concurrent ``arecv`` calls on one receiver are served one after the other.
+
+        Raises: as ``recv``.
+        """
+        self._live()
+        timeout = _check_timeout("timeout", timeout)
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        async with self._async_lock:
+            job = self._pending
+            if job is None:
+                endpoint = self._live()
+                if self._worker is None:
+                    self._worker = aio.Worker(f"shmchannel {self!r}")
+                job = self._pending = self._worker.submit(endpoint.recv, None, False)
+            try:
+                obj = await aio.wait_for(job, timeout, lambda: self._expired(timeout))
+            except asyncio.CancelledError:
+                raise  # the job stays pending: its object goes to the next call
+            except BaseException:
+                if job.done() and self._pending is job:
+                    self._pending = None
+                raise
+            self._pending = None
+            return obj
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for obj in receiver``: ``arecv`` until the end of the stream."""
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                obj = await self.arecv()
+            except ChannelClosed:
+                return
+            yield obj
+            del obj  # as in __iter__
+
+    def _pending_result(self, timeout: float | None, keep: bool) -> Any:
+        job = self._pending
+        assert job is not None
+        try:
+            obj = aio.result(job, timeout, lambda: self._expired(timeout))
+        except BaseException:
+            if job.done() and self._pending is job:
+                self._pending = None
+            raise
+        if not keep:
+            self._pending = None
+        return obj
+
+    def _expired(self, timeout: float | None) -> ChannelTimeout:
+        return ChannelTimeout(
+            f"recv timed out after {timeout} s: shard {self._shard_id} of {self._namespace}/{self._dataset_name} stayed empty"
+        )
 
     def ack(self) -> None:
         """Acknowledge the objects received so far: they are consumed, and their memory
@@ -310,11 +426,20 @@ class DataReceiver:
             del obj  # drop our reference so a consumed object can return to the store
 
     def close(self) -> None:
-        """Leave the channel. Objects already received stay valid. Idempotent."""
+        """Leave the channel. Objects already received stay valid. Idempotent.
+
+        An object an abandoned ``arecv`` received but never handed out goes back to the
+        head of the queue, as do prefetched ones.
+        """
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._finalizer.detach()
-            endpoint.close()
+            job, self._pending = self._pending, None
+            give_back = job is not None and job.done() and job.exception() is None
+            del job
+            endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
+            if self._worker is not None:
+                self._worker.stop()
 
     def _live(self) -> Any:
         if self._endpoint is None:
@@ -347,7 +472,7 @@ class DataSystem:
             ds.delete(key)
     """
 
-    def __init__(self, address: str = "127.0.0.1", *, inline_threshold: int | None = None) -> None:
+    def __init__(self, address: str | None = None, *, inline_threshold: int | None = None) -> None:
         self._endpoint: Any = None
         if inline_threshold is not None:
             _check_int("inline_threshold", inline_threshold, 0)
