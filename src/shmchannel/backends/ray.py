@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from ..errors import BrokerUnavailable, ChannelError, ChannelNotFound, InvalidArgument, UnsupportedType, from_wire
-from ..serialization import serialize
+from ..serialization import compact, serialize
 from ..store.table import StoreStats
 
 ADDRESS_FORMS = "'ray://host:port', 'ray:auto' or 'ray:local'"
@@ -145,6 +145,7 @@ class RaySender:
         # one API, one set of types. Array data is not copied by this check, which also
         # sizes each part: small ones the actor keeps and returns by value. Parts that
         # several shards share stay in the object store, where arrays are read-only.
+        parts = [compact(part) for part in parts]  # else each shard would carry the whole parent
         sizes = [serialize(part).nbytes for part in parts]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
         self._calls.call("put", self._token, parts, inline, timeout, timeout, sizes)

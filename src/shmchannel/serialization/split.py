@@ -129,3 +129,24 @@ def split(obj: Any, n: int) -> list[Any]:
     kind = _kind(obj)
     step = row_count(obj) // n
     return [_block(obj, kind, i * step, step) for i in range(n)]
+
+
+def compact(obj: Any) -> Any:
+    """``obj`` holding only the data it uses: a torch or Arrow block made by ``split`` views
+    the whole of its parent's buffers, and a serializer that pickles whole buffers (Ray's)
+    would send every shard the entire object. Blocks are copied (their rows only); anything
+    else, numpy and pandas views included (pickled as their own bytes), is returned as is."""
+    kind = _kind(obj)
+    if kind == "dict":
+        return {key: compact(value) for key, value in obj.items()}
+    if kind == "tensor" and obj.layout is sys.modules["torch"].strided:
+        used = obj.numel() * obj.element_size()
+        return obj.clone(memory_format=sys.modules["torch"].contiguous_format) if obj.untyped_storage().nbytes() > used else obj
+    if kind == "arrow" and obj.get_total_buffer_size() > obj.nbytes:
+        pa = sys.modules["pyarrow"]
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, obj.schema) as writer:
+            writer.write(obj)  # the IPC writer writes the rows of the slice only
+        reader = pa.ipc.open_stream(sink.getvalue())
+        return reader.read_all() if isinstance(obj, pa.Table) else reader.read_next_batch()
+    return obj
