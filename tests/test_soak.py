@@ -105,5 +105,5 @@ def test_soak_with_receivers_killed_at_random(broker: int, tmp_path: Path) -> No
     with DataSystem(ADDRESS) as ds:
         stats = ds.stats()
     assert (stats.used, stats.objects, stats.inline_bytes) == (0, 0, 0), stats
-    wait_until(lambda: _fds(broker) == broker_fds, 10, f"the broker's fds to return to {broker_fds}")
+    wait_until(lambda: _fds(broker) == broker_fds, 10, f"the broker's fds to return to {broker_fds}: {sorted(os.readlink(f'/proc/{broker}/fd/{fd}') for fd in os.listdir(f'/proc/{broker}/fd'))}")
     assert not (daemon.status() or {}).get("channels"), "channels left behind"

@@ -1,0 +1,50 @@
+"""Argument checks shared by the public classes: each names the parameter, what was
+expected and what was got. Also the finalizer of endpoints their user forgot to close."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+from ..errors import ChannelTimeout, InvalidArgument
+
+MAX_NAME = 1024
+#: Objects a receiver fetches per round trip when that many are queued (see DataReceiver).
+PREFETCH = int(os.environ.get("SHMCHANNEL_PREFETCH", 8))
+
+
+def check_name(param: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{param} must be a str, got {value!r} ({type(value).__name__})")
+    if not value or len(value) > MAX_NAME or "\x00" in value:
+        raise InvalidArgument(f"{param} must be 1 to {MAX_NAME} characters without NUL, got {value[:40]!r} (length {len(value)})")
+    return value
+
+
+def check_int(param: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise InvalidArgument(f"{param} must be {what}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_timeout(param: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidArgument(f"{param} must be None or a number of seconds >= 0, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def never() -> ChannelTimeout:
+    raise AssertionError("waited without a timeout")
+
+
+def warn_unclosed(what: str, close: Callable[[], None]) -> None:
+    """Finalizer of a forgotten endpoint: warn, then leave the channel without ending it."""
+    warnings.warn(f"{what} was never closed; call close() or use it in a with block", ResourceWarning, stacklevel=2)
+    try:
+        close()
+    except Exception:
+        pass

@@ -1,0 +1,86 @@
+"""DataSystem: the key-value store whose values live in shared memory."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from ..backends import backend_for
+from ..errors import EndpointClosed
+from ..store.table import StoreStats
+from .checks import check_int, check_name, check_timeout, warn_unclosed
+
+
+class DataSystem:
+    """A key-value store whose values live in shared memory, owned by the broker.
+
+    Example::
+
+        with DataSystem(address="127.0.0.1") as ds:
+            key = ds.put(np.arange(10))
+            view = ds.get(key)       # read-only view of shared memory
+            ds.delete(key)
+    """
+
+    def __init__(self, address: str | None = None, *, inline_threshold: int | None = None) -> None:
+        self._endpoint: Any = None
+        if inline_threshold is not None:
+            check_int("inline_threshold", inline_threshold, 0)
+        self._endpoint = backend_for(address, inline_threshold=inline_threshold).data_system()
+        self._finalizer = weakref.finalize(self, warn_unclosed, "DataSystem", self._endpoint.close)
+
+    def put(self, obj: Any, *, timeout: float | None = None) -> str:
+        """Store any picklable object; return its key. The object stays until ``delete``.
+
+        Raises:
+            StoreFull / StoreFullTimeout: no room (within ``timeout`` seconds).
+        """
+        return str(self._live().put(obj, check_timeout("timeout", timeout)))
+
+    def get(self, key: str) -> Any:
+        """The object under ``key``; its arrays are read-only views of shared memory.
+
+        Raises:
+            KeyError (``ObjectNotFound``): no object under ``key``.
+        """
+        return self._live().get(check_name("key", key))
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; views already handed out stay valid until dropped.
+
+        Raises:
+            KeyError (``ObjectNotFound``): no object under ``key``.
+        """
+        self._live().delete(check_name("key", key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(key) and bool(self._live().contains(key))
+
+    def stats(self) -> StoreStats:
+        """Capacity, bytes used and object count of the store."""
+        stats: StoreStats = self._live().stats()
+        return stats
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint is None
+
+    def close(self) -> None:
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._finalizer.detach()
+            endpoint.close()
+
+    def _live(self) -> Any:
+        if self._endpoint is None:
+            raise EndpointClosed("this DataSystem is closed")
+        return self._endpoint
+
+    def __enter__(self) -> DataSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DataSystem {'closed' if self._endpoint is None else 'open'}>"

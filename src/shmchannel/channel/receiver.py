@@ -1,0 +1,236 @@
+"""DataReceiver: the consuming end of one shard of a channel, blocking and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any, AsyncIterator, Iterator
+
+from .. import aio
+from ..backends import backend_for
+from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
+from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
+
+
+class DataReceiver:
+    """The consuming end of one shard of a channel.
+
+    Example::
+
+        with DataReceiver(address="127.0.0.1", dataset_name="clicks", shard_id=0, wait=30) as rx:
+            for part in rx:          # ends after the sender's close() and the queue drained
+                train(part)
+
+    Received arrays (and the numeric columns of DataFrames) are views of shared memory,
+    writable unless the object is shared with other shards (``full_batch``); the memory
+    returns to the store when the last of them is dropped.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        namespace: str = "default",
+        shard_id: int = 0,
+        dataset_name: str = "dataset",
+        *,
+        wait: float | None = 0.0,
+        prefetch: int = PREFETCH,
+    ) -> None:
+        """Connect to the channel; ``wait`` seconds (None: forever) for its sender to appear.
+
+        ``recv`` fetches up to ``prefetch`` queued objects in one round trip to the broker
+        and hands them out in order: they leave the queue (making room for the sender) but
+        stay this receiver's, put back at the head of the queue by ``close`` if not handed
+        out, and by the broker if this process dies. ``prefetch=1`` fetches one at a time.
+
+        Raises:
+            ChannelNotFound (ValueError): no sender created it (within ``wait``).
+            ValueError: a bad parameter, or ``shard_id >= num_shards`` of the channel.
+        """
+        self._endpoint: Any = None
+        self._worker: aio.Worker | None = None  # runs arecv's recv calls
+        self._pending: aio.Job | None = None  # a recv whose awaiting arecv gave up (see aio.py)
+        self._async_lock: asyncio.Lock | None = None
+        self._namespace = check_name("namespace", namespace)
+        self._dataset_name = check_name("dataset_name", dataset_name)
+        self._shard_id = check_int("shard_id", shard_id, 0)
+        wait = check_timeout("wait", wait)
+        prefetch = check_int("prefetch", prefetch, 1)
+        backend = backend_for(address)
+        self._endpoint = backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch)
+        self._num_shards = self._endpoint.num_shards
+        self._finalizer = weakref.finalize(self, warn_unclosed, repr(self), self._endpoint.close)
+
+    @property
+    def shard_id(self) -> int:
+        return self._shard_id
+
+    @property
+    def num_shards(self) -> int:
+        return self._num_shards
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def dataset_name(self) -> str:
+        return self._dataset_name
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint is None
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """Remove and return the oldest object of this shard; block while it is empty.
+
+        Acknowledges the objects received before (see ``ack``).
+
+        Raises:
+            TimeoutError (``ChannelTimeout``): nothing arrived within ``timeout`` seconds.
+            ChannelClosed: the sender closed the channel and this shard is drained.
+            EndpointClosed: this receiver was closed.
+        """
+        endpoint = self._live()
+        timeout = check_timeout("timeout", timeout)
+        if self._pending is not None:
+            return self._pending_result(timeout, keep=False)
+        return endpoint.recv(timeout, False)
+
+    def peek(self, timeout: float | None = None) -> Any:
+        """Like ``recv`` but leave the object in the queue."""
+        endpoint = self._live()
+        timeout = check_timeout("timeout", timeout)
+        if self._pending is not None:
+            return self._pending_result(timeout, keep=True)
+        return endpoint.recv(timeout, True)
+
+    async def arecv(self, timeout: float | None = None) -> Any:
+        """``recv`` for asyncio: waits without blocking the event loop.
+
+        Example::
+
+            rx = DataReceiver("127.0.0.1", dataset_name="events", wait=30)
+            first = await rx.arecv(timeout=5)
+            async for batch in rx:      # until the sender closes the channel
+                await handle(batch)
+
+        Cancelling it (or its ``timeout`` running out) loses nothing: the object that then
+        arrives is the one the next ``recv``/``arecv`` returns, or ``close`` puts it back.
+        Concurrent ``arecv`` calls on one receiver are served one after the other.
+
+        Raises: as ``recv``.
+        """
+        self._live()
+        timeout = check_timeout("timeout", timeout)
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        async with self._async_lock:
+            job = self._pending
+            if job is None:
+                endpoint = self._live()
+                if self._worker is None:
+                    self._worker = aio.Worker(f"shmchannel {self!r}")
+                job = self._pending = self._worker.submit(endpoint.recv, None, False)
+            try:
+                obj = await aio.wait_for(job, timeout, lambda: self._expired(timeout))
+            except asyncio.CancelledError:
+                raise  # the job stays pending: its object goes to the next call
+            except BaseException:
+                if job.done() and self._pending is job:
+                    self._pending = None
+                raise
+            self._pending = None
+            return obj
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for obj in receiver``: ``arecv`` until the end of the stream."""
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                obj = await self.arecv()
+            except ChannelClosed:
+                return
+            yield obj
+            del obj  # as in __iter__
+
+    def _pending_result(self, timeout: float | None, keep: bool) -> Any:
+        job = self._pending
+        assert job is not None
+        try:
+            obj = aio.result(job, timeout, lambda: self._expired(timeout))
+        except BaseException:
+            if job.done() and self._pending is job:
+                self._pending = None
+            raise
+        if not keep:
+            self._pending = None
+        return obj
+
+    def _expired(self, timeout: float | None) -> ChannelTimeout:
+        return ChannelTimeout(
+            f"recv timed out after {timeout} s: shard {self._shard_id} of {self._namespace}/{self._dataset_name} stayed empty"
+        )
+
+    def ack(self) -> None:
+        """Acknowledge the objects received so far: they are consumed, and their memory
+        returns to the store once they are dropped.
+
+        Without it the next ``recv``/``peek`` or ``close`` acknowledges them. Until then
+        the broker (or Ray channel actor) keeps them, and if this process dies they go back
+        to the head of the queue for the next receiver of this shard (at-least-once).
+        """
+        self._live().ack()
+
+    def get_queue(self, shard_id: int | None = None) -> Any:
+        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""
+        if shard_id is not None:
+            check_int("shard_id", shard_id, 0)
+        return self._live().queue(shard_id)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Receive until the end of the stream (``ChannelClosed``)."""
+        while True:
+            try:
+                obj = self.recv()
+            except ChannelClosed:
+                return
+            yield obj
+            del obj  # drop our reference so a consumed object can return to the store
+
+    def close(self) -> None:
+        """Leave the channel. Objects already received stay valid. Idempotent.
+
+        An object an abandoned ``arecv`` received but never handed out goes back to the
+        head of the queue, as do prefetched ones.
+        """
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._finalizer.detach()
+            job, self._pending = self._pending, None
+            give_back = job is not None and job.done() and job.exception() is None
+            del job
+            endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
+            if self._worker is not None:
+                self._worker.stop()
+
+    def _live(self) -> Any:
+        if self._endpoint is None:
+            raise EndpointClosed(f"{self!r} is closed")
+        return self._endpoint
+
+    def __enter__(self) -> DataReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._endpoint is None else "open"
+        shards = getattr(self, "_num_shards", "?")
+        return (
+            f"<DataReceiver {getattr(self, '_namespace', '?')}/{getattr(self, '_dataset_name', '?')} "
+            f"shard {getattr(self, '_shard_id', '?')}/{shards} {state}>"
+        )

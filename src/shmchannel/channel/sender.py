@@ -1,0 +1,189 @@
+"""DataSender: the producing end of a channel."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+from .. import aio
+from ..backends import backend_for
+from ..broker import rules
+from ..errors import EndpointClosed, InvalidArgument
+from ..serialization import row_count, split, splittable
+from .checks import check_int, check_name, check_timeout, never, warn_unclosed
+
+
+class DataSender:
+    """The producing end of a channel: splits each object into shards and queues them.
+
+    Example::
+
+        with DataSender(address="127.0.0.1", dataset_name="clicks", num_shards=2) as sender:
+            sender.send(df)        # rows [0, n/2) to shard 0, [n/2, n) to shard 1
+
+    The broker is started if none runs. Raises ValueError (``InvalidArgument``) for a bad
+    parameter and ``NameInUse`` (a ValueError) if another sender owns the name.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        namespace: str = "default",
+        num_shards: int = 1,
+        dataset_name: str = "dataset",
+        full_batch: bool = False,
+        max_queue_size: int = 10,
+        *,
+        inline_threshold: int | None = None,
+    ) -> None:
+        self._endpoint: Any = None
+        self._worker: aio.Worker | None = None  # runs asend's sends, in order
+        self._namespace = check_name("namespace", namespace)
+        self._dataset_name = check_name("dataset_name", dataset_name)
+        self._num_shards = check_int("num_shards", num_shards, 1)
+        if not isinstance(full_batch, bool):
+            raise InvalidArgument(f"full_batch must be a bool, got {full_batch!r} ({type(full_batch).__name__})")
+        self._full_batch = full_batch
+        self._max_queue_size = check_int("max_queue_size", max_queue_size, 1)
+        rules.check_channel_shape(num_shards, max_queue_size)  # and at most rules.MAX_SHARDS shards
+        if inline_threshold is not None:
+            check_int("inline_threshold", inline_threshold, 0)
+        backend = backend_for(address, inline_threshold=inline_threshold)
+        self._address = address
+        self._endpoint = backend.create_sender(namespace, dataset_name, num_shards, full_batch, max_queue_size)
+        self._finalizer = weakref.finalize(
+            self, warn_unclosed, repr(self), functools.partial(self._endpoint.close, end_of_stream=False)
+        )
+
+    # -- reference API -------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return self._num_shards
+
+    @property
+    def full_batch(self) -> bool:
+        return self._full_batch
+
+    def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Split ``obj`` row-wise into ``num_shards`` blocks and queue block i for shard i.
+
+        These are split: numpy.ndarray, list, pandas DataFrame/Series, pyarrow Table/RecordBatch,
+        polars DataFrame, CPU torch.Tensor (along dim 0, detached), and a dict of equal-length
+        columns (each split alike). Any other picklable object is queued whole, which needs
+        ``num_shards=1`` or ``full_batch``; with ``full_batch`` every shard gets the whole
+        object. Blocks while a shard's queue holds ``max_queue_size`` objects (or the store
+        is full), at most ``timeout`` seconds. All shards are queued or none. On the embedded
+        backend a send the queue is known to have room for returns without waiting for the
+        broker's answer; should the broker still refuse it, a later call of this sender
+        raises that error.
+
+        Raises:
+            TypeError (``UnsupportedType``): ``obj`` must be split but cannot be (another
+                type, a 0-d array or tensor, an empty dict or one holding a non-column);
+                or it cannot be pickled, or holds a torch.Tensor that is not on the CPU.
+            ValueError: the rows of ``obj`` are not a positive multiple of ``num_shards``
+                (of 1 with ``full_batch``), or a dict to be split has columns of unequal lengths.
+            TimeoutError: ``timeout`` ran out; nothing was queued (``StoreFullTimeout`` if
+                the store stayed full).
+            StoreFull: one object is larger than the whole store.
+            EndpointClosed: this sender was closed.
+        """
+        endpoint = self._live()
+        timeout = check_timeout("timeout", timeout)
+        parts = self._parts(obj)
+        if self._worker is not None:  # after the asend calls still running, in order
+            self._worker.submit(endpoint.send, parts, timeout).result()
+        else:
+            endpoint.send(parts, timeout)
+
+    def _parts(self, obj: Any) -> list[Any]:
+        """The blocks of ``obj`` for the shards (the whole object once if it is not split)."""
+        divisor = 1 if self._full_batch else self._num_shards
+        if divisor == 1 and not splittable(obj):
+            return [obj]  # any picklable object; serialize() names what it cannot carry
+        rows = row_count(obj)  # UnsupportedType / InvalidArgument saying why obj cannot be split
+        if rows == 0 or rows % divisor:
+            what = "the column length of obj" if isinstance(obj, dict) else "len(obj)"  # len(dict) counts keys
+            raise InvalidArgument(
+                f"{what} must be a positive multiple of num_shards ({divisor}), got {rows}"
+                if divisor > 1
+                else f"{what} must be positive, got {rows}"
+            )
+        return [obj] if divisor == 1 else split(obj, self._num_shards)
+
+    def get_queue(self, shard_id: int | None = None) -> Any:
+        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""
+        if shard_id is not None:
+            check_int("shard_id", shard_id, 0)
+            if shard_id >= self._num_shards:
+                raise InvalidArgument(f"shard_id must be less than num_shards ({self._num_shards}), got {shard_id}")
+        return self._live().queue(shard_id)
+
+    # -- beyond the reference ------------------------------------------------------------
+
+    async def asend(self, obj: Any, timeout: float | None = None) -> None:
+        """``send`` for asyncio: waits for room without blocking the event loop.
+
+        Example::
+
+            async for message in kafka_consumer:        # an async producer
+                await sender.asend(featurize(message.value))
+
+        Sends run in order, on a thread of this sender. A bad argument raises at once.
+        Cancelling the await does not withdraw the object: once handed over it is sent.
+
+        Raises: as ``send``.
+        """
+        endpoint = self._live()
+        timeout = check_timeout("timeout", timeout)
+        parts = self._parts(obj)
+        if self._worker is None:
+            self._worker = aio.Worker(f"shmchannel {self!r}")
+        await aio.wait_for(self._worker.submit(endpoint.send, parts, timeout), None, never)
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def dataset_name(self) -> str:
+        return self._dataset_name
+
+    @property
+    def max_queue_size(self) -> int:
+        return self._max_queue_size
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint is None
+
+    def close(self) -> None:
+        """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._finalizer.detach()
+            if self._worker is not None:  # after the sends asend handed over, which are sent
+                self._worker.submit(endpoint.close, True).result()
+                self._worker.stop()
+            else:
+                endpoint.close(end_of_stream=True)
+
+    def _live(self) -> Any:
+        if self._endpoint is None:
+            raise EndpointClosed(f"{self!r} is closed")
+        return self._endpoint
+
+    def __enter__(self) -> DataSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._endpoint is None else "open"
+        return (
+            f"<DataSender {getattr(self, '_namespace', '?')}/{getattr(self, '_dataset_name', '?')} "
+            f"{getattr(self, '_num_shards', '?')} shards{' full_batch' if getattr(self, '_full_batch', False) else ''} {state}>"
+        )
