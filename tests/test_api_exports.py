@@ -25,3 +25,40 @@ def test_every_error_derives_from_channel_error() -> None:
         obj = getattr(shmchannel, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, shmchannel.ChannelError), name
+
+
+def _public_names() -> list[tuple[str, object]]:
+    """(qualified name, object) of every public class, function, method and property of the
+    package, of shmchannel.torch and of the public classes' members."""
+    import inspect
+
+    import shmchannel.torch as shm_torch
+
+    found: list[tuple[str, object]] = []
+    for module, names in ((shmchannel, shmchannel.__all__), (shm_torch, shm_torch.__all__)):
+        for name in names:
+            obj = getattr(module, name)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            found.append((f"{module.__name__}.{name}", obj))
+            if inspect.isclass(obj) and not issubclass(obj, Exception):
+                for member, value in vars(obj).items():
+                    if member.startswith("_") and member not in ("__iter__", "__aiter__", "__contains__"):
+                        continue
+                    if inspect.isfunction(value) or isinstance(value, property):
+                        found.append((f"{module.__name__}.{name}.{member}", value))
+    return found
+
+
+def test_every_public_name_has_a_docstring_with_an_example() -> None:
+    """Docs: each public class, function and method says what it does and shows an example;
+    properties (and ``__contains__``) say what they are in one line."""
+    missing_doc, missing_example = [], []
+    for qualname, obj in _public_names():
+        doc = (obj.fget if isinstance(obj, property) else obj).__doc__ or ""  # type: ignore[attr-defined]
+        if not doc.strip():
+            missing_doc.append(qualname)
+        elif not isinstance(obj, property) and "Example" not in doc and not qualname.endswith("__contains__"):
+            missing_example.append(qualname)
+    assert not missing_doc, f"no docstring: {missing_doc}"
+    assert not missing_example, f"no example in the docstring: {missing_example}"

@@ -200,12 +200,25 @@ class ChannelDataset(IterableDataset):
         self.prefetch = prefetch
 
     def receiver(self) -> DataReceiver:
-        """A new receiver of this dataset's shard (what each iteration uses)."""
+        """A new receiver of this dataset's shard (what each iteration uses).
+
+        Example::
+
+            with dataset.receiver() as receiver:   # e.g. to peek before training
+                first = receiver.peek(timeout=60)
+        """
         return DataReceiver(
             self.address, self.namespace, self.shard_id, self.dataset_name, wait=self.wait, prefetch=self.prefetch
         )
 
     def __iter__(self) -> Iterator[Any]:
+        """Open a receiver and yield its objects converted, until the end of the stream.
+
+        Example::
+
+            for features in ChannelDataset("127.0.0.1", "clicks"):   # without a DataLoader
+                ...
+        """
         convert = to_tensors if self.transform is None else self.transform  # a callable may be falsy
         with self.receiver() as receiver:
             while True:

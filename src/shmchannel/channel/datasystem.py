@@ -34,6 +34,10 @@ class DataSystem:
 
         Raises:
             StoreFull / StoreFullTimeout: no room (within ``timeout`` seconds).
+
+        Example::
+
+            key = ds.put({"weights": np.zeros((1024, 1024)), "step": 10})
         """
         return str(self._live().put(obj, check_timeout("timeout", timeout)))
 
@@ -42,6 +46,10 @@ class DataSystem:
 
         Raises:
             KeyError (``ObjectNotFound``): no object under ``key``.
+
+        Example::
+
+            weights = ds.get(key)["weights"]   # a read-only view: no copy
         """
         return self._live().get(check_name("key", key))
 
@@ -50,22 +58,41 @@ class DataSystem:
 
         Raises:
             KeyError (``ObjectNotFound``): no object under ``key``.
+
+        Example::
+
+            ds.delete(key)
         """
         self._live().delete(check_name("key", key))
 
     def __contains__(self, key: object) -> bool:
+        """Whether an object is stored under ``key`` (``if key in ds: ...``)."""
         return isinstance(key, str) and bool(key) and bool(self._live().contains(key))
 
     def stats(self) -> StoreStats:
-        """Capacity, bytes used and object count of the store."""
+        """Capacity, bytes used and object count of the store.
+
+        Example::
+
+            print(f"{ds.stats().free >> 20} MiB free")
+        """
         stats: StoreStats = self._live().stats()
         return stats
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` was called."""
         return self._endpoint is None
 
     def close(self) -> None:
+        """Disconnect; stored objects stay until deleted. Idempotent.
+
+        Example::
+
+            ds = DataSystem()
+            key = ds.put(table)
+            ds.close()           # the object stays under key for other processes
+        """
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._finalizer.detach()

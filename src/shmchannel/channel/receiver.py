@@ -63,22 +63,27 @@ class DataReceiver:
 
     @property
     def shard_id(self) -> int:
+        """Which shard this receiver reads."""
         return self._shard_id
 
     @property
     def num_shards(self) -> int:
+        """The channel's shard count, as its sender created it."""
         return self._num_shards
 
     @property
     def namespace(self) -> str:
+        """The channel's namespace."""
         return self._namespace
 
     @property
     def dataset_name(self) -> str:
+        """The channel's name within its namespace."""
         return self._dataset_name
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` was called."""
         return self._endpoint is None
 
     def recv(self, timeout: float | None = None) -> Any:
@@ -90,6 +95,13 @@ class DataReceiver:
             TimeoutError (``ChannelTimeout``): nothing arrived within ``timeout`` seconds.
             ChannelClosed: the sender closed the channel and this shard is drained.
             EndpointClosed: this receiver was closed.
+
+        Example::
+
+            try:
+                batch = receiver.recv(timeout=30)
+            except ChannelClosed:
+                ...                  # end of stream
         """
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
@@ -98,7 +110,13 @@ class DataReceiver:
         return endpoint.recv(timeout, False)
 
     def peek(self, timeout: float | None = None) -> Any:
-        """Like ``recv`` but leave the object in the queue."""
+        """Like ``recv`` but leave the object in the queue.
+
+        Example::
+
+            head = receiver.peek(timeout=5)    # look at the next batch
+            batch = receiver.recv()            # the same batch, now taken
+        """
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
         if self._pending is not None:
@@ -144,7 +162,13 @@ class DataReceiver:
             return obj
 
     def __aiter__(self) -> AsyncIterator[Any]:
-        """``async for obj in receiver``: ``arecv`` until the end of the stream."""
+        """``async for obj in receiver``: ``arecv`` until the end of the stream.
+
+        Example::
+
+            async for batch in receiver:
+                await handle(batch)
+        """
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[Any]:
@@ -181,17 +205,34 @@ class DataReceiver:
         Without it the next ``recv``/``peek`` or ``close`` acknowledges them. Until then
         the broker (or Ray channel actor) keeps them, and if this process dies they go back
         to the head of the queue for the next receiver of this shard (at-least-once).
+
+        Example::
+
+            batch = receiver.recv()
+            checkpoint(model.fit(batch))
+            receiver.ack()        # only now is the batch gone for good
         """
         self._live().ack()
 
     def get_queue(self, shard_id: int | None = None) -> Any:
-        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""
+        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards.
+
+        Example::
+
+            waiting = len(receiver.get_queue(receiver.shard_id))
+        """
         if shard_id is not None:
             check_int("shard_id", shard_id, 0)
         return self._live().queue(shard_id)
 
     def __iter__(self) -> Iterator[Any]:
-        """Receive until the end of the stream (``ChannelClosed``)."""
+        """Receive until the end of the stream (``ChannelClosed``).
+
+        Example::
+
+            for batch in receiver:
+                train(batch)
+        """
         while True:
             try:
                 obj = self.recv()
@@ -205,6 +246,14 @@ class DataReceiver:
 
         An object an abandoned ``arecv`` received but never handed out goes back to the
         head of the queue, as do prefetched ones.
+
+        Example::
+
+            receiver = DataReceiver(dataset_name="clicks", shard_id=1)
+            try:
+                first = receiver.recv(timeout=60)
+            finally:
+                receiver.close()     # or use ``with DataReceiver(...) as receiver:``
         """
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:

@@ -60,10 +60,12 @@ class DataSender:
 
     @property
     def num_shards(self) -> int:
+        """How many shards each object is split into (``sender.num_shards == 2``)."""
         return self._num_shards
 
     @property
     def full_batch(self) -> bool:
+        """Whether every shard gets the whole object instead of a block."""
         return self._full_batch
 
     def send(self, obj: Any, timeout: float | None = None) -> None:
@@ -89,6 +91,11 @@ class DataSender:
                 the store stayed full).
             StoreFull: one object is larger than the whole store.
             EndpointClosed: this sender was closed.
+
+        Example::
+
+            sender.send(pd.DataFrame({"x": range(100)}))   # 50 rows to each of 2 shards
+            sender.send(batch, timeout=5)                   # TimeoutError if still full after 5 s
         """
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
@@ -114,7 +121,12 @@ class DataSender:
         return [obj] if divisor == 1 else split(obj, self._num_shards)
 
     def get_queue(self, shard_id: int | None = None) -> Any:
-        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards."""
+        """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards.
+
+        Example::
+
+            backlog = {shard: len(keys) for shard, keys in sender.get_queue().items()}
+        """
         if shard_id is not None:
             check_int("shard_id", shard_id, 0)
             if shard_id >= self._num_shards:
@@ -145,22 +157,36 @@ class DataSender:
 
     @property
     def namespace(self) -> str:
+        """The channel's namespace."""
         return self._namespace
 
     @property
     def dataset_name(self) -> str:
+        """The channel's name within its namespace."""
         return self._dataset_name
 
     @property
     def max_queue_size(self) -> int:
+        """At most this many objects wait in each shard's queue; ``send`` blocks beyond."""
         return self._max_queue_size
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` was called."""
         return self._endpoint is None
 
     def close(self) -> None:
-        """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent."""
+        """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent.
+
+        Example::
+
+            sender = DataSender(dataset_name="clicks")
+            try:
+                for batch in batches():
+                    sender.send(batch)
+            finally:
+                sender.close()       # or use ``with DataSender(...) as sender:``
+        """
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._finalizer.detach()
