@@ -6,12 +6,12 @@ import weakref
 from typing import Any
 
 from ..backends import backend_for
-from ..errors import EndpointClosed
 from ..store.table import StoreStats
 from .checks import check_int, check_name, check_timeout, warn_unclosed
+from .endpoint import Endpoint
 
 
-class DataSystem:
+class DataSystem(Endpoint):
     """A key-value store whose values live in shared memory, owned by the broker.
 
     Example::
@@ -79,11 +79,6 @@ class DataSystem:
         stats: StoreStats = self._live().stats()
         return stats
 
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` was called."""
-        return self._endpoint is None
-
     def close(self) -> None:
         """Disconnect; stored objects stay until deleted. Idempotent.
 
@@ -97,17 +92,6 @@ class DataSystem:
         if endpoint is not None:
             self._finalizer.detach()
             endpoint.close()
-
-    def _live(self) -> Any:
-        if self._endpoint is None:
-            raise EndpointClosed("this DataSystem is closed")
-        return self._endpoint
-
-    def __enter__(self) -> DataSystem:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<DataSystem {'closed' if self._endpoint is None else 'open'}>"

@@ -8,11 +8,12 @@ from typing import Any, AsyncIterator, Iterator
 
 from .. import aio
 from ..backends import backend_for
-from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
+from ..errors import ChannelClosed, ChannelTimeout
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
+from .endpoint import ChannelEnd
 
 
-class DataReceiver:
+class DataReceiver(ChannelEnd):
     """The consuming end of one shard of a channel.
 
     Example::
@@ -70,21 +71,6 @@ class DataReceiver:
     def num_shards(self) -> int:
         """The channel's shard count, as its sender created it."""
         return self._num_shards
-
-    @property
-    def namespace(self) -> str:
-        """The channel's namespace."""
-        return self._namespace
-
-    @property
-    def dataset_name(self) -> str:
-        """The channel's name within its namespace."""
-        return self._dataset_name
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` was called."""
-        return self._endpoint is None
 
     def recv(self, timeout: float | None = None) -> Any:
         """Remove and return the oldest object of this shard; block while it is empty.
@@ -264,17 +250,6 @@ class DataReceiver:
             endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
             if self._worker is not None:
                 self._worker.stop()
-
-    def _live(self) -> Any:
-        if self._endpoint is None:
-            raise EndpointClosed(f"{self!r} is closed")
-        return self._endpoint
-
-    def __enter__(self) -> DataReceiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._endpoint is None else "open"

@@ -9,12 +9,13 @@ from typing import Any
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import EndpointClosed, InvalidArgument
+from ..errors import InvalidArgument
 from ..serialization import row_count, split, splittable
 from .checks import check_int, check_name, check_timeout, never, warn_unclosed
+from .endpoint import ChannelEnd
 
 
-class DataSender:
+class DataSender(ChannelEnd):
     """The producing end of a channel: splits each object into shards and queues them.
 
     Example::
@@ -156,24 +157,9 @@ class DataSender:
         await aio.wait_for(self._worker.submit(endpoint.send, parts, timeout), None, never)
 
     @property
-    def namespace(self) -> str:
-        """The channel's namespace."""
-        return self._namespace
-
-    @property
-    def dataset_name(self) -> str:
-        """The channel's name within its namespace."""
-        return self._dataset_name
-
-    @property
     def max_queue_size(self) -> int:
         """At most this many objects wait in each shard's queue; ``send`` blocks beyond."""
         return self._max_queue_size
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` was called."""
-        return self._endpoint is None
 
     def close(self) -> None:
         """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent.
@@ -195,17 +181,6 @@ class DataSender:
                 self._worker.stop()
             else:
                 endpoint.close(end_of_stream=True)
-
-    def _live(self) -> Any:
-        if self._endpoint is None:
-            raise EndpointClosed(f"{self!r} is closed")
-        return self._endpoint
-
-    def __enter__(self) -> DataSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._endpoint is None else "open"
