@@ -31,6 +31,9 @@ class ReceiverEndpoint(Protocol):
 
     def ack(self) -> None: ...
 
+    def buffered(self) -> bool:
+        """Whether ``recv`` can return at once, from objects already fetched (no I/O wait)."""
+
     def close(self, give_back_last: bool = False) -> None:
         """Leave the channel; with ``give_back_last`` the object handed out last goes back to
         the head of the queue (it never reached the user: see aio.py)."""

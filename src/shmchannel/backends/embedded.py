@@ -275,6 +275,9 @@ class EmbeddedReceiver:
             return self._client.unpack(item, inline, self._shared)
         return self._client.unpack(item, bytearray(inline), self._shared)  # its own copy, as from the broker
 
+    def buffered(self) -> bool:
+        return bool(self._buffer)
+
     def _put_back(self, reply: dict[str, Any], data: bytearray) -> None:
         self._requeue([item["key"] for item in reply["items"]])
 

@@ -198,6 +198,9 @@ class RayReceiver:
             self._last = key
         return payload if small else self._ray.get(payload[0])
 
+    def buffered(self) -> bool:
+        return False  # no prefetch on Ray: every recv is a call to the actor
+
     def _put_back(self, reply: Any) -> None:
         self._calls.actor.requeue.remote(self._token, self._shard, reply[1])
 

@@ -131,6 +131,8 @@ class DataReceiver(ChannelEnd):
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
             job = self._pending
+            if job is None and self._live().buffered():
+                return self._live().recv(0, False)  # prefetched: no wait, so no thread hop
             if job is None:
                 endpoint = self._live()
                 if self._worker is None:
