@@ -159,4 +159,17 @@ def _no_leftovers() -> Iterator[None]:
     assert not leftovers, f"/dev/shm entries of dead brokers: {leftovers}"
 
 
+RAY_FIXTURES = {"ray_cluster", "ray_two_nodes"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the Ray cluster ``ray``, so ``-m "not ray"`` runs the rest
+    (``-k "not ray"`` would also drop every test with "array" in its name)."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_ray = params is not None and params.params.get("address") == "ray"
+        if on_ray or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 __all__ = ["ADDRESS", "BACKENDS", "isolated_broker", "ray_processes"]
