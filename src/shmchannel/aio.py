@@ -60,16 +60,17 @@ class Worker:
             del job, fn, args, item  # a received object must not outlive its hand-over here
 
 
-async def wait_for(job: Job, timeout: float | None, expired: Callable[[], ChannelTimeout]) -> Any:
+async def wait_for(job: Job, timeout: float | None = None, expired: Callable[[], ChannelTimeout] | None = None) -> Any:
     """The result of ``job``, awaited without blocking the loop; the job goes on running if
-    the wait is cancelled or ``timeout`` runs out (``expired()`` is raised then)."""
+    the wait is cancelled or ``timeout`` runs out (``expired()`` is raised then: it must be
+    given with a timeout)."""
     waiter = asyncio.wrap_future(job)
     # Retrieve its outcome even when nobody awaits it any more: no "exception never retrieved".
     waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         return await asyncio.wait_for(asyncio.shield(waiter), timeout)
     except asyncio.TimeoutError:
-        if waiter.done():  # the job's own TimeoutError
+        if waiter.done() or expired is None:  # the job's own TimeoutError
             return waiter.result()
         raise expired() from None
 

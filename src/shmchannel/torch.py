@@ -50,21 +50,16 @@ import numpy as np
 
 from .channel import PREFETCH, DataReceiver
 from .errors import ChannelClosed, InvalidArgument
+from .serialization.codec import NUMPY_TORCH
 
 __all__ = ["ChannelDataset", "to_tensors"]
-
-#: numpy dtypes torch.from_numpy accepts (not float128/complex256, which are kind "f"/"c" too).
-_TORCH_DTYPES = frozenset(
-    "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
-)
-
 
 def _array_to_tensor(array: np.ndarray) -> Any:
     if array.dtype.kind in "mM" and array.dtype.isnative:
         array = array.view(np.int64)  # counts of the dtype's unit: DataLoader cannot convert datetimes
-    elif array.dtype.name in _TORCH_DTYPES and not array.dtype.isnative:
+    elif array.dtype.name in NUMPY_TORCH and not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))  # torch has no big-endian tensors
-    if array.dtype.name not in _TORCH_DTYPES:
+    if array.dtype.name not in NUMPY_TORCH:
         return array  # strings, objects, long doubles: torch has no such tensors
     if not array.flags.writeable:
         return torch.from_numpy(array.copy())  # shared by every receiver: see the module doc

@@ -290,16 +290,12 @@ class ChannelActor:
 
     async def status(self) -> dict[str, Any]:
         """This channel's figures, with the same keys as the embedded broker's (``shmchannel.status``)."""
-        shard_receivers = [0] * self.num_shards
-        for shard in self.receivers.values():
-            if shard < self.num_shards:
-                shard_receivers[shard] += 1
         return {
             **self._info(),
             "closed": self.closed,
             "sender": self.sender is not None,
             "receivers": len(self.receivers),
-            "shard_receivers": shard_receivers,
+            "shard_receivers": rules.receivers_per_shard(self.receivers.values(), self.num_shards),
             "depths": [len(q) for q in self.queues],
             "sent_objects": self.sent_objects,
             "sent_bytes": self.sent_bytes,

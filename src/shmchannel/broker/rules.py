@@ -5,11 +5,23 @@ the two backends refuse the same things with the same words.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, InvalidArgument, NameInUse, ObjectNotFound
 
 #: Most shards a channel may have: a queue and a signal each, and a receiver process each
 #: in practice; a bound so that one request cannot make a broker allocate without limit.
 MAX_SHARDS = 4096
+
+
+def receivers_per_shard(shards: Iterable[int], num_shards: int) -> list[int]:
+    """How many receivers read each shard, from the shard of each (status); a shard number a
+    reshape of the channel left out of range counts nowhere."""
+    counts = [0] * num_shards
+    for shard in shards:
+        if shard < num_shards:
+            counts[shard] += 1
+    return counts
 
 
 def check_channel_shape(num_shards: object, max_queue_size: object) -> None:

@@ -569,16 +569,12 @@ class BrokerState:
 
     def channel_status(self, channel: Channel) -> dict[str, Any]:
         """A channel's figures, as ``shmchannel.status`` documents them."""
-        shard_receivers = [0] * channel.num_shards
-        for shard in channel.receivers.values():
-            if shard < channel.num_shards:  # a reshape may have left one out of range
-                shard_receivers[shard] += 1
         return {
             **channel.info(),
             "closed": channel.closed,
             "sender": channel.sender is not None,
             "receivers": len(channel.receivers),
-            "shard_receivers": shard_receivers,
+            "shard_receivers": rules.receivers_per_shard(channel.receivers.values(), channel.num_shards),
             "depths": [channel.depth(i) for i in range(channel.num_shards)],
             "sent_objects": channel.sent_objects,
             "sent_bytes": channel.sent_bytes,

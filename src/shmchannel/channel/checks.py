@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Callable
 
-from ..errors import ChannelTimeout, InvalidArgument
+from ..errors import InvalidArgument
 
 MAX_NAME = 1024
 #: Objects a receiver fetches per round trip when that many are queued (see DataReceiver).
@@ -35,10 +35,6 @@ def check_timeout(param: str, value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidArgument(f"{param} must be None or a number of seconds >= 0, got {value!r} ({type(value).__name__})")
     return float(value)
-
-
-def never() -> ChannelTimeout:
-    raise AssertionError("waited without a timeout")
 
 
 def warn_unclosed(what: str, close: Callable[[], None]) -> None:

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from .. import aio
 from ..backends import backend_for
+from ..broker import rules
 from ..errors import ChannelClosed, ChannelTimeout
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd
@@ -131,10 +132,10 @@ class DataReceiver(ChannelEnd):
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
             job = self._pending
-            if job is None and self._live().buffered():
-                return self._live().recv(0, False)  # prefetched: no wait, so no thread hop
             if job is None:
-                endpoint = self._live()
+                endpoint = self._live()  # again: close() may have run while we waited for the lock
+                if endpoint.buffered():
+                    return endpoint.recv(0, False)  # prefetched: no wait, so no thread hop
                 if self._worker is None:
                     self._worker = aio.Worker(f"shmchannel {self!r}")
                 job = self._pending = self._worker.submit(endpoint.recv, None, False)
@@ -182,9 +183,7 @@ class DataReceiver(ChannelEnd):
         return obj
 
     def _expired(self, timeout: float | None) -> ChannelTimeout:
-        return ChannelTimeout(
-            f"recv timed out after {timeout} s: shard {self._shard_id} of {self._namespace}/{self._dataset_name} stayed empty"
-        )
+        return rules.recv_timeout(False, timeout, self._shard_id, f"{self._namespace}/{self._dataset_name}")
 
     def ack(self) -> None:
         """Acknowledge the objects received so far: they are consumed, and their memory

@@ -11,7 +11,7 @@ from ..backends import backend_for
 from ..broker import rules
 from ..errors import InvalidArgument
 from ..serialization import row_count, split, splittable
-from .checks import check_int, check_name, check_timeout, never, warn_unclosed
+from .checks import check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd
 
 
@@ -154,7 +154,7 @@ class DataSender(ChannelEnd):
         parts = self._parts(obj)
         if self._worker is None:
             self._worker = aio.Worker(f"shmchannel {self!r}")
-        await aio.wait_for(self._worker.submit(endpoint.send, parts, timeout), None, never)
+        await aio.wait_for(self._worker.submit(endpoint.send, parts, timeout))
 
     @property
     def max_queue_size(self) -> int:

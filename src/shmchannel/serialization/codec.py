@@ -147,6 +147,17 @@ class _ArrowStream:
         self._write(pa.FixedSizeBufferWriter(pa.py_buffer(dst)))
 
 
+def compact_arrow(data: Any) -> Any:
+    """A copy of an Arrow Table or RecordBatch holding its own rows only (a slice views the
+    whole of its parent's buffers): written as an IPC stream and read back."""
+    import pyarrow as pa
+
+    stream = _ArrowStream(data)
+    buf = bytearray(stream.nbytes)
+    stream.write_into(memoryview(buf))
+    return _rebuild_arrow_table(buf) if isinstance(data, pa.Table) else _rebuild_arrow_batch(buf)
+
+
 #: A reducer of a foreign type: (object, slot maker) -> pickle's reduce tuple, or NotImplemented.
 Slot = Callable[[Source], pickle.PickleBuffer]
 
@@ -177,8 +188,9 @@ def _reduce_polars(df: Any, slot: Slot) -> Any:
 
 # -- torch ----------------------------------------------------------------------------------
 
-#: torch dtypes numpy has (same name); the others travel as the integer of their size.
-_NUMPY_TORCH = frozenset(
+#: torch dtypes numpy has (same name), so torch.from_numpy takes them (not float128 or
+#: complex256, which are kind "f"/"c" too); the others travel as the integer of their size.
+NUMPY_TORCH = frozenset(
     "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
 )
 _CARRIERS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
@@ -195,7 +207,7 @@ def _reduce_tensor(tensor: Any, slot: Slot) -> Any:
     name = str(tensor.dtype).removeprefix("torch.")
     data = tensor.detach().resolve_conj().resolve_neg()  # the resolves copy only if a lazy bit is set
     carrier = None
-    if name not in _NUMPY_TORCH:
+    if name not in NUMPY_TORCH:
         carrier = _CARRIERS.get(data.element_size())
         if carrier is None:
             return NotImplemented

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgument, UnsupportedType
+from .codec import compact_arrow
 
 SUPPORTED = (
     "numpy.ndarray, list, pandas.DataFrame, pandas.Series, pyarrow.Table, pyarrow.RecordBatch, "
@@ -143,10 +144,5 @@ def compact(obj: Any) -> Any:
         used = obj.numel() * obj.element_size()
         return obj.clone(memory_format=sys.modules["torch"].contiguous_format) if obj.untyped_storage().nbytes() > used else obj
     if kind == "arrow" and obj.get_total_buffer_size() > obj.nbytes:
-        pa = sys.modules["pyarrow"]
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, obj.schema) as writer:
-            writer.write(obj)  # the IPC writer writes the rows of the slice only
-        reader = pa.ipc.open_stream(sink.getvalue())
-        return reader.read_all() if isinstance(obj, pa.Table) else reader.read_next_batch()
+        return compact_arrow(obj)
     return obj
