@@ -19,7 +19,7 @@ import pytest
 
 from shmchannel import config
 from shmchannel.broker import daemon
-from shmchannel.testing import isolated_broker, isolated_runtime, wait_until
+from shmchannel.testing import isolated_broker, isolated_runtime, start_idle_broker, wait_until
 
 ADDRESS = "127.0.0.1"
 RAY_ADDRESS = "ray:auto"
@@ -37,11 +37,8 @@ def _isolated() -> Iterator[str]:
 
 @pytest.fixture
 def broker(_isolated: str) -> Iterator[int]:
-    """A running broker (256 MiB store); yields its pid."""
-    conn = daemon.ensure_running()
-    pid = int(conn.info["pid"])
-    conn.close()
-    yield pid
+    """A running broker (256 MiB store) with no client connected; yields its pid."""
+    yield start_idle_broker()
 
 
 @pytest.fixture
@@ -49,10 +46,7 @@ def small_store() -> Iterator[int]:
     """A broker whose store holds only 4 MiB."""
     daemon.stop()
     os.environ["SHMCHANNEL_MEMORY"] = "4M"
-    conn = daemon.ensure_running()
-    pid = int(conn.info["pid"])
-    conn.close()
-    yield pid
+    yield start_idle_broker()
 
 
 # -- Ray -------------------------------------------------------------------------------------

@@ -71,10 +71,44 @@ def _pid_of_broker() -> int | None:
 def isolated_broker(memory: str = "256M", idle_timeout: float = 60.0) -> Iterator[int]:
     """A running broker of its own for the block; yields its pid (see ``isolated_runtime``)."""
     with isolated_runtime(memory, idle_timeout):
-        conn = daemon.ensure_running()
-        pid = int(conn.info["pid"])
-        conn.close()
-        yield pid
+        yield start_idle_broker()
+
+
+def start_idle_broker() -> int:
+    """Start (or find) this runtime directory's broker and return its pid once it has let go
+    of the connection that started it, so what a test counts from then on is its own."""
+    conn = daemon.ensure_running()
+    pid = int(conn.info["pid"])
+    conn.close()
+    wait_until(lambda: broker_connections(pid) == 0, 10, f"broker {pid} to drop the connection that started it")
+    return pid
+
+
+def broker_connections(pid: int) -> int:
+    """How many client connections broker ``pid`` holds open: its sockets that are connected
+    and carry the broker's socket path (its listening socket is not connected; asyncio's
+    internal socket pair has no path)."""
+    inodes = {link[len("socket:["):-1] for link in open_files(pid) if link.startswith("socket:[")}
+    path = str(config.socket_path())
+    count = 0
+    with open("/proc/net/unix") as table:
+        next(table)  # Num RefCount Protocol Flags Type St Inode Path
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] in inodes and fields[5] == "03" and fields[7] == path:
+                count += 1
+    return count
+
+
+def open_files(pid: int) -> list[str]:
+    """What process ``pid`` has open, one entry per descriptor, sorted (readlink of /proc)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed between listdir and readlink
+            pass
+    return sorted(links)
 
 
 def start_process(target: Callable[..., Any], *args: Any) -> multiprocessing.process.BaseProcess:
