@@ -4,6 +4,7 @@ left behind."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
@@ -22,7 +23,8 @@ from .conftest import ADDRESS
 CHANNELS = 4        # one sender each
 SHARDS = 2          # so 8 receivers
 OBJECTS = 240       # per channel
-RUN_FOR = 25.0      # seconds of killing receivers, at most
+KILLS = 30          # receivers killed while the streams run, at least
+RUN_FOR = 120.0     # seconds the streams may take, at most
 #: Bytes per object (split over the shards), cycled: inline ones and arena ones up to 8 MiB.
 SIZES = [100, 4_000, 60_000, 300_000, 1_000_000, 100, 8 << 20, 20_000]
 
@@ -32,18 +34,23 @@ def _object(seq: int) -> np.ndarray:
     return np.full(rows, seq, dtype=np.float64)
 
 
-def _send(channel: int) -> None:
+def _send(channel: int, kills: Any) -> None:
+    """Send the stream, keeping pace with the killing: object ``seq`` waits for
+    ``KILLS * seq // OBJECTS`` kills, so a fast machine cannot end the stream before the
+    receivers have been killed throughout it."""
     with DataSender(ADDRESS, dataset_name=f"soak-{channel}", num_shards=SHARDS, max_queue_size=4) as sender:
         for seq in range(OBJECTS):
+            while kills.value < KILLS * seq // OBJECTS:
+                time.sleep(0.01)
             sender.send(_object(seq), timeout=120)
 
 
-def _receive(channel: int, shard: int, log: str) -> None:
+def _receive(channel: int, shard: int, log: str, wait: float) -> None:
     """Append each object's number to ``log`` before asking for the next (which acknowledges
     it): every acknowledged object is in the log even if this process is killed."""
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        receiver = DataReceiver(ADDRESS, dataset_name=f"soak-{channel}", shard_id=shard, wait=60)
+        receiver = DataReceiver(ADDRESS, dataset_name=f"soak-{channel}", shard_id=shard, wait=wait)
     except ChannelNotFound:  # killed after its stream ended: the drained channel is gone
         os.write(fd, b"end\n")
         return
@@ -63,16 +70,17 @@ def _receive(channel: int, shard: int, log: str) -> None:
 
 def test_soak_with_receivers_killed_at_random(broker: int, tmp_path: Path) -> None:
     """4 senders x 8 receivers, objects from 100 B to 8 MiB, a random receiver SIGKILLed and
-    restarted every ~0.3 s: every object reaches its shard at least once, first deliveries
-    in order and none missing; afterwards the store is empty and the broker's file
+    restarted every ~0.3 s, 30 times or more spread over the streams (the senders keep pace
+    with the kills, however fast the machine): every object reaches its shard at least once, first deliveries
+    in order and none missing; afterwards the store is empty and the broker's open
     files are back to what they were (the fixture hands over a broker with no client)."""
     rng = random.Random(9)
     broker_files = open_files(broker)
     slots = [(c, s) for c in range(CHANNELS) for s in range(SHARDS)]
     logs = {slot: str(tmp_path / f"rx-{slot[0]}-{slot[1]}.log") for slot in slots}
-    receivers: dict[tuple[int, int], Any] = {slot: start_process(_receive, *slot, logs[slot]) for slot in slots}
-    senders = [start_process(_send, c) for c in range(CHANNELS)]
-    kills = 0
+    receivers: dict[tuple[int, int], Any] = {slot: start_process(_receive, *slot, logs[slot], 60) for slot in slots}
+    kills = multiprocessing.get_context("spawn").Value("i", 0)
+    senders = [start_process(_send, c, kills) for c in range(CHANNELS)]
     deadline = time.monotonic() + RUN_FOR
     while time.monotonic() < deadline and any(p.is_alive() for p in senders):
         time.sleep(rng.uniform(0.1, 0.5))
@@ -81,13 +89,15 @@ def test_soak_with_receivers_killed_at_random(broker: int, tmp_path: Path) -> No
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGKILL)
             proc.join(10)
-            kills += 1
-            receivers[slot] = start_process(_receive, *slot, logs[slot])
+            with kills.get_lock():
+                kills.value += 1
+            # A restart finds its channel at once, or never: once drained it is gone.
+            receivers[slot] = start_process(_receive, *slot, logs[slot], 2)
     for proc in senders:
         join_ok(proc, 120)
     for proc in receivers.values():
         join_ok(proc, 120)
-    assert kills >= 10, f"only {kills} receivers were killed: the soak was too short to mean much"
+    assert kills.value >= KILLS - 1, f"only {kills.value} receivers were killed: the soak was too short to mean much"
     for slot, log in logs.items():
         lines = Path(log).read_text().split()
         assert lines[-1] == "end", f"{slot}: the last receiver did not reach the end of the stream"
