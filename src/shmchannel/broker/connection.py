@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .protocol import FrameError
-from .state import Client
+from .records import Client
 
 if TYPE_CHECKING:
     from .operations import Waiter

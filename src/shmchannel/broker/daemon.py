@@ -29,6 +29,7 @@ from ..errors import BrokerUnavailable
 from ..store.arena import ArenaFile
 from ..store.table import ObjectTable
 from .client import Connection
+from . import recovery
 from .journal import Journal, Recovered
 from .journal import runtime_of as journal_runtime
 from .server import Server
@@ -220,8 +221,8 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
     try:
         journal = Journal(config.shm_dir() / config.shm_name(os.getpid(), "journal"), str(rt))
         state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"), journal)
-        count = state.restore(recovered)
-        journal.rewrite(state.snapshot())  # before the dead journals go: a crash now loses nothing
+        count = recovery.restore(state, recovered)
+        journal.rewrite(recovery.snapshot(state))  # before the dead journals go: a crash now loses nothing
         keep = set(state.foreign)
         for entry in dead:
             if entry.name not in keep:
@@ -241,7 +242,7 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
             def write_journal() -> None:
                 journal_file.flush()
                 if journal_file.due:
-                    journal_file.rewrite(journal_state.snapshot())
+                    journal_file.rewrite(recovery.snapshot(journal_state))
 
             def schedule() -> None:  # one write per JOURNAL_DELAY at most, whatever happened
                 loop.call_later(JOURNAL_DELAY, write_journal)

@@ -18,7 +18,8 @@ from ..store.arena import ArenaFile
 from . import protocol, rules
 from .connection import ClientConnection
 from ..store.table import StoredObject, describe_all
-from .state import WAIT, BrokerState, Channel, Part, Signal
+from .records import Channel, Part, Signal
+from .state import WAIT, BrokerState
 
 log = logging.getLogger("shmchannel.broker")
 
@@ -328,7 +329,7 @@ class Operations:
                 clients=len(self.state.clients),
                 idle_timeout=self.idle_timeout,
                 store=vars(self.state.table.stats(self.arena.reserved)),
-                channels=[self.state.channel_status(c) for c in self.state.channels.values()],
+                channels=[c.status() for c in self.state.channels.values()],
             ),
             b"",
         )

@@ -1,5 +1,5 @@
 """Current rates of a channel's counters (objects and bytes sent and received per second),
-shared by both brokers: the embedded one (state.py) and the Ray channel actor.
+shared by both brokers: the embedded one (records.py) and the Ray channel actor.
 
 Design: each change adds its amounts to the bucket of the current second, and a rate is
 the sum of the buckets of the last ``WINDOW`` seconds divided by the time they cover. A

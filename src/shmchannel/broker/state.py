@@ -2,7 +2,7 @@
 
 Each operation either completes, raises the error its caller gets, or returns ``WAIT``
 when it cannot proceed yet (queue full, queue empty, store full, channel missing). The
-server then waits on the ``Signal`` this module names for that case and asks again: the
+server then waits on the ``Signal`` (records.py) named for that case and asks again: the
 operation that frees a slot, enqueues a key or frees memory fires exactly that signal, so
 a blocked client is woken by the event that unblocks it, never by a timer.
 
@@ -19,134 +19,22 @@ drops, goes back to the head of the queue, in order. ``peek`` adds a hold of its
 
 from __future__ import annotations
 
-import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from collections import deque
+from typing import Any, Callable
 
 from ..errors import EndpointClosed, InvalidArgument
 from ..store.table import ObjectTable, StoredObject, describe_all
 from . import rules
-from .journal import Journal, Recovered
-from .rates import WINDOW, Rates
+from .journal import Journal
+from .records import Channel, Client, Lent, Part, Signal
 
 WAIT: Any = object()
 """Returned by an operation that must wait for a signal before it is tried again."""
 
 
-class Signal:
-    """Callbacks to run when something a waiter needs may have happened."""
-
-    __slots__ = ("_callbacks",)
-
-    def __init__(self) -> None:
-        self._callbacks: set[Callable[[], None]] = set()
-
-    def add(self, callback: Callable[[], None]) -> None:
-        self._callbacks.add(callback)
-
-    def discard(self, callback: Callable[[], None]) -> None:
-        self._callbacks.discard(callback)
-
-    def fire(self) -> None:
-        for callback in list(self._callbacks):
-            callback()
-
-
-@dataclass
-class Part:
-    """One shard's blob in a send: inline bytes, or an allocation the client wrote."""
-
-    size: int
-    offset: int = -1
-    inline: bytes | None = None
-
-
-@dataclass
-class Lent:
-    """Objects of one shard lent to one client, oldest first: the first ``taken`` were
-    handed to the user (not yet acknowledged), the rest wait in the client (reserved)."""
-
-    keys: deque[str] = field(default_factory=deque)
-    taken: int = 0
-
-    @property
-    def reserved(self) -> list[str]:
-        return list(self.keys)[self.taken :]
-
-
-@dataclass
-class Channel:
-    namespace: str
-    name: str
-    num_shards: int
-    full_batch: bool
-    max_queue_size: int
-    sender: int | None = None
-    closed: bool = False
-    queues: list[deque[str]] = field(default_factory=list)
-    receivers: dict[int, int] = field(default_factory=dict)  # client id -> shard
-    data: list[Signal] = field(default_factory=list)  # per shard: something to receive
-    space: Signal = field(default_factory=Signal)  # a slot came free
-    reserved: list[int] = field(default_factory=list)  # per shard: prefetched, not handed out
-    sent_objects: int = 0
-    sent_bytes: int = 0
-    received_objects: list[int] = field(default_factory=list)
-    received_bytes: list[int] = field(default_factory=list)
-    rates: Rates = field(default_factory=Rates)  # the four counters above, per second
-    created: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        self.reshape(self.num_shards)
-
-    def reshape(self, num_shards: int) -> None:
-        """Empty queues for ``num_shards`` shards (only while nothing is queued)."""
-        self.num_shards = num_shards
-        self.queues = [deque() for _ in range(num_shards)]
-        self.data = [Signal() for _ in range(num_shards)]
-        self.reserved = [0] * num_shards
-        self.received_objects = [0] * num_shards
-        self.received_bytes = [0] * num_shards
-
-    @property
-    def label(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def empty(self) -> bool:
-        return not any(self.queues)
-
-    def depth(self, shard: int) -> int:
-        """Objects of ``shard`` not handed to a user yet: queued, or reserved by a receiver."""
-        return len(self.queues[shard]) + self.reserved[shard]
-
-    def room(self) -> int:
-        """Sends the channel takes now without waiting (its fullest shard decides)."""
-        return max(0, self.max_queue_size - max(map(self.depth, range(self.num_shards))))
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "namespace": self.namespace,
-            "dataset_name": self.name,
-            "num_shards": self.num_shards,
-            "full_batch": self.full_batch,
-            "max_queue_size": self.max_queue_size,
-        }
-
-
-@dataclass
-class Client:
-    id: int
-    pid: int
-    holds: Counter[str] = field(default_factory=Counter)
-    allocations: dict[int, int] = field(default_factory=dict)  # offset -> size
-    lent: dict[tuple[str, str, int], Lent] = field(default_factory=dict)  # by (namespace, name, shard)
-    sends_to: set[tuple[str, str]] = field(default_factory=set)
-    receives_from: set[tuple[str, str]] = field(default_factory=set)
-    datasystem: bool = False
-
-
 class BrokerState:
+    """Channels, clients and the objects between them (see the module docstring)."""
+
     def __init__(self, table: ObjectTable, journal: Journal | None = None) -> None:
         self.table = table
         self.journal = journal
@@ -160,50 +48,11 @@ class BrokerState:
         self.on_foreign_empty: Callable[[str], None] = lambda name: None
         table.on_foreign_freed = self._foreign_freed
 
-    # -- the journal (see journal.py) ----------------------------------------------------
+    # -- the journal (see journal.py and recovery.py) --------------------------------------
 
     def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
         if self.journal is not None:
             self.journal.record(msg, payload)
-
-    def _channel_record(self, channel: Channel) -> dict[str, Any]:
-        return {"r": "channel", "ns": channel.namespace, "name": channel.name, "shards": channel.num_shards,
-                "full": channel.full_batch, "max": channel.max_queue_size}
-
-    def snapshot(self) -> Iterator[tuple[dict[str, Any], bytes]]:
-        """Records of the live state: what a new journal starts from."""
-        for channel in self.channels.values():
-            ident = {"ns": channel.namespace, "name": channel.name}
-            yield self._channel_record(channel), b""
-            for shard in range(channel.num_shards):
-                keys = self.queue(channel, shard, lent=True)
-                for key in keys:
-                    obj = self.table.get(key)
-                    if obj is not None:
-                        yield {"r": "object", **obj.describe()}, obj.inline or b""
-                yield {"r": "queue", **ident, "shard": shard, "keys": keys}, b""
-            if channel.closed:
-                yield {"r": "close", **ident}, b""
-
-    def restore(self, recovered: Recovered) -> int:
-        """Take over what dead brokers' journals say is queued; the number of objects."""
-        counts: Counter[str] = Counter()
-        for (namespace, name), saved in recovered.live():
-            for queue in saved["queues"]:
-                counts.update(key for key in queue if key in recovered.objects)
-        for key, refs in counts.items():
-            entry = recovered.objects[key]
-            if "inline" in entry:
-                self.table.add(entry["size"], inline=entry["inline"], refs=refs, key=key)
-            else:
-                self.table.add(entry["size"], offset=entry["offset"], refs=refs, key=key, arena=entry["arena"])
-                self.foreign[entry["arena"]] = self.foreign.get(entry["arena"], 0) + 1
-        for (namespace, name), saved in recovered.live():
-            channel = Channel(namespace, name, saved["shards"], saved["full"], saved["max"], closed=saved["closed"])
-            for queue, keys in zip(channel.queues, saved["queues"]):
-                queue.extend(key for key in keys if key in counts)
-            self.channels[(namespace, name)] = channel
-        return len(counts)
 
     def _foreign_freed(self, obj: StoredObject) -> None:
         assert obj.arena is not None
@@ -273,7 +122,7 @@ class BrokerState:
         else:
             channel = Channel(namespace, name, num_shards, full_batch, max_queue_size)
             self.channels[ident] = channel
-        self._log(self._channel_record(channel))
+        self._log(channel.record())
         channel.sender = client.id
         client.sends_to.add(ident)
         self.channel_created.fire()
@@ -564,23 +413,3 @@ class BrokerState:
         self.pinned.discard(key)
         if self.table.unref(key):
             self.store_freed.fire()
-
-    # -- reporting -----------------------------------------------------------------------
-
-    def channel_status(self, channel: Channel) -> dict[str, Any]:
-        """A channel's figures, as ``shmchannel.status`` documents them."""
-        return {
-            **channel.info(),
-            "closed": channel.closed,
-            "sender": channel.sender is not None,
-            "receivers": len(channel.receivers),
-            "shard_receivers": rules.receivers_per_shard(channel.receivers.values(), channel.num_shards),
-            "depths": [channel.depth(i) for i in range(channel.num_shards)],
-            "sent_objects": channel.sent_objects,
-            "sent_bytes": channel.sent_bytes,
-            "received_objects": list(channel.received_objects),
-            "received_bytes": list(channel.received_bytes),
-            "rates": channel.rates.per_second(),
-            "rate_window": WINDOW,
-            "created": channel.created,
-        }
