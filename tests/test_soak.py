@@ -25,6 +25,7 @@ SHARDS = 2          # so 8 receivers
 OBJECTS = 240       # per channel
 KILLS = 30          # receivers killed while the streams run, at least
 RUN_FOR = 120.0     # seconds the streams may take, at most
+WORK = 0.02         # seconds a receiver works on each object before asking for the next
 #: Bytes per object (split over the shards), cycled: inline ones and arena ones up to 8 MiB.
 SIZES = [100, 4_000, 60_000, 300_000, 1_000_000, 100, 8 << 20, 20_000]
 
@@ -63,6 +64,7 @@ def _receive(channel: int, shard: int, log: str, wait: float) -> None:
             seq = int(part[0])
             assert (part == seq).all() and len(part) == len(_object(seq)) // SHARDS
             os.write(fd, f"{seq}\n".encode())
+            time.sleep(WORK)  # holding the object, as a trainer does: a kill now must redeliver it
             del part
     os.write(fd, b"end\n")
     os.close(fd)
@@ -71,9 +73,12 @@ def _receive(channel: int, shard: int, log: str, wait: float) -> None:
 def test_soak_with_receivers_killed_at_random(broker: int, tmp_path: Path) -> None:
     """4 senders x 8 receivers, objects from 100 B to 8 MiB, a random receiver SIGKILLed and
     restarted every ~0.3 s, 30 times or more spread over the streams (the senders keep pace
-    with the kills, however fast the machine): every object reaches its shard at least once, first deliveries
-    in order and none missing; afterwards the store is empty and the broker's open
-    files are back to what they were (the fixture hands over a broker with no client)."""
+    with the kills, however fast the machine), most often while it works on an object it
+    was handed, which must then come again (it does, at least once in the run).
+
+    Every object reaches its shard at least once, first deliveries in order and none
+    missing; afterwards the store is empty and the broker's open files are back to what
+    they were (the fixture hands over a broker with no client)."""
     rng = random.Random(9)
     broker_files = open_files(broker)
     slots = [(c, s) for c in range(CHANNELS) for s in range(SHARDS)]
@@ -98,6 +103,7 @@ def test_soak_with_receivers_killed_at_random(broker: int, tmp_path: Path) -> No
     for proc in receivers.values():
         join_ok(proc, 120)
     assert kills.value >= KILLS - 1, f"only {kills.value} receivers were killed: the soak was too short to mean much"
+    repeats = 0
     for slot, log in logs.items():
         lines = Path(log).read_text().split()
         assert lines[-1] == "end", f"{slot}: the last receiver did not reach the end of the stream"
@@ -108,6 +114,8 @@ def test_soak_with_receivers_killed_at_random(broker: int, tmp_path: Path) -> No
         # comes again right where that receiver stopped, never out of order.
         for i in range(1, len(seqs)):
             assert seqs[i] <= seqs[i - 1] + 1, f"{slot}: {seqs[i - 1]} then {seqs[i]}"
+        repeats += len(seqs) - len(first)
+    assert repeats, "no kill hit a receiver holding an object: redelivery went untested"
     with DataSystem(ADDRESS) as ds:
         stats = ds.stats()
     assert (stats.used, stats.objects, stats.inline_bytes) == (0, 0, 0), stats
