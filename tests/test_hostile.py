@@ -39,7 +39,7 @@ import pytest
 from shmchannel import ChannelClosed, DataReceiver, DataSender, DataSystem, config
 from shmchannel.broker import daemon, protocol
 from shmchannel.channel import MAX_NAME
-from shmchannel.testing import join_ok, start_process, wait_until
+from shmchannel.testing import join_ok, open_files, start_process, wait_until
 
 from .conftest import ADDRESS
 
@@ -201,11 +201,6 @@ def _bad_frame(reason: str) -> str:
     return f"client pid {os.getpid()} disconnected: bad frame: {reason}"
 
 
-def _fds(pid: int) -> int:
-    """How many files the process has open."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 # -- item 6: garbage --------------------------------------------------------------------
 
 #: Valid requests back to back, which the fuzz mutates byte by byte. Never "stop"; its own
@@ -263,7 +258,7 @@ def test_random_bytes_never_hurt_the_broker(broker: int) -> None:
     stop sending; meanwhile another channel keeps streaming, no internal error is logged,
     and afterwards the broker has as many clients and open files as before."""
     with streaming(broker) as stream:
-        fds = _fds(broker)  # first: the status request of _clients() holds one while it runs
+        files = open_files(broker)  # first: the status request of _clients() holds one while it runs
         clients = _clients()
         for i, data in enumerate(_fuzz_inputs()):
             with _raw() as sock:
@@ -272,7 +267,7 @@ def test_random_bytes_never_hurt_the_broker(broker: int) -> None:
             if i % 25 == 24:
                 stream.flowing(1)
         wait_until(lambda: _clients() == clients, 10, f"the client count to return to {clients}")
-        wait_until(lambda: _fds(broker) == fds, 10, f"the broker's open files to return to {fds}")
+        wait_until(lambda: open_files(broker) == files, 10, f"the broker's open files to return to {files}")
     assert _log().count(_bad_frame("")) >= 2 * FUZZ_CONNECTIONS // 3
     assert not _internal_errors()
 
@@ -563,7 +558,7 @@ def test_a_thousand_dropped_connections_leave_nothing(broker: int) -> None:
     wait = _frame({"op": "open", "namespace": "never", "dataset_name": "n", "shard": 0, "timeout": None})
     sends = [b"", hello, hello[:5], wait]
     with streaming(broker) as stream:
-        fds = _fds(broker)
+        files = open_files(broker)
         clients = _clients()
         for i in range(1000):
             with _raw() as sock:
@@ -572,7 +567,7 @@ def test_a_thousand_dropped_connections_leave_nothing(broker: int) -> None:
             if i % 100 == 99:
                 stream.flowing(1)
         wait_until(lambda: _clients() == clients, 10, f"the client count to return to {clients}")
-        wait_until(lambda: _fds(broker) == fds, 10, f"the broker's open files to return to {fds}")
+        wait_until(lambda: open_files(broker) == files, 10, f"the broker's open files to return to {files}")
 
 
 # The broker's own checks of create: a malformed create must be refused before it changes

@@ -28,8 +28,8 @@ from .. import config
 from ..errors import BrokerUnavailable
 from ..store.arena import ArenaFile
 from ..store.table import ObjectTable
-from .client import Connection
 from . import recovery
+from .client import Connection
 from .journal import Journal, Recovered
 from .journal import runtime_of as journal_runtime
 from .server import Server
