@@ -11,7 +11,7 @@ def test_all_is_pinned() -> None:
         [
             "BrokerUnavailable", "ChannelClosed", "ChannelError", "ChannelNotFound", "ChannelTimeout",
             "DataReceiver", "DataSender", "DataSystem", "EndpointClosed", "InvalidArgument", "NameInUse",
-            "ObjectNotFound", "ProtocolError", "StoreFull", "StoreFullTimeout", "StoreStats", "UnsupportedType",
+            "ObjectNotFound", "ProtocolError", "ReentrantCall", "StoreFull", "StoreFullTimeout", "StoreStats", "UnsupportedType",
             "__version__", "start_broker", "status", "stop_broker",
         ]
     )

@@ -76,7 +76,7 @@ def test_close_from_another_thread_wakes_blocked_recv(broker: int) -> None:
         thread.start()
         from shmchannel.testing import wait_until
 
-        wait_until(lambda: receiver._endpoint._client.conn._request.locked(), 10, "recv to block")
+        wait_until(lambda: receiver._turn._lock.locked(), 10, "recv to block")
         receiver.close()
         thread.join(10)
         assert not thread.is_alive()

@@ -101,10 +101,10 @@ def test_requests_behind_a_waiting_one_are_handled_in_order(broker: int) -> None
         _reply(sock)
         _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"a")
         assert _reply(sock) == {"ok": True, "room": 0}
-        # b waits for room; c and the queue request queue up behind it, not beside it.
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"b")
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "posted": True}, b"c")
-        _request(sock, {"op": "queue", **ident, "shard": 0})
+        # b waits for room; c and the sync queue up behind it, not beside it.
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 2}, b"b")
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "posted": True, "id": 3}, b"c")
+        _request(sock, {"op": "sync", "id": 4})
         _request(other, {"op": "open", **ident, "shard": 0})
         _reply(other)
         for expected in (b"a", b"b", b"c"):
@@ -112,5 +112,50 @@ def test_requests_behind_a_waiting_one_are_handled_in_order(broker: int) -> None
             json_len, payload_len = protocol.parse_head(_exactly(other, protocol.HEAD.size))
             assert protocol.parse_body(_exactly(other, json_len), request=False)["ok"]
             assert _exactly(other, payload_len).endswith(expected)
-        assert _reply(sock) == {"ok": True, "room": 0}  # b's reply, after a was received
-        assert len(_reply(sock)["queue"]) == 1  # after c was queued: its order was kept
+        assert _reply(sock) == {"ok": True, "room": 0, "id": 2}  # b's reply, after a was received
+        assert _reply(sock) == {"ok": True, "id": 4}  # after c was queued: its order was kept
+
+
+def test_a_look_is_answered_while_an_earlier_request_of_its_connection_waits(broker: int) -> None:
+    """A queue listing sent behind a send that waits for room is answered at once, with its
+    own id, and the waiting send is answered later with its id (issue 11: a monitoring
+    thread's get_queue hung behind its producer thread's blocked send)."""
+    ident = {"namespace": "default", "dataset_name": "look"}
+    with _raw() as sock, _raw() as other:
+        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 1})
+        _reply(sock)
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 1}, b"a")
+        assert _reply(sock) == {"ok": True, "room": 0, "id": 1}
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 2}, b"b")  # waits
+        _request(sock, {"op": "queue", **ident, "shard": 0, "id": 3})
+        look = _reply(sock)
+        assert look["id"] == 3 and len(look["queue"]) == 1
+        _request(other, {"op": "open", **ident, "shard": 0})
+        _reply(other)
+        _request(other, {"op": "recv", **ident, "shard": 0, "timeout": 10})
+        assert _reply(other)["ok"]
+        assert _reply(sock) == {"ok": True, "room": 0, "id": 2}
+
+
+def test_cancel_withdraws_only_the_request_it_names(broker: int) -> None:
+    """A cancel naming a request that waits behind another withdraws that one (answered
+    Cancelled with its id) and leaves the waiting one waiting."""
+    ident = {"namespace": "default", "dataset_name": "withdraw"}
+    with _raw() as sock, _raw() as other:
+        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 1})
+        _reply(sock)
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"a")
+        _reply(sock)
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 2}, b"b")  # waits
+        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 3}, b"c")  # behind it
+        _request(sock, {"op": "cancel", "id": 3})
+        withdrawn = _reply(sock)
+        assert (withdrawn["ok"], withdrawn["error"], withdrawn["id"]) == (False, "cancelled", 3)
+        _request(sock, {"op": "cancel", "id": 99})  # names nothing: changes nothing
+        _request(other, {"op": "open", **ident, "shard": 0})
+        _reply(other)
+        _request(other, {"op": "recv", **ident, "shard": 0, "timeout": 10})
+        _reply(other)
+        assert _reply(sock) == {"ok": True, "room": 0, "id": 2}
+        _request(sock, {"op": "queue", **ident, "shard": 0, "id": 4})
+        assert len(_reply(sock)["queue"]) == 1  # b only: c was withdrawn

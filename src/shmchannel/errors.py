@@ -14,7 +14,9 @@
     ├── StoreFull (MemoryError)                   the shared-memory store cannot hold an object
     │   └── StoreFullTimeout (TimeoutError)       ...and no space came free before the timeout
     ├── BrokerUnavailable (ConnectionError)       the broker cannot be reached or died
-    └── ProtocolError                             the broker sent something we do not understand
+    ├── ProtocolError                             the broker sent something we do not understand
+    └── ReentrantCall (RuntimeError)              a signal handler called an endpoint its own
+                                                  thread was inside
 
 ``InvalidArgument`` is both a ValueError (what ``mindpandas.channel`` raises for bad
 arguments, so code written for it keeps working) and a TypeError (what Python raises for a
@@ -204,6 +206,25 @@ class ProtocolError(ChannelError):
     code = "protocol"
 
 
+class ReentrantCall(ChannelError, RuntimeError):
+    """A call re-entered an endpoint its own thread is already inside: a signal handler
+    (or a finalizer) ran while that thread was in a ``send``/``recv``/... of the same
+    endpoint. Waiting would never end -- the outer call cannot go on until the handler
+    returns -- so the inner call raises this at once and the outer call is unharmed. Use
+    the endpoint from another thread, or set a flag in the handler and act on it after.
+
+    Example::
+
+        def on_alarm(signum, frame):
+            try:
+                sender.send(heartbeat)
+            except ReentrantCall:
+                pending.append(heartbeat)   # the main thread is inside sender.send
+    """
+
+    code = "reentrant"
+
+
 class Cancelled(ChannelError):
     """A blocking request was cancelled by its own client (internal: never reaches users)."""
 
@@ -226,6 +247,7 @@ _BY_CODE: dict[str, type[ChannelError]] = {
         StoreFullTimeout,
         BrokerUnavailable,
         ProtocolError,
+        ReentrantCall,
         Cancelled,
     )
 }

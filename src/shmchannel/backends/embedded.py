@@ -21,16 +21,20 @@ import time
 import weakref
 from typing import Any
 
-from ..broker import daemon
+from ..broker import daemon, protocol
 from ..errors import ChannelError
 from ..serialization import deserialize, serialize
 from ..store.arena import ArenaMap
-from ..store.blob import plan_blob, read_blob, write_blob
+from ..store.blob import aligned_copy, plan_blob, read_blob, write_blob
 from ..store.table import StoreStats
 
 #: Blobs up to this many bytes travel inline with their key instead of through the arena:
 #: below it a socket copy is cheaper than an arena block's extra round trip and release.
 INLINE_THRESHOLD = 64 * 1024
+
+#: Most inline bytes one request carries, whatever ``inline_threshold`` says: the frame's
+#: payload bound (``protocol.MAX_PAYLOAD``, 256 MiB). Parts past it go through the arena.
+INLINE_BUDGET = protocol.MAX_PAYLOAD
 
 #: Most spare block sets a sender keeps for its next objects (see ``_Client.pack``), and
 #: the largest object that gets them: above it the copy dwarfs a round trip (100 us is 5%
@@ -93,10 +97,15 @@ class _Client:
         Arena blocks come from a spare set of the same sizes if one is left, else from the
         broker, asking for up to ``spares`` more sets for the next calls: a stream of
         same-sized objects then costs one allocation round trip per ``spares + 1`` objects.
+        Blobs go inline up to ``inline_threshold`` bytes each and ``INLINE_BUDGET`` in all.
         """
         serialized = [serialize(obj) for obj in objs]
         plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
-        big = [p.size for p in plans if p.size > self.inline_threshold]
+        inline, budget = [], INLINE_BUDGET
+        for plan in plans:
+            inline.append(plan.size <= min(self.inline_threshold, budget))
+            budget -= plan.size if inline[-1] else 0
+        big = [p.size for p, small in zip(plans, inline) if not small]
         offsets: list[int] = []
         room = None
         if big:
@@ -113,12 +122,12 @@ class _Client:
                 if reply.get("spares"):
                     self._spares[tuple(big)] = reply["spares"]
         try:
-            payload = bytearray(sum(p.size for p in plans if p.size <= self.inline_threshold))
+            payload = bytearray(INLINE_BUDGET - budget)
             inline_view = memoryview(payload)
             parts: list[dict[str, Any]] = []
             pos, arena_offsets = 0, iter(offsets)
-            for s, plan in zip(serialized, plans):
-                if plan.size <= self.inline_threshold:
+            for s, plan, small in zip(serialized, plans, inline):
+                if small:
                     write_blob(inline_view[pos : pos + plan.size], plan, s.header, s.buffers)
                     parts.append({"inline": [pos, plan.size]})
                     pos += plan.size
@@ -138,7 +147,7 @@ class _Client:
         if offsets:
             self.conn.post({"op": "free", "offsets": offsets})
 
-    def unpack(self, item: dict[str, Any], data: memoryview | bytearray, shared: bool) -> Any:
+    def unpack(self, item: dict[str, Any], data: memoryview, shared: bool) -> Any:
         """The object a reply item names; arena data is viewed, not copied."""
         if "offset" not in item:
             view = memoryview(data)
@@ -154,7 +163,7 @@ class _Client:
         header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]  # numpy exports a buffer
         return deserialize(header, buffers)
 
-    def unhold(self, reply: dict[str, Any], data: bytearray) -> None:
+    def unhold(self, reply: dict[str, Any], data: memoryview) -> None:
         """Undo the holds of a reply that raced an interrupt and was never used."""
         for item in reply.get("items", [reply]):
             if "offset" in item:
@@ -162,7 +171,7 @@ class _Client:
                 self.conn.release(item["key"])
 
 
-def _items(reply: dict[str, Any], data: bytearray) -> list[tuple[dict[str, Any], memoryview]]:
+def _items(reply: dict[str, Any], data: memoryview) -> list[tuple[dict[str, Any], memoryview]]:
     """A recv reply's items, each with its inline bytes (a view of ``data``)."""
     view = memoryview(data)
     out = []
@@ -273,12 +282,12 @@ class EmbeddedReceiver:
         if "offset" in item:  # the view needs a hold of its own: the object may still go back
             self._client.conn.one_way({"op": "hold", "key": item["key"]})
             return self._client.unpack(item, inline, self._shared)
-        return self._client.unpack(item, bytearray(inline), self._shared)  # its own copy, as from the broker
+        return self._client.unpack(item, aligned_copy(inline), self._shared)  # its own copy, as from the broker
 
     def buffered(self) -> bool:
         return bool(self._buffer)
 
-    def _put_back(self, reply: dict[str, Any], data: bytearray) -> None:
+    def _put_back(self, reply: dict[str, Any], data: memoryview) -> None:
         self._requeue([item["key"] for item in reply["items"]])
 
     def _requeue(self, keys: list[str]) -> None:

@@ -1,31 +1,65 @@
-"""A blocking connection to the broker: requests in order, releases at any time.
+"""A blocking connection to the broker, shared by the threads of one endpoint.
+
+Requests are multiplexed: each carries an id that its reply repeats (protocol.py). A thread
+waiting for a reply either reads the socket itself -- one reader at a time, which routes
+every reply it reads to the thread that asked -- or sleeps until the reader hands its reply
+over. So a thread whose request the broker holds back (a send waiting for room, a recv
+waiting for data) never keeps another thread's request from its answer: the broker answers
+looks (``protocol.IMMEDIATE``) on arrival, and the reader passes them on. Before, one lock
+covered a request and its whole wait, and a monitoring thread's ``get_queue`` hung behind a
+producer thread's blocked ``send`` for good (issue 11).
 
 A request either waits for its reply (``request``) or is *posted*: written at once, its
-reply read later, before the next request's (``post``; a sender posts sends it knows the
-broker can take without waiting). The broker handles a connection's requests in order.
+reply read later (``post``; a sender posts sends it knows the broker can take without
+waiting). The broker answers a posted request only if it fails; that failure is raised by
+the next call that waits for a reply, or by a later post.
 
-Two locks: ``_request`` serializes requests and the reading of replies, ``_write`` only
-guards writing a frame. Releases of zero-copy
-objects come from finalizers, which may run in any thread at any allocation -- including
-inside this module's own code in the same thread. A finalizer therefore only queues the key
-and *tries* the write lock; whoever holds it flushes the queue right after letting go, so a
-release is never lost, never interleaved into another frame, and never deadlocks.
+A call cannot re-enter the connection from its own thread (a signal handler that runs
+while its thread waits here): the outer call is the reader, or waits for it, and cannot go
+on until the handler returns. Such a call raises ``ReentrantCall`` at once.
+
+Releases of zero-copy objects come from finalizers, which may run in any thread at any
+allocation -- including inside this module's own code in the same thread. A finalizer
+therefore only queues the key and *tries* the write lock; whoever holds it flushes the
+queue right after letting go, so a release is never lost, never interleaved into another
+frame, and never deadlocks.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
+import select
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, from_wire
+from ..errors import (
+    BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, ReentrantCall, from_wire,
+)
+from ..store.blob import aligned_copy
 from . import protocol
 
-Reply = tuple[dict[str, Any], bytearray]
+Reply = tuple[dict[str, Any], memoryview]
 READ_CHUNK = 64 * 1024
+#: Most keys one release frame names: finalizers may queue thousands at once, and a frame
+#: must stay within ``protocol.MAX_JSON`` (about 26 bytes a key).
+RELEASE_BATCH = 4096
+#: How long an interrupted call waits for the broker to withdraw its request.
+ABANDON_TIMEOUT = 5.0
+
+
+class _Call:
+    """A request sent and not yet answered: the thread that waits for it, its reply once read."""
+
+    __slots__ = ("thread", "reply")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.reply: Reply | None = None
 
 
 class Connection:
@@ -35,8 +69,13 @@ class Connection:
         self.pid = os.getpid()
         self.path = str(path)
         self._sock: socket.socket | None = None
-        self._request = threading.Lock()
+        self._lock = threading.Lock()  # guards the routing state below; held only briefly
+        self._arrived = threading.Condition(self._lock)  # a reply was routed, or the reader left
+        self._calls: dict[int, _Call] = {}  # by request id
+        self._reading = False  # a thread reads the socket; the others wait on _arrived
+        self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
+        self._writer: int | None = None  # the thread inside _send
         self._releases: collections.deque[str] = collections.deque()
         self._holds = 0
         self._holds_lock = threading.Lock()  # finalizers of other threads release concurrently
@@ -66,74 +105,132 @@ class Connection:
 
     def request(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-        on_interrupt: Callable[[dict[str, Any], bytearray], None] | None = None,
+        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None = None,
     ) -> Reply:
         """Send ``msg`` and return the broker's reply; its error code raises its class.
 
-        If the wait is interrupted (KeyboardInterrupt, a signal handler's exception), the
-        request is cancelled at the broker; a reply that raced the cancel is passed to
+        Other threads may make requests meanwhile; each gets its own reply. If the wait is
+        interrupted (KeyboardInterrupt, a signal handler's exception), the request is
+        withdrawn at the broker; a reply that raced the withdrawal is passed to
         ``on_interrupt`` so that, e.g., a received object can be put back in its queue.
+
+        Raises:
+            ReentrantCall: this thread already waits in a request of this connection.
         """
-        with self._request:
-            if self._unconfirmed:
-                self._poll(self._live())
-            self._raise_posted_failure()
-            return self._exchange(msg, payload, on_interrupt)
+        self._check_reentry()
+        if self._unconfirmed:
+            self._poll()
+        self._raise_posted_failure()
+        return self._call(msg, payload, on_interrupt)
 
     def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
         """Send ``msg`` without waiting: the broker answers it only if it fails, and that
         failure is raised by a later call: one that waits for a reply raises it first thing
         if it has come; a post looks for it after writing (so that its message never waits
         for the look) and leaves it to the next call. Only for requests the broker can
-        complete without waiting."""
-        with self._request:
-            sock = self._live()
-            self._raise_posted_failure()
-            self._send(protocol.encode({**msg, "posted": True}, payload))
-            if self._unconfirmed:  # after the write: a message never waits for this look
-                self._poll(sock)
-            self._unconfirmed = True
+        complete without waiting, and only from a thread that no other thread's request
+        of this connection can overtake (the sender posts under its endpoint's lock)."""
+        self._check_reentry()
+        self._live()
+        self._raise_posted_failure()
+        self._send(_encode({**msg, "posted": True, "id": next(self._ids)}, payload))
+        if self._unconfirmed:  # after the write: a message never waits for this look
+            self._poll()
+        self._unconfirmed = True
 
-    def _poll(self, sock: socket.socket) -> None:
-        """Take in, without waiting, failures of posted requests the broker already sent."""
-        if self._receive(sock, socket.MSG_DONTWAIT):
-            while len(self._rbuf) >= (end := self._frame_end()):  # nothing is awaited: only failures
-                self._take_frame(end)
+    def one_way(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
+        self._live()
+        self._send(_encode(msg, payload))
 
-    def _raise_posted_failure(self) -> None:
-        failure, self._posted_failure = self._posted_failure, None
-        if failure is not None:
-            raise failure
+    def _check_reentry(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if any(call.thread == me for call in self._calls.values()):
+                raise ReentrantCall(
+                    "a call re-entered a shmchannel endpoint its own thread is inside (from a signal "
+                    "handler?); it would wait for itself: call it from another thread, or after the outer call"
+                )
 
-    def _note_posted_failure(self, reply: dict[str, Any]) -> None:
-        if self._posted_failure is None:
-            self._posted_failure = from_wire(
-                str(reply.get("error")),
-                f"an earlier call that returned without waiting for the broker failed: {reply.get('message')}",
-            )
-
-    def _exchange(
+    def _call(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
-        on_interrupt: Callable[[dict[str, Any], bytearray], None] | None,
+        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None,
     ) -> Reply:
-        sock = self._live()
-        self._send(protocol.encode(msg, payload))
+        rid = next(self._ids)
+        frame = _encode({**msg, "id": rid}, payload)
+        with self._lock:
+            self._calls[rid] = _Call()
         try:
-            reply, data = self._read(sock)
+            self._send(frame)
+        except BaseException:
+            with self._lock:
+                del self._calls[rid]
+            raise
+        try:
+            answer = self._await(rid, None)
         except ChannelError:
+            with self._lock:
+                self._calls.pop(rid, None)
             raise
         except BaseException:
-            self._abandon(sock, on_interrupt)
+            self._abandon(rid, on_interrupt)
             raise
+        assert answer is not None  # no deadline
+        reply, data = answer
         if not reply.get("ok"):
             if reply.get("error") == Cancelled.code and self._closing:
                 raise EndpointClosed("closed by close() from another thread while waiting")
             raise from_wire(str(reply.get("error")), str(reply.get("message")))
         return reply, data
 
-    def one_way(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
-        self._live()
-        self._send(protocol.encode(msg, payload))
+    def _await(self, rid: int, deadline: float | None) -> Reply | None:
+        """The reply to request ``rid`` (None if ``deadline`` passes first): read by this
+        thread if no other reads, else handed over by the reader."""
+        with self._lock:
+            while True:
+                call = self._calls[rid]
+                if call.reply is not None:
+                    del self._calls[rid]
+                    return call.reply
+                if not self._reading:
+                    self._reading = True
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._arrived.wait(left)
+        try:
+            while True:
+                if not self._read_frames(deadline):
+                    return None
+                with self._lock:
+                    call = self._calls[rid]
+                    if call.reply is not None:
+                        del self._calls[rid]
+                        return call.reply
+        finally:
+            with self._lock:
+                self._reading = False
+                self._arrived.notify_all()  # another waiter reads now
+
+    def _poll(self) -> None:
+        """Take in, without waiting, the frames that came (failures of posted requests);
+        nothing if another thread reads: it takes them in."""
+        with self._lock:
+            if self._reading:
+                return
+            self._reading = True
+        try:
+            self._read_frames(0.0)
+        finally:
+            with self._lock:
+                self._reading = False
+                self._arrived.notify_all()
+
+    def _raise_posted_failure(self) -> None:
+        with self._lock:
+            failure, self._posted_failure = self._posted_failure, None
+        if failure is not None:
+            raise failure
 
     def _live(self) -> socket.socket:
         if os.getpid() != self.pid:
@@ -141,37 +238,65 @@ class Connection:
                 f"this connection was made in process {self.pid}; create senders and receivers "
                 f"in the process that uses them (this is {os.getpid()})"
             )
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
+            if self._closing:
+                raise EndpointClosed("closed by close() from another thread while waiting")
             raise BrokerUnavailable(f"connection to the broker at {self.path} is closed")
-        return self._sock
+        return sock
 
     def _send(self, parts: list[Any]) -> None:
         sock = self._live()
+        if self._writer == threading.get_ident():  # a signal handler interrupted our own write
+            raise ReentrantCall("a call re-entered a shmchannel endpoint while its own thread was writing to the broker")
         with self._write_lock:
-            if self._releases:  # in the same write: one system call, and memory back sooner
-                parts = self._release_frame() + parts
+            self._writer = threading.get_ident()
             try:
+                if self._releases:  # in the same write: one system call, and memory back sooner
+                    parts = self._release_frame() + parts
                 sock.sendall(b"".join(parts))
             except OSError as exc:
                 raise self._lost(exc) from exc
+            finally:
+                self._writer = None
         self._flush_releases()
 
     def _release_frame(self) -> list[Any]:
-        """The frame releasing every queued key (call with the write lock held)."""
-        keys = []
-        while self._releases:
+        """A frame releasing queued keys, at most RELEASE_BATCH (call with the write lock held)."""
+        keys: list[str] = []
+        while self._releases and len(keys) < RELEASE_BATCH:
             keys.append(self._releases.popleft())
-        return protocol.encode({"op": "release", "keys": keys})
+        return _encode({"op": "release", "keys": keys})
 
-    def _read(self, sock: socket.socket) -> Reply:
-        """The next reply (failures of posted requests before it are noted, not returned)."""
+    # -- reading (by the one reader) -------------------------------------------------------
+
+    def _read_frames(self, deadline: float | None) -> bool:
+        """Read and route at least one whole frame, plus any others already in; False if
+        ``deadline`` passed first (0: route only what already came)."""
+        sock = self._live()
+        routed = False
         while True:
-            self._fill(sock, protocol.HEAD.size)
             end = self._frame_end()
-            self._fill(sock, end)
-            frame = self._take_frame(end)
-            if frame is not None:
-                return frame
+            if len(self._rbuf) >= end and end > protocol.HEAD.size:
+                self._route(self._take_frame(end))
+                routed = True
+                continue
+            if routed:
+                return True
+            if deadline is not None and not self._readable(sock, deadline):
+                return False
+            self._receive(sock)
+
+    @staticmethod
+    def _readable(sock: socket.socket, deadline: float) -> bool:
+        """Wait for data until ``deadline`` (select, not a socket timeout: that would also
+        cut short another thread's write)."""
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            ready, _, _ = select.select([sock], [], [], left)
+        except (OSError, ValueError):  # closed under us: the read says how
+            return True
+        return bool(ready)
 
     def _frame_end(self) -> int:
         """Bytes of the frame at the head of the read buffer (the head's size until it is in)."""
@@ -179,38 +304,51 @@ class Connection:
         if len(self._rbuf) < size:
             return size
         try:
-            json_len, payload_len = protocol.parse_head(self._rbuf[:size])
+            json_len, payload_len = protocol.parse_head(self._rbuf[:size], max_json=protocol.MAX_REPLY_JSON)
         except protocol.FrameError as exc:
             raise self._bad_reply(exc) from None
         return size + json_len + payload_len
 
-    def _take_frame(self, end: int) -> Reply | None:
+    def _take_frame(self, end: int) -> Reply:
         """Remove the frame at the head of the read buffer, whole (``end`` bytes, from
-        ``_frame_end``), and return it; None for a posted request's failure, which is noted
-        instead. A frame leaves the buffer only whole: an interrupted read stays in sync."""
+        ``_frame_end``), and return it. A frame leaves the buffer only whole: an
+        interrupted read stays in step. The payload goes to a 64-byte aligned buffer: the
+        inline blobs in it sit at 64-byte offsets (``describe_all``)."""
         size = protocol.HEAD.size
         json_len = protocol.HEAD.unpack(self._rbuf[:size])[0]
         try:
             msg = protocol.parse_body(self._rbuf[size : size + json_len], request=False)
         except protocol.FrameError as exc:
             raise self._bad_reply(exc) from None
-        data = self._rbuf[size + json_len : end] if end > size + json_len else bytearray()
+        with memoryview(self._rbuf) as view:
+            data = aligned_copy(view[size + json_len : end])
         del self._rbuf[:end]
-        if msg.get("posted"):  # not a reply anyone waits for: a posted request failed
-            self._note_posted_failure(msg)
-            return None
-        self._unconfirmed = False
         return msg, data
+
+    def _route(self, frame: Reply) -> None:
+        """Hand a reply to the call it answers (a posted request's failure is noted)."""
+        msg = frame[0]
+        with self._lock:
+            if msg.get("posted"):  # not a reply anyone waits for: a posted request failed
+                if self._posted_failure is None:
+                    self._posted_failure = from_wire(
+                        str(msg.get("error")),
+                        f"an earlier call that returned without waiting for the broker failed: {msg.get('message')}",
+                    )
+                return
+            rid = msg.get("id")
+            if rid is None and self._calls:  # the broker refused the connection: the first call hears it
+                rid = min(self._calls)
+            call = self._calls.get(rid) if isinstance(rid, int) else None
+            if call is None or call.reply is not None:
+                raise self._bad_reply(protocol.FrameError(f"reply to request {rid!r}, which is not waiting"))
+            call.reply = frame
+            self._unconfirmed = False
+            self._arrived.notify_all()
 
     def _bad_reply(self, exc: protocol.FrameError) -> ProtocolError:
         self._shutdown()  # the stream cannot be resynchronized
         return ProtocolError(f"bad reply from the broker: {exc}")
-
-    def _fill(self, sock: socket.socket, n: int) -> None:
-        """Read until the buffer holds ``n`` bytes (more if they came: one recv often
-        brings several replies)."""
-        while len(self._rbuf) < n:
-            self._receive(sock)
 
     def _receive(self, sock: socket.socket, flags: int = 0) -> bool:
         """One read into the buffer; False if nothing was waiting (with MSG_DONTWAIT)."""
@@ -235,23 +373,22 @@ class Connection:
             return BrokerUnavailable(f"the broker at {self.path} closed the connection (it stopped or died)")
         return BrokerUnavailable(f"lost the broker at {self.path}: {exc}")
 
-    def _abandon(
-        self, sock: socket.socket, on_interrupt: Callable[[dict[str, Any], bytearray], None] | None
-    ) -> None:
-        """After an interrupted wait: cancel at the broker and consume its one reply."""
+    def _abandon(self, rid: int, on_interrupt: Callable[[dict[str, Any], memoryview], None] | None) -> None:
+        """After an interrupted wait: withdraw request ``rid`` at the broker and take its
+        one reply before this thread's next call, so that, e.g., a recv's objects go back
+        before the next recv asks for more; if that fails, the connection is closed (it
+        could not be kept in step)."""
         try:
-            self._send(protocol.encode({"op": "cancel"}))
-            sock.settimeout(5.0)
-            try:
-                reply, data = self._read(sock)
-            finally:
-                if self._sock is not None:
-                    sock.settimeout(None)
+            self._send(_encode({"op": "cancel", "id": rid}))
+            answer = self._await(rid, time.monotonic() + ABANDON_TIMEOUT)
+            if answer is None:
+                raise TimeoutError(f"the broker did not withdraw request {rid} in {ABANDON_TIMEOUT} s")
+            reply, data = answer
             if reply.get("ok") and on_interrupt is not None:
                 on_interrupt(reply, data)
-            elif not reply.get("ok") and reply.get("error") != Cancelled.code:
-                pass  # the request failed on its own; nothing to undo
         except BaseException:
+            with self._lock:
+                self._calls.pop(rid, None)
             self._shutdown()
 
     # -- zero-copy holds -----------------------------------------------------------------
@@ -290,31 +427,31 @@ class Connection:
     def close(self, farewell: dict[str, Any] | None = None) -> None:
         """Say ``farewell`` (a last request), then close -- at once, or while zero-copy
         objects are held, once the last is released: holding the socket keeps the broker
-        from reusing memory those objects view. A request another thread is waiting in is
-        woken with EndpointClosed.
-        """
+        from reusing memory those objects view. Requests other threads wait in are
+        withdrawn first; they raise EndpointClosed. From a signal handler whose thread waits
+        in a request, the farewell is skipped (it would wait for that request)."""
         if os.getpid() != self.pid or self._closing:
             return
         self._closing = True
         failure: ChannelError | None = None
         if self._sock is not None:
-            if self._request.acquire(blocking=False):
-                try:
-                    # A reply comes after the failures of the requests posted before it.
-                    if farewell is None and self._unconfirmed:
-                        farewell = {"op": "sync"}
-                    if farewell is not None:
-                        self._exchange(farewell, b"", None)
-                except ChannelError:
-                    pass  # the broker is gone: it has forgotten us anyway
-                finally:
+            me = threading.get_ident()
+            with self._lock:
+                waiting = list(self._calls)
+                reentrant = any(call.thread == me for call in self._calls.values())
+            try:
+                for rid in waiting:
+                    self._send(_encode({"op": "cancel", "id": rid}))
+                # A reply comes after the failures of the requests posted before it.
+                if farewell is None and self._unconfirmed:
+                    farewell = {"op": "sync"}
+                if farewell is not None and not reentrant:
+                    self._call(farewell, b"", None)
+            except ChannelError:
+                pass  # the broker is gone: it has forgotten us anyway
+            finally:
+                with self._lock:
                     failure, self._posted_failure = self._posted_failure, None
-                    self._request.release()
-            else:
-                try:
-                    self._send(protocol.encode({"op": "cancel"}))
-                except ChannelError:
-                    pass
         if self._holds <= 0:
             self._shutdown()
         if failure is not None:
@@ -328,3 +465,13 @@ class Connection:
             except OSError:
                 pass
             sock.close()
+
+
+def _encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[Any]:
+    """A request frame; one the broker would refuse is refused here, before anything is
+    written, so the connection stays in step (callers keep within the bounds: this is the
+    last line)."""
+    try:
+        return protocol.encode(msg, payload)
+    except protocol.FrameError as exc:
+        raise ProtocolError(f"not sent: {exc}") from None

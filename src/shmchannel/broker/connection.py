@@ -29,6 +29,7 @@ class ClientConnection(asyncio.Protocol):
         self.accepted = False
         self.transport: asyncio.Transport | None = None
         self.waiter: Waiter | None = None
+        self.waiter_id: Any = None  # the id of the waiting request (see protocol.py)
         self.acted = False  # sent more than looking requests (see Server.OBSERVING)
         # Requests that arrived while ``waiter`` waits: a client may post several requests
         # (pipelining), and they must take effect in the order it sent them.
@@ -61,7 +62,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             del buffer[: self._need]
             self._head, self._need = None, protocol.HEAD.size
-            if (self.waiter is not None or self.backlog) and msg.get("op") not in protocol.ONE_WAY:
+            op = msg.get("op")
+            if (self.waiter is not None or self.backlog) and op not in protocol.ONE_WAY and op not in protocol.IMMEDIATE:
                 self.backlog.append((msg, payload))
             else:
                 self.server._dispatch(self, msg, payload)
@@ -76,14 +78,31 @@ class ClientConnection(asyncio.Protocol):
         self.backlog.clear()
         self.server._forget(self, exc)
 
+    def withdraw(self, request_id: Any) -> dict[str, Any] | None:
+        """Remove the request ``request_id`` from the backlog; the request, or None if it
+        is not there (answered already, or the one waiting)."""
+        for entry in self.backlog:
+            if entry[0].get("id") == request_id:
+                self.backlog.remove(entry)
+                return entry[0]
+        return None
+
     def reply(self, msg: dict[str, Any], payload: bytes = b"", confirms: bool = True) -> None:
         """Send a reply. One that ``confirms`` a change (a send, a close...) goes out only
-        after the journal holds it; others (recv, alloc...) do not wait for that."""
+        after the journal holds it; others (recv, alloc...) do not wait for that. A reply
+        over the frame bounds becomes an error reply: the client would drop a frame it
+        cannot take, and the connection with it."""
         journal = self.server.state.journal
         if confirms and journal is not None:
             journal.flush()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(protocol.encode(msg, payload))
+            try:
+                frame = protocol.encode(msg, payload, max_json=protocol.MAX_REPLY_JSON)
+            except FrameError as exc:
+                log.error("client pid %d: %s", self.client.pid, exc)
+                failure = protocol.error("protocol", f"the broker's reply was refused: {exc}")
+                frame = protocol.encode({**failure, **{k: msg[k] for k in ("id", "posted") if k in msg}})
+            self.transport.writelines(frame)
 
     def close(self) -> None:
         if self.transport is not None:

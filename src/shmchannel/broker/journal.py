@@ -39,6 +39,12 @@ from . import protocol
 COMPACT_AT = 1 << 20  # bytes; and at least 4 x the last snapshot, so that rewriting stays rare
 
 
+def _encode(msg: dict[str, Any], payload: bytes = b"") -> list[Any]:
+    """A record in the wire's framing, with a reply's bound on its JSON: a snapshot's queue
+    record lists a shard's keys, as a queue reply does (a request's bound cut it short)."""
+    return protocol.encode(msg, payload, max_json=protocol.MAX_REPLY_JSON)
+
+
 class Journal:
     """Append-only writer; ``record`` buffers, ``flush`` writes (scheduled by ``on_pending``)."""
 
@@ -47,7 +53,7 @@ class Journal:
         self.on_pending = on_pending
         # First record of every version of the file: whose it is. Brokers of other runtime
         # directories (other projects of the same user) leave it alone.
-        self._header = b"".join(protocol.encode({"r": "broker", "runtime": runtime}))
+        self._header = b"".join(_encode({"r": "broker", "runtime": runtime}))
         self._pending: list[bytes] = []
         self._fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND, 0o600)
         os.write(self._fd, self._header)
@@ -56,7 +62,7 @@ class Journal:
     def record(self, msg: dict[str, Any], payload: bytes = b"") -> None:
         if not self._pending:
             self.on_pending()
-        self._pending.append(b"".join(protocol.encode(msg, payload)))
+        self._pending.append(b"".join(_encode(msg, payload)))
 
     def flush(self) -> None:
         if self._pending and self._fd >= 0:
@@ -74,7 +80,7 @@ class Journal:
         size = len(self._header)
         try:
             for msg, payload in records:
-                data = b"".join(protocol.encode(msg, payload))
+                data = b"".join(_encode(msg, payload))
                 os.write(fd, data)
                 size += len(data)
         finally:
@@ -109,7 +115,7 @@ def read(path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
     pos, head = 0, protocol.HEAD.size
     while pos + head <= len(data):
         try:
-            json_len, payload_len = protocol.parse_head(data[pos : pos + head])
+            json_len, payload_len = protocol.parse_head(data[pos : pos + head], max_json=protocol.MAX_REPLY_JSON)
             end = pos + head + json_len + payload_len
             if end > len(data):
                 return

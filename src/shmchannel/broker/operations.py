@@ -276,7 +276,7 @@ class Operations:
         shard = request_field(msg, "shard", int)
         rules.check_shard(shard, channel.num_shards)
         peek = bool(msg.get("peek"))
-        limit = request_field(msg, "limit", int, optional=True) or 1
+        limit = min(request_field(msg, "limit", int, optional=True) or 1, rules.MAX_PREFETCH)
         shared = channel.full_batch and channel.num_shards > 1
 
         def done(objs: list[StoredObject]) -> Reply:
@@ -287,7 +287,7 @@ class Operations:
             return protocol.ok(items=items, shared=shared), inline
 
         return self._blocking(
-            lambda: self.state.try_recv(conn.client, channel, shard, peek, max(1, limit)),
+            lambda: self.state.try_recv(conn.client, channel, shard, peek, max(1, limit), protocol.MAX_PAYLOAD),
             lambda: [channel.data[shard]],
             msg,
             done,

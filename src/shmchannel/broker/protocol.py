@@ -21,6 +21,10 @@ PROTOCOL_VERSION = 2
 HEAD = struct.Struct("<II")
 MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20
+#: A reply's JSON may be larger than a request's: a queue listing names up to
+#: ``rules.MAX_QUEUED`` keys (about 26 bytes each). The broker is our own code; the bound
+#: only catches a stream out of step before it allocates without limit.
+MAX_REPLY_JSON = 64 << 20
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call with options
 
@@ -31,14 +35,33 @@ CONFIRMS = frozenset({"create", "send", "close", "detach", "queue", "status", "s
 #: Operations that get no reply.
 ONE_WAY = frozenset({"release", "cancel", "requeue", "next", "ack", "hold"})
 
+#: Requests answered on arrival, even while an earlier request of the connection waits:
+#: they never wait themselves, and no earlier request of the same connection can change
+#: their answer in a way its caller relies on (a client posts only from the thread that
+#: waits, see client.py). ``delete`` is one so that deleting a key can free the memory a
+#: ``put`` of another thread waits for.
+IMMEDIATE = frozenset({"queue", "status", "stats", "contains", "get", "delete"})
+
 
 class FrameError(ValueError):
     """A frame is malformed (sizes out of bounds, JSON not an object)."""
 
 
-def encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[Any]:
-    """The parts of one frame, ready for ``socket.sendmsg`` or a transport's writelines."""
+def encode(
+    msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"", *, max_json: int = MAX_JSON
+) -> list[Any]:
+    """The parts of one frame, ready for ``socket.sendmsg`` or a transport's writelines.
+
+    Raises:
+        FrameError: the JSON is over ``max_json`` bytes or the payload over ``MAX_PAYLOAD``
+            (the receiving end would drop the connection).
+    """
     body = _ENCODER.encode(msg).encode()
+    if len(body) > max_json or len(payload) > MAX_PAYLOAD:
+        raise FrameError(
+            f"{msg.get('op', 'reply')!r} frame too large: JSON {len(body)} bytes (at most {max_json}), "
+            f"payload {len(payload)} bytes (at most {MAX_PAYLOAD})"
+        )
     return [HEAD.pack(len(body), len(payload)), body, payload] if len(payload) else [HEAD.pack(len(body), 0), body]
 
 
@@ -46,10 +69,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number this protocol carries")
 
 
-def parse_head(head: bytes | bytearray | memoryview) -> tuple[int, int]:
+def parse_head(head: bytes | bytearray | memoryview, *, max_json: int = MAX_JSON) -> tuple[int, int]:
     json_len, payload_len = HEAD.unpack(head)
-    if json_len > MAX_JSON or json_len == 0:
-        raise FrameError(f"frame JSON length {json_len} outside 1..{MAX_JSON}")
+    if json_len > max_json or json_len == 0:
+        raise FrameError(f"frame JSON length {json_len} outside 1..{max_json}")
     if payload_len > MAX_PAYLOAD:
         raise FrameError(f"frame payload length {payload_len} above {MAX_PAYLOAD}")
     return json_len, payload_len

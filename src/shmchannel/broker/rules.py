@@ -13,6 +13,16 @@ from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, InvalidArgu
 #: in practice; a bound so that one request cannot make a broker allocate without limit.
 MAX_SHARDS = 4096
 
+#: Most objects a channel may queue, ``num_shards * max_queue_size``: a queue listing
+#: (``get_queue``, a journal snapshot) names each, and must fit one frame
+#: (``protocol.MAX_REPLY_JSON``: 2^20 keys take about 26 MiB of JSON).
+MAX_QUEUED = 1 << 20
+
+
+#: Most objects a receiver fetches in one call (``prefetch``): their descriptions share one
+#: reply, whose JSON must stay small (a few hundred bytes each).
+MAX_PREFETCH = 1024
+
 
 def receivers_per_shard(shards: Iterable[int], num_shards: int) -> list[int]:
     """How many receivers read each shard, from the shard of each (status); a shard number a
@@ -25,11 +35,18 @@ def receivers_per_shard(shards: Iterable[int], num_shards: int) -> list[int]:
 
 
 def check_channel_shape(num_shards: object, max_queue_size: object) -> None:
-    """num_shards in 1..MAX_SHARDS and max_queue_size >= 1, both ints; raises naming the field."""
+    """num_shards in 1..MAX_SHARDS, max_queue_size >= 1, both ints, and their product at
+    most MAX_QUEUED; raises naming the field."""
     for field, value, top in (("num_shards", num_shards, MAX_SHARDS), ("max_queue_size", max_queue_size, None)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (top is not None and value > top):
             bound = f"an int from 1 to {top}" if top is not None else "an int >= 1"
             raise InvalidArgument(f"{field} must be {bound}, got {value!r}")
+    assert isinstance(num_shards, int) and isinstance(max_queue_size, int)
+    if num_shards * max_queue_size > MAX_QUEUED:
+        raise InvalidArgument(
+            f"max_queue_size must be at most {MAX_QUEUED // num_shards} with num_shards={num_shards} "
+            f"(a channel queues at most {MAX_QUEUED} objects in all), got {max_queue_size}"
+        )
 
 
 def check_new_sender(

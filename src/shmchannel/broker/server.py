@@ -16,7 +16,7 @@ import struct
 import time
 from typing import Any, Callable
 
-from ..errors import ChannelError, InvalidArgument
+from ..errors import Cancelled, ChannelError, InvalidArgument
 from ..store.arena import ArenaFile
 from . import protocol
 from .connection import ClientConnection
@@ -139,6 +139,7 @@ class Server(Operations):
     def _dispatch(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> None:
         op = msg["op"]
         posted = msg.get("posted") is True  # answered only if it fails
+        rid = msg.get("id")  # repeated in the reply: replies of IMMEDIATE requests may overtake
         if op not in self.OBSERVING:
             conn.acted = True
             self._active = time.monotonic()
@@ -154,23 +155,24 @@ class Server(Operations):
             if op in protocol.ONE_WAY:
                 log.warning("client pid %d: %s failed: %r", conn.client.pid, op, exc)
             else:
-                self._answer(conn, op, posted, exc)
+                self._answer(conn, op, posted, rid, exc)
             return
         if isinstance(result, Waiter):
-            conn.waiter = result
-            result.start(lambda outcome: self._answer(conn, op, posted, outcome))
+            conn.waiter, conn.waiter_id = result, rid
+            result.start(lambda outcome: self._answer(conn, op, posted, rid, outcome))
         else:
-            self._answer(conn, op, posted, result)
+            self._answer(conn, op, posted, rid, result)
 
-    def _answer(self, conn: ClientConnection, op: str, posted: bool, outcome: Reply | BaseException) -> None:
+    def _answer(self, conn: ClientConnection, op: str, posted: bool, rid: Any, outcome: Reply | BaseException) -> None:
         """Reply with ``outcome`` (a reply, or the exception that ended the request); a
         posted request is answered only if it failed, with a reply marked as such."""
         waited = conn.waiter is not None and conn.waiter.finished
         if waited:
-            conn.waiter = None
+            conn.waiter = conn.waiter_id = None
         if isinstance(outcome, tuple):
             if not posted:
-                conn.reply(*outcome, confirms=op in protocol.CONFIRMS)
+                reply, payload = outcome
+                conn.reply({**reply, "id": rid} if rid is not None else reply, payload, confirms=op in protocol.CONFIRMS)
         else:
             if isinstance(outcome, ChannelError):
                 failure = protocol.error(outcome.code, str(outcome))
@@ -180,6 +182,8 @@ class Server(Operations):
             else:  # a bug: answer and keep serving everyone else
                 log.error("%r request of client pid %d failed", op, conn.client.pid, exc_info=outcome)
                 failure = protocol.error("error", f"broker error in {op!r}: {outcome!r}")
+            if rid is not None:
+                failure["id"] = rid
             conn.reply({**failure, "posted": True} if posted else failure)
         if waited:  # requests that queued behind it go now (others: their reader goes on)
             conn.resume()
@@ -187,9 +191,12 @@ class Server(Operations):
     def _one_way(self, conn: ClientConnection, op: str, msg: dict[str, Any], payload: bytes) -> None:
         if op == "release":
             self.state.release(conn.client, [k for k in request_field(msg, "keys", list) if isinstance(k, str)])
-        elif op == "cancel":
-            if conn.waiter is not None:
+        elif op == "cancel":  # the request named by id (any waiting one without)
+            rid = msg.get("id")
+            if conn.waiter is not None and (rid is None or rid == conn.waiter_id):
                 conn.waiter.cancel()
+            elif rid is not None and (withdrawn := conn.withdraw(rid)) is not None:
+                self._answer(conn, str(withdrawn["op"]), withdrawn.get("posted") is True, rid, Cancelled("request cancelled by the client"))
         elif op == "requeue":
             channel = self._channel(msg)
             shard = request_field(msg, "shard", int)

@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any, Callable
 
 from ..errors import EndpointClosed, InvalidArgument
-from ..store.table import ObjectTable, StoredObject, describe_all
+from ..store.table import ObjectTable, StoredObject, describe_all, inline_span
 from . import rules
 from .journal import Journal
 from .records import Channel, Client, Lent, Part, Signal
@@ -250,10 +250,14 @@ class BrokerState:
             signal.fire()
         return channel.room()
 
-    def try_recv(self, client: Client, channel: Channel, shard: int, peek: bool, limit: int = 1) -> Any:
+    def try_recv(
+        self, client: Client, channel: Channel, shard: int, peek: bool, limit: int = 1, max_inline: int | None = None
+    ) -> Any:
         """The oldest (up to ``limit``) objects of ``shard``, lent to this client, the first
         handed out and the others reserved; WAIT if none yet. Acknowledges the objects the
-        client was handed from this shard before.
+        client was handed from this shard before. With ``max_inline``, no object joins the
+        batch whose inline bytes would take the reply's payload past it (the first always
+        goes: one object's payload is within the bound it was sent under).
 
         Raises:
             ChannelClosed: the channel was closed and this shard is drained.
@@ -271,9 +275,14 @@ class BrokerState:
             return [obj]
         lent = client.lent.setdefault((channel.namespace, channel.name, shard), Lent())
         objs: list[StoredObject] = []
+        payload = 0
         while queue and len(objs) < limit:
-            obj = self.table.get(queue.popleft())
+            obj = self.table.get(queue[0])
             assert obj is not None
+            payload = inline_span(payload, obj)
+            if objs and max_inline is not None and payload > max_inline:
+                break
+            queue.popleft()
             lent.keys.append(obj.key)  # the queue's reference goes with it
             self._hold(client, obj)
             channel.received_objects[shard] += 1

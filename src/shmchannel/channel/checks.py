@@ -22,9 +22,12 @@ def check_name(param: str, value: object) -> str:
     return value
 
 
-def check_int(param: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+def check_int(param: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum is not None and value > maximum):
+        if maximum is not None:
+            what = f"an int from {minimum} to {maximum}"
+        else:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise InvalidArgument(f"{param} must be {what}, got {value!r} ({type(value).__name__})")
     return value
 

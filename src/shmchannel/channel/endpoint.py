@@ -1,11 +1,14 @@
 """What DataSender, DataReceiver and DataSystem share: a backend endpoint that ``close()``
-lets go of, ``with`` blocks, and (for the two ends of a channel) the channel's name."""
+lets go of, ``with`` blocks, and (for the two ends of a channel) the channel's name and
+the turn its calls that move objects take."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, TypeVar
 
-from ..errors import EndpointClosed
+from ..errors import ChannelTimeout, EndpointClosed, ReentrantCall
 
 E = TypeVar("E", bound="Endpoint")
 
@@ -46,3 +49,55 @@ class ChannelEnd(Endpoint):
     def dataset_name(self) -> str:
         """The channel's name within its namespace."""
         return self._dataset_name
+
+
+class Turn:
+    """One endpoint's calls that move objects (send, recv, peek), one thread at a time.
+
+    They share the endpoint's state (the room a sender counts, a receiver's prefetched
+    objects) and its order. A call waiting its turn waits at most its own timeout, counted
+    from when it was made -- not from when an earlier call lets go. Calls that only look
+    (``get_queue``, properties) take no turn: they answer while another thread's call waits
+    (issue 11). The thread holding the turn cannot take it again (a signal handler run
+    while it waits): that raises ``ReentrantCall`` at once instead of waiting for itself.
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def take(self, timeout: float | None) -> float | None:
+        """Wait for the turn; return what is left of ``timeout``.
+
+        Raises:
+            ReentrantCall: this thread holds the turn already.
+            ChannelTimeout: another thread held the turn for all of ``timeout`` seconds.
+        """
+        me = threading.get_ident()
+        if self._owner == me:
+            raise ReentrantCall(
+                f"a call re-entered {self._what} while its own thread was inside a send/recv/peek of it "
+                "(from a signal handler?); it would wait for itself: call it from another thread, or after"
+            )
+        if self._lock.acquire(blocking=False):  # the usual case: the timeout stays as asked
+            self._owner = me
+            return timeout
+        start = time.monotonic()
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise ChannelTimeout(
+                f"timed out after {timeout} s waiting for another thread's call on {self._what}; nothing was done"
+            )
+        self._owner = me
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+
+    def try_take(self) -> bool:
+        """Take the turn if it is free, without waiting."""
+        if self._owner != threading.get_ident() and self._lock.acquire(blocking=False):
+            self._owner = threading.get_ident()
+            return True
+        return False
+
+    def give(self) -> None:
+        self._owner = None
+        self._lock.release()

@@ -11,7 +11,7 @@ from ..backends import backend_for
 from ..broker import rules
 from ..errors import ChannelClosed, ChannelTimeout
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import ChannelEnd
+from .endpoint import ChannelEnd, Turn
 
 
 class DataReceiver(ChannelEnd):
@@ -43,7 +43,9 @@ class DataReceiver(ChannelEnd):
         ``recv`` fetches up to ``prefetch`` queued objects in one round trip to the broker
         and hands them out in order: they leave the queue (making room for the sender) but
         stay this receiver's, put back at the head of the queue by ``close`` if not handed
-        out, and by the broker if this process dies. ``prefetch=1`` fetches one at a time.
+        out, and by the broker if this process dies. ``prefetch=1`` fetches one at a time;
+        at most ``rules.MAX_PREFETCH`` (1024), and a batch stops early rather than carry
+        more than ``protocol.MAX_PAYLOAD`` (256 MiB) of inline objects in one reply.
 
         Raises:
             ChannelNotFound (ValueError): no sender created it (within ``wait``).
@@ -53,11 +55,12 @@ class DataReceiver(ChannelEnd):
         self._worker: aio.Worker | None = None  # runs arecv's recv calls
         self._pending: aio.Job | None = None  # a recv whose awaiting arecv gave up (see aio.py)
         self._async_lock: asyncio.Lock | None = None
+        self._turn = Turn("this DataReceiver")
         self._namespace = check_name("namespace", namespace)
         self._dataset_name = check_name("dataset_name", dataset_name)
         self._shard_id = check_int("shard_id", shard_id, 0)
         wait = check_timeout("wait", wait)
-        prefetch = check_int("prefetch", prefetch, 1)
+        prefetch = check_int("prefetch", prefetch, 1, rules.MAX_PREFETCH)
         backend = backend_for(address)
         self._endpoint = backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch)
         self._num_shards = self._endpoint.num_shards
@@ -94,7 +97,14 @@ class DataReceiver(ChannelEnd):
         timeout = check_timeout("timeout", timeout)
         if self._pending is not None:
             return self._pending_result(timeout, keep=False)
-        return endpoint.recv(timeout, False)
+        return self._take(endpoint, timeout, False)
+
+    def _take(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
+        left = self._turn.take(timeout)
+        try:
+            return endpoint.recv(left, peek)
+        finally:
+            self._turn.give()
 
     def peek(self, timeout: float | None = None) -> Any:
         """Like ``recv`` but leave the object in the queue.
@@ -108,7 +118,7 @@ class DataReceiver(ChannelEnd):
         timeout = check_timeout("timeout", timeout)
         if self._pending is not None:
             return self._pending_result(timeout, keep=True)
-        return endpoint.recv(timeout, True)
+        return self._take(endpoint, timeout, True)
 
     async def arecv(self, timeout: float | None = None) -> Any:
         """``recv`` for asyncio: waits without blocking the event loop.
@@ -134,11 +144,14 @@ class DataReceiver(ChannelEnd):
             job = self._pending
             if job is None:
                 endpoint = self._live()  # again: close() may have run while we waited for the lock
-                if endpoint.buffered():
-                    return endpoint.recv(0, False)  # prefetched: no wait, so no thread hop
+                if endpoint.buffered() and self._turn.try_take():
+                    try:
+                        return endpoint.recv(0, False)  # prefetched: no wait, so no thread hop
+                    finally:
+                        self._turn.give()
                 if self._worker is None:
                     self._worker = aio.Worker(f"shmchannel {self!r}")
-                job = self._pending = self._worker.submit(endpoint.recv, None, False)
+                job = self._pending = self._worker.submit(self._take, endpoint, None, False)
             try:
                 obj = await aio.wait_for(job, timeout, lambda: self._expired(timeout))
             except asyncio.CancelledError:

@@ -12,7 +12,7 @@ from ..broker import rules
 from ..errors import InvalidArgument
 from ..serialization import row_count, split, splittable
 from .checks import check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import ChannelEnd
+from .endpoint import ChannelEnd, Turn
 
 
 class DataSender(ChannelEnd):
@@ -40,6 +40,7 @@ class DataSender(ChannelEnd):
     ) -> None:
         self._endpoint: Any = None
         self._worker: aio.Worker | None = None  # runs asend's sends, in order
+        self._turn = Turn("this DataSender")
         self._namespace = check_name("namespace", namespace)
         self._dataset_name = check_name("dataset_name", dataset_name)
         self._num_shards = check_int("num_shards", num_shards, 1)
@@ -102,9 +103,16 @@ class DataSender(ChannelEnd):
         timeout = check_timeout("timeout", timeout)
         parts = self._parts(obj)
         if self._worker is not None:  # after the asend calls still running, in order
-            self._worker.submit(endpoint.send, parts, timeout).result()
+            self._worker.submit(self._deliver, endpoint, parts, timeout).result()
         else:
-            endpoint.send(parts, timeout)
+            self._deliver(endpoint, parts, timeout)
+
+    def _deliver(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
+        left = self._turn.take(timeout)
+        try:
+            endpoint.send(parts, left)
+        finally:
+            self._turn.give()
 
     def _parts(self, obj: Any) -> list[Any]:
         """The blocks of ``obj`` for the shards (the whole object once if it is not split)."""
@@ -154,7 +162,7 @@ class DataSender(ChannelEnd):
         parts = self._parts(obj)
         if self._worker is None:
             self._worker = aio.Worker(f"shmchannel {self!r}")
-        await aio.wait_for(self._worker.submit(endpoint.send, parts, timeout))
+        await aio.wait_for(self._worker.submit(self._deliver, endpoint, parts, timeout))
 
     @property
     def max_queue_size(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ProtocolError
 from ..serialization.codec import Source
-from .allocator import align
+from .allocator import ALIGNMENT, align
 
 MAGIC = b"SHMC"
 VERSION = 1
@@ -48,6 +48,19 @@ def plan_blob(header_len: int, lengths: Sequence[int]) -> BlobPlan:
         offsets.append(pos)
         pos += n
     return BlobPlan(pos, header_len, tuple(offsets), tuple(lengths))
+
+
+def aligned_copy(src: bytes | bytearray | memoryview) -> memoryview:
+    """A writable copy of ``src`` that starts on a 64-byte boundary: a blob read from a
+    socket or a private copy is put there, so that its buffers (at 64-byte offsets) are
+    as aligned as in the arena. A bytearray's data is only as aligned as malloc makes it
+    (16 bytes), and a float64 array at an odd offset of it is misaligned (issue 11)."""
+    n = len(src)
+    raw = np.empty(n + ALIGNMENT, np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    out = memoryview(raw[skip : skip + n])  # type: ignore[arg-type]  # numpy exports a buffer
+    out[:] = src if not isinstance(src, memoryview) or src.format == "B" else src.cast("B")
+    return out
 
 
 def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence[Source]) -> None:
