@@ -26,6 +26,10 @@ class DataReceiver(ChannelEnd):
     Received arrays (and the numeric columns of DataFrames) are views of shared memory,
     writable unless the object is shared with other shards (``full_batch``); the memory
     returns to the store when the last of them is dropped.
+
+    Threads may share a receiver: ``get_queue``, ``ack`` and the properties answer while
+    another thread's ``recv`` waits; ``recv``/``peek`` take turns, each within its own
+    timeout, and each object is handed out once.
     """
 
     def __init__(
@@ -84,7 +88,12 @@ class DataReceiver(ChannelEnd):
         Raises:
             TimeoutError (``ChannelTimeout``): nothing arrived within ``timeout`` seconds.
             ChannelClosed: the sender closed the channel and this shard is drained.
-            EndpointClosed: this receiver was closed.
+            EndpointClosed: this receiver was closed (also by another thread meanwhile).
+            ReentrantCall (a RuntimeError): called from a signal handler while its own
+                thread is inside a recv/peek of this receiver.
+
+        Another thread's recv/peek of this receiver goes first; the wait for it counts
+        against ``timeout``.
 
         Example::
 
@@ -216,6 +225,8 @@ class DataReceiver(ChannelEnd):
 
     def get_queue(self, shard_id: int | None = None) -> Any:
         """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards.
+
+        Answers at once, also while another thread's ``recv`` of this receiver waits.
 
         Example::
 

@@ -25,6 +25,10 @@ class DataSender(ChannelEnd):
 
     The broker is started if none runs. Raises ValueError (``InvalidArgument``) for a bad
     parameter and ``NameInUse`` (a ValueError) if another sender owns the name.
+
+    Threads may share a sender: ``get_queue`` and the properties answer while another
+    thread's ``send`` waits; sends take turns, each within its own timeout; ``close`` from
+    another thread wakes a waiting send with ``EndpointClosed`` and still ends the stream.
     """
 
     def __init__(
@@ -92,7 +96,12 @@ class DataSender(ChannelEnd):
             TimeoutError: ``timeout`` ran out; nothing was queued (``StoreFullTimeout`` if
                 the store stayed full).
             StoreFull: one object is larger than the whole store.
-            EndpointClosed: this sender was closed.
+            EndpointClosed: this sender was closed (also by another thread meanwhile).
+            ReentrantCall (a RuntimeError): called from a signal handler while its own
+                thread is inside a send of this sender.
+
+        Another thread's send of this sender goes first; the wait for it counts against
+        ``timeout`` (``TimeoutError`` saying so if it runs out, nothing queued).
 
         Example::
 
@@ -131,6 +140,8 @@ class DataSender(ChannelEnd):
 
     def get_queue(self, shard_id: int | None = None) -> Any:
         """Keys not yet received: a list for ``shard_id``, or ``{shard: list}`` for all shards.
+
+        Answers at once, also while another thread's ``send`` of this sender waits for room.
 
         Example::
 
