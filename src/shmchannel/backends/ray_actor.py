@@ -9,6 +9,11 @@ is passed to ``put`` by value and the actor stores it with ``ray.put`` itself: t
 owns every queued object, which therefore outlives the sender. That costs one copy inside
 the object store on the actor's node -- the price of "data outlives the sender" in Ray.
 
+What the actor keeps is encoded parts, never user objects: each part arrives as a few uint8
+arrays in our layout (``ray.encode``), is stored and returned as it is, and only the
+receiving client decodes it; so the layout, not Ray's pickling of the object, decides
+where the user's buffers start (64-byte boundaries, issue 11).
+
 Delivery: an object a receiver gets stays *lent* to it until it acknowledges it (its next
 ``get``, ``ack`` or ``detach``). Each receiver gives the actor a ``Lease``, a tiny actor it
 owns, which Ray kills when the receiver's process dies; while objects are lent, the actor
@@ -92,8 +97,8 @@ class ChannelActor:
         self.num_shards = 0
         self.full_batch = False
         self.max_queue_size = 0
-        # (key, inline, payload, size): payload is the value itself (small objects) or [ref];
-        # size is the part's encoded size, as the sender measured it (for status)
+        # (key, inline, payload, size): payload is the encoded part itself (small ones) or
+        # [ref] of it; size is its data's size, as the sender measured it (for status)
         self.queues: list[deque[tuple[str, bool, Any, int]]] = []
         self.sender: str | None = None
         self.closed = False
@@ -165,8 +170,9 @@ class ChannelActor:
         self, token: str, parts: list[Any], inline: list[bool], timeout: float | None, asked: float | None,
         sizes: list[int] | None = None,
     ) -> Any:
-        """Queue one object; ``inline[i]``: part i is small and is kept (and returned) by value;
-        ``sizes[i]``: its encoded size (counted for status; 0 if a client does not say)."""
+        """Queue one object, given as its encoded parts; ``inline[i]``: part i is small
+        and is kept (and returned) by value; ``sizes[i]``: its size (counted for status; 0
+        if a client does not say)."""
         if self.sender != token:
             raise EndpointClosed(f"this client is not the sender of channel {self.label}")
         expected = 1 if self.full_batch else self.num_shards
@@ -180,7 +186,11 @@ class ChannelActor:
             for part, small, size in zip(parts, inline, sizes)
         ]
         async with self.cond:
-            room = await _wait(self.cond, lambda: all(len(q) < self.max_queue_size for q in self.queues), timeout)
+            room = await _wait(
+                self.cond, lambda: self.sender != token or all(len(q) < self.max_queue_size for q in self.queues), timeout
+            )
+            if self.sender != token:  # close() from another thread of the sender while this waited
+                raise EndpointClosed("closed by close() from another thread while waiting")
             if not room:
                 raise rules.send_timeout(asked, self.label, self.max_queue_size)
             if self.full_batch:
@@ -202,7 +212,11 @@ class ChannelActor:
         async with self.cond:
             self.lent.pop(token, None)  # what it had is consumed: it asks for more
             queue = self.queues[shard]
-            if not await _wait(self.cond, lambda: bool(queue) or self.closed, timeout):
+            attached = token in self.receivers
+            ready = await _wait(self.cond, lambda: bool(queue) or self.closed or (attached and token not in self.receivers), timeout)
+            if attached and token not in self.receivers:  # close() from another thread of the receiver
+                raise EndpointClosed("closed by close() from another thread while waiting")
+            if not ready:
                 raise rules.recv_timeout(peek, asked, shard, self.label)
             if not queue:
                 raise rules.drained(self.label, shard)
@@ -286,6 +300,7 @@ class ChannelActor:
             self.receivers.pop(token, None)
             self.leases.pop(token, None)
             self.lent.pop(token, None)  # consumed: it leaves after using them
+            self.cond.notify_all()  # a get of this receiver's other thread ends
             return self._disposable()
 
     async def status(self) -> dict[str, Any]:
@@ -309,7 +324,7 @@ class ChannelActor:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class DataSystemActor:
-    """Key -> object, each stored (and owned) by this actor."""
+    """Key -> an encoded object, each stored (and owned) by this actor."""
 
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}

@@ -17,7 +17,7 @@ import json
 import struct
 from typing import Any
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: request ids, IMMEDIATE requests, cancel by id (issue 11)
 HEAD = struct.Struct("<II")
 MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20
