@@ -120,3 +120,34 @@ def test_ray_ack_and_recv_consume_what_was_received(ray_two_nodes: str) -> None:
         with DataReceiver(ray_two_nodes, dataset_name=name) as second:
             assert second.recv(timeout=30) == [2]
             assert second.get_queue(0) == []
+
+
+def test_each_shard_of_a_split_tensor_and_table_carries_only_its_rows(ray_two_nodes: str) -> None:
+    """Row blocks of a split tensor and Arrow table (views of all of their parent's memory)
+    travel as their own rows: each shard's received object, and the bytes the channel
+    counts, are about a quarter of the whole."""
+    import pyarrow as pa
+    import torch
+
+    from shmchannel.backends.ray import list_channels
+
+    n = 400_000
+    tensor = torch.arange(n)
+    table = pa.table({"a": np.arange(n), "s": [str(i) for i in range(n)]})
+    with DataSender(ray_two_nodes, dataset_name="blocks", num_shards=4) as sender:
+        receivers = [DataReceiver(ray_two_nodes, dataset_name="blocks", shard_id=i) for i in range(4)]
+        try:
+            sender.send(tensor)
+            sender.send(table)
+            for i, receiver in enumerate(receivers):
+                got_tensor, got_table = receiver.recv(timeout=60), receiver.recv(timeout=60)
+                assert torch.equal(got_tensor, tensor[i * n // 4 : (i + 1) * n // 4])
+                assert got_tensor.untyped_storage().nbytes() == got_tensor.numel() * 8
+                assert got_table.equals(table.slice(i * n // 4, n // 4))
+                assert got_table.get_total_buffer_size() < table.get_total_buffer_size() * 0.3
+            (channel,) = [c for c in list_channels(ray_two_nodes) if c["dataset_name"] == "blocks"]
+            whole = tensor.numel() * 8 + table.get_total_buffer_size()
+            assert channel["sent_bytes"] < whole * 1.1, channel  # four quarters, not four wholes
+        finally:
+            for receiver in receivers:
+                receiver.close()

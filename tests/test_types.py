@@ -288,17 +288,26 @@ def test_received_tensor_writes_reach_the_shared_memory_it_views(broker: int) ->
 
 # -- errors ----------------------------------------------------------------------------------
 
-META = "a torch.Tensor in obj must be on the CPU, got device 'meta'; move it there with tensor.cpu()"
+OFF_CPU = "a torch.Tensor in obj must be on the CPU, got device 'cuda:0'; move it there with tensor.cpu()"
+
+
+def _cuda_tensor() -> Any:
+    """A tensor that says it is on CUDA (a fake tensor: this machine has no GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.zeros(4, 2, device="cuda")
 
 
 @pytest.mark.parametrize(("num_shards", "full_batch"), [(1, False), (2, False), (2, True)], ids=["1-shard", "2-shards", "full_batch"])
 def test_send_tensor_off_the_cpu_raises_unsupported_type(broker: int, num_shards: int, full_batch: bool) -> None:
-    """A tensor on another device (meta stands in for CUDA), alone or in a dict, raises
-    UnsupportedType saying to move it to the CPU, and queues nothing."""
-    meta = torch.zeros(4, 2, device="meta")
-    with DataSender(ADDRESS, dataset_name=f"meta-{os.getpid()}", num_shards=num_shards, full_batch=full_batch) as sender:
-        for obj in (meta, {"x": meta, "y": np.arange(4)}):
-            with pytest.raises(UnsupportedType, match=exact(META)):
+    """A tensor on another device, alone, in a dict or in a list, raises UnsupportedType
+    saying to move it to the CPU (before torch fails to slice it), and queues nothing."""
+    cuda = _cuda_tensor()
+    objs: list[Any] = [cuda, {"x": cuda, "y": np.arange(4)}] + ([[cuda]] if num_shards == 1 or full_batch else [])
+    with DataSender(ADDRESS, dataset_name=f"cuda-{os.getpid()}", num_shards=num_shards, full_batch=full_batch) as sender:
+        for obj in objs:
+            with pytest.raises(UnsupportedType, match=exact(OFF_CPU)):
                 sender.send(obj)
         assert sender.get_queue() == {s: [] for s in range(num_shards)}
     assert _store_empty()

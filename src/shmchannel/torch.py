@@ -50,7 +50,7 @@ import numpy as np
 
 from .channel import PREFETCH, DataReceiver
 from .errors import ChannelClosed, InvalidArgument
-from .serialization.codec import NUMPY_TORCH
+from .serialization.tensors import NUMPY_TORCH
 
 __all__ = ["ChannelDataset", "to_tensors"]
 

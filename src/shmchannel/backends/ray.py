@@ -41,8 +41,8 @@ import numpy as np
 
 from ..errors import BrokerUnavailable, ChannelError, ChannelNotFound, InvalidArgument, UnsupportedType, from_wire
 from ..serialization import deserialize, serialize
-from ..serialization.codec import Source
-from ..store.allocator import ALIGNMENT
+from ..serialization.arrays import Source
+from ..serialization.arrays import ALIGNMENT
 from ..store.blob import aligned_copy, plan_blob, read_blob, write_blob
 from ..store.table import StoreStats
 

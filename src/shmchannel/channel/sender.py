@@ -77,9 +77,11 @@ class DataSender(ChannelEnd):
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Split ``obj`` row-wise into ``num_shards`` blocks and queue block i for shard i.
 
-        These are split: numpy.ndarray, list, pandas DataFrame/Series, pyarrow Table/RecordBatch,
-        polars DataFrame, CPU torch.Tensor (along dim 0, detached), and a dict of equal-length
-        columns (each split alike). Any other picklable object is queued whole, which needs
+        These are split: numpy.ndarray (subclasses too: memmap, recarray, masked arrays),
+        list, pandas DataFrame/Series, pyarrow Table/RecordBatch, polars DataFrame, a dense
+        CPU or meta torch.Tensor (along dim 0; a block of a tensor requiring grad arrives
+        detached, a whole leaf keeps requires_grad), and a dict of equal-length columns
+        (each split alike). Any other picklable object is queued whole, which needs
         ``num_shards=1`` or ``full_batch``; with ``full_batch`` every shard gets the whole
         object. Blocks while a shard's queue holds ``max_queue_size`` objects (or the store
         is full), at most ``timeout`` seconds. All shards are queued or none. On the embedded

@@ -1,6 +1,6 @@
 """Layer 1: objects <-> (header bytes, large buffers), and row-wise splitting."""
 
 from .codec import Serialized, deserialize, serialize
-from .split import SUPPORTED, compact, row_count, split, splittable
+from .split import SUPPORTED, row_count, split, splittable
 
-__all__ = ["Serialized", "deserialize", "SUPPORTED", "compact", "row_count", "serialize", "split", "splittable"]
+__all__ = ["Serialized", "deserialize", "SUPPORTED", "row_count", "serialize", "split", "splittable"]

@@ -11,26 +11,42 @@ memory, and the receiver would get a private copy instead of a view).
 
 On the receiving side each slot is given a memoryview of shared memory and the array is
 rebuilt as a view of it: zero-copy. The stream itself (the "header") holds only metadata and
-in-band Python objects (strings of object columns, list items).
+in-band Python objects (strings of object columns, list items). Every slot starts on a
+64-byte boundary of the blob (store/blob.py), and so does every array, tensor, pandas block
+and Arrow buffer rebuilt from one, when the blob does.
 
 Types with a layout of their own have reducers here too, looked up by exact type in a table
-built from the modules already loaded (nothing is imported to find out):
+built from the modules already loaded (nothing is imported to find out), then by base class
+for subclasses of ``numpy.ndarray`` and ``torch.Tensor``. What arrives ("view": of the
+received buffer)::
 
-- pyarrow Table and RecordBatch: an Arrow IPC stream written straight into the slot; the
-  receiver reads it back with buffers that are views of shared memory.
-- polars DataFrame: through Arrow (``to_arrow``, zero-copy) and the same IPC stream. Measured
-  with polars 2.1: numeric, boolean, temporal, list, array and struct columns come back as
-  views; String/Binary columns are copied by polars (it converts large_string to its string
-  views), Categorical/Enum are re-encoded, Decimal is a view only when its buffer happens to
-  be 16-byte aligned (IPC guarantees 8). Exporting polars' own string views instead
-  (``CompatLevel.newest``) would make strings views too, but a slice exports every data
-  buffer of its column: each of 4 shards of a 400,000-row frame carried 12.7 MB instead of
-  4.1 MB, so we export large_string. Object columns are refused: Arrow would carry the
-  addresses of the objects. Dtypes Arrow lacks (Int128) fall back to polars' own pickling.
-- torch.Tensor (CPU, detached): its data as a numpy array (dtypes numpy lacks, e.g. bfloat16
-  and float8, as same-size integers), rebuilt with ``torch.from_numpy`` -- a view when the
-  received memory is writable, a copy when it is read-only (see ``_rebuild_tensor``). A
-  tensor on another device is refused; sparse and quantized ones use torch's own pickling.
+    numpy.ndarray                    ndarray, a view (of Python objects: pickled in-band)
+    np.memmap (read-only too)        plain ndarray, a view: no file behind it any more
+    np.recarray, np.matrix, other    the same class, a view, rebuilt with view(cls): its
+      subclass keeping ndarray's       __array_finalize__ runs; as with pickle, its
+      __reduce__/__reduce_ex__/        instance __dict__ is not carried
+      __setstate__
+    np.ma.MaskedArray                MaskedArray, data and mask views, fill_value and hard
+                                       mask kept; nomask stays nomask, a mask array stays
+                                       an array (numpy's pickle drops the hard mask and
+                                       turns nomask into an array)
+    other ndarray subclasses         through their own pickling: in-band, a copy
+      (MaskedArray's too)
+    pyarrow Table, RecordBatch       the same, every buffer a view, 64-byte aligned
+    polars DataFrame                 the same; which columns are views: see arrow.py
+    torch.Tensor, dense, CPU         Tensor, a view (a copy from read-only memory);
+                                       requires_grad kept on a leaf, a non-leaf detached
+    torch.nn.Parameter               Parameter over a view, requires_grad kept
+    Tensor subclass keeping          that subclass over a view, its attributes kept, a
+      Tensor's __reduce_ex__           leaf if it required grad
+    sparse (COO/CSR/CSC/BSR/BSC),    the same, through torch's pickling; its dense parts
+      nested tensors                   (indices, values, sizes) are views
+    quantized tensors                the same, through torch's pickling: in-band, a copy
+    meta tensors (no data)           the same, through torch's pickling
+    a tensor on another device       refused (UnsupportedType): .cpu() it first
+
+How each foreign type is laid out: arrow.py (Arrow and polars), tensors.py (torch);
+numpy subclasses: arrays.py.
 
 Rejected alternative: ``persistent_id`` -- it is called for every object, strings included,
 and made object columns about four times slower to pickle.
@@ -39,29 +55,21 @@ and made object columns about four times slower to pickle.
 from __future__ import annotations
 
 import io
-import math
 import pickle
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Union
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..errors import ChannelError, UnsupportedType
-
-
-class Writer(Protocol):
-    """A source that writes itself into shared memory (e.g. an Arrow IPC stream)."""
-
-    nbytes: int
-
-    def write_into(self, dst: memoryview) -> None: ...
-
-
-#: A source for the blob writer: a contiguous byte view, an array copied with np.copyto, or
-#: a Writer.
-Source = Union[memoryview, np.ndarray, Writer]
+from .arrays import Slot, Source, fortran, rebuild_ndarray, reduce_masked, reduce_ndarray_subclass
+from .arrow import (
+    ArrowStream, polars_stream, rebuild_arrow_batch, rebuild_arrow_table, rebuild_polars, reduce_batch,
+    reduce_polars, reduce_table,
+)
+from .tensors import reduce_tensor, reduce_tensor_subclass
 
 
 @dataclass(frozen=True)
@@ -81,182 +89,35 @@ def _nbytes(source: Source) -> int:
     return int(source.nbytes)
 
 
-def _rebuild_ndarray(buf: Any, dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> np.ndarray:
-    """Rebuild an array as a view of ``buf`` (the receiver's shared-memory slot)."""
-    count = math.prod(shape)
-    if count == 0 or dtype.itemsize == 0:
-        return np.empty(shape, dtype, order="F" if fortran else "C")
-    flat = np.frombuffer(buf, dtype=dtype, count=count)
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def _fortran(arr: np.ndarray) -> bool:
-    """Whether ``arr`` is written (and rebuilt) in Fortran order: F- but not C-contiguous."""
-    return bool(arr.flags.f_contiguous and not arr.flags.c_contiguous and arr.ndim > 1)
-
-
-# -- pyarrow and polars -------------------------------------------------------------------
-
-
-def _rebuild_arrow_table(buf: Any) -> Any:
-    """Read an Arrow IPC stream; the table's buffers are views of ``buf``."""
-    import pyarrow as pa
-
-    return pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
-
-
-def _rebuild_arrow_batch(buf: Any) -> Any:
-    """Read a one-batch Arrow IPC stream; the RecordBatch's buffers are views of ``buf``."""
-    import pyarrow as pa
-
-    return pa.ipc.open_stream(pa.py_buffer(buf)).read_next_batch()
-
-
-def _rebuild_polars(buf: Any) -> Any:
-    """A polars DataFrame over the Arrow table in ``buf`` (which columns stay views: see above)."""
-    import polars as pl
-
-    return pl.from_arrow(_rebuild_arrow_table(buf), rechunk=False)  # joining chunks would copy
-
-
-class _ArrowStream:
-    """An Arrow Table or RecordBatch as an IPC stream, written straight into the destination.
-
-    Pickling a table slice would carry the whole of each buffer it slices (so every shard
-    of a split table would hold the entire table); the IPC writer writes only the rows of
-    the slice. Sizing runs the writer on a MockOutputStream, which copies nothing.
-    """
-
-    def __init__(self, data: Any) -> None:
-        import pyarrow as pa
-
-        self.data = data
-        sink = pa.MockOutputStream()
-        self._write(sink)
-        self.nbytes = int(sink.size())
-
-    def _write(self, sink: Any) -> None:
-        import pyarrow as pa
-
-        with pa.ipc.new_stream(sink, self.data.schema) as writer:
-            writer.write(self.data)
-
-    def write_into(self, dst: memoryview) -> None:
-        import pyarrow as pa
-
-        self._write(pa.FixedSizeBufferWriter(pa.py_buffer(dst)))
-
-
-def compact_arrow(data: Any) -> Any:
-    """A copy of an Arrow Table or RecordBatch holding its own rows only (a slice views the
-    whole of its parent's buffers): written as an IPC stream and read back."""
-    import pyarrow as pa
-
-    stream = _ArrowStream(data)
-    buf = bytearray(stream.nbytes)
-    stream.write_into(memoryview(buf))
-    return _rebuild_arrow_table(buf) if isinstance(data, pa.Table) else _rebuild_arrow_batch(buf)
-
-
-#: A reducer of a foreign type: (object, slot maker) -> pickle's reduce tuple, or NotImplemented.
-Slot = Callable[[Source], pickle.PickleBuffer]
-
-
-def _reduce_table(table: Any, slot: Slot) -> Any:
-    return _rebuild_arrow_table, (slot(_ArrowStream(table)),)
-
-
-def _reduce_batch(batch: Any, slot: Slot) -> Any:
-    return _rebuild_arrow_batch, (slot(_ArrowStream(batch)),)
-
-
-def _reduce_polars(df: Any, slot: Slot) -> Any:
-    pl = sys.modules["polars"]
-    objects = [name for name, dtype in df.schema.items() if dtype == pl.Object]
-    if objects:  # polars would export the PyObject pointers as 8-byte binary values
-        raise UnsupportedType(
-            f"a polars.DataFrame in obj must have no Object columns, got {', '.join(map(repr, objects))}; "
-            "Python objects cannot leave their process this way: convert them (e.g. to String) or send a list"
-        )
-    level = getattr(pl, "CompatLevel", None)  # polars < 1.1 has only the oldest
-    try:
-        table = df.to_arrow() if level is None else df.to_arrow(compat_level=level.oldest())
-    except Exception:  # noqa: BLE001 -- a dtype Arrow lacks (Int128, Object): polars pickles such frames itself
-        return NotImplemented
-    return _rebuild_polars, (slot(_ArrowStream(table)),)
-
-
-# -- torch ----------------------------------------------------------------------------------
-
-#: torch dtypes numpy has (same name), so torch.from_numpy takes them (not float128 or
-#: complex256, which are kind "f"/"c" too); the others travel as the integer of their size.
-NUMPY_TORCH = frozenset(
-    "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
-)
-_CARRIERS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-
-
-def _reduce_tensor(tensor: Any, slot: Slot) -> Any:
-    torch = sys.modules["torch"]
-    if tensor.device.type != "cpu":
-        raise UnsupportedType(
-            f"a torch.Tensor in obj must be on the CPU, got device {str(tensor.device)!r}; move it there with tensor.cpu()"
-        )
-    if tensor.layout is not torch.strided or tensor.is_quantized:
-        return NotImplemented  # sparse or quantized: torch pickles it itself (in-band, a copy)
-    name = str(tensor.dtype).removeprefix("torch.")
-    data = tensor.detach().resolve_conj().resolve_neg()  # the resolves copy only if a lazy bit is set
-    carrier = None
-    if name not in NUMPY_TORCH:
-        carrier = _CARRIERS.get(data.element_size())
-        if carrier is None:
-            return NotImplemented
-        data = data.view(getattr(torch, carrier))  # same item size: a view, whatever the strides
-    arr = data.numpy()
-    return _rebuild_tensor, (slot(arr), arr.dtype, arr.shape, _fortran(arr), name if carrier else None)
-
-
-def _rebuild_tensor(buf: Any, dtype: np.dtype, shape: tuple[int, ...], fortran: bool, torch_dtype: str | None) -> Any:
-    """A torch.Tensor over ``buf``: a view of it if ``buf`` is writable, else a copy.
-
-    Read-only memory is shared with other receivers (``full_batch``) or is a DataSystem
-    value; torch has no read-only tensors (``from_numpy`` warns), and a write through the
-    tensor would change what the others read, so such a tensor gets memory of its own.
-    """
-    import torch
-
-    arr = _rebuild_ndarray(buf, dtype, shape, fortran)
-    if not arr.flags.writeable:
-        arr = arr.copy(order="K")
-    tensor = torch.from_numpy(arr)
-    return tensor if torch_dtype is None else tensor.view(getattr(torch, torch_dtype))
-
+# -- the pickler ----------------------------------------------------------------------------
 
 _Reducers = dict[type, Callable[[Any, Slot], Any]]
-_cache: tuple[tuple[Any, ...], _Reducers] = ((None, None, None), {})
+#: (modules the tables were built from, reducers by exact type, reducers by base class)
+_cache: tuple[tuple[Any, ...], _Reducers, _Reducers] = ((), {}, {})  # () matches no module tuple
 
 
-def _reducers() -> _Reducers:
-    """Reducers of the foreign types whose modules are loaded, by exact type (subclasses such
-    as ``torch.nn.Parameter`` keep their class through their own pickling). Rebuilt only
-    when one of those modules got loaded: building it each time cost 1 us per object."""
+def _reducers() -> tuple[_Reducers, _Reducers]:
+    """Reducers of the foreign types whose modules are loaded, by exact type, and of the
+    subclasses of ndarray and Tensor, by base class. Rebuilt only when one of those modules
+    got loaded: building them each time cost 1 us per object."""
     global _cache
-    pa, pl, torch = modules = (sys.modules.get("pyarrow"), sys.modules.get("polars"), sys.modules.get("torch"))
+    ma, pa, pl, torch = modules = tuple(sys.modules.get(m) for m in ("numpy.ma", "pyarrow", "polars", "torch"))
     if modules == _cache[0]:
-        return _cache[1]
+        return _cache[1], _cache[2]
     table: _Reducers = {}
+    bases: _Reducers = {np.ndarray: reduce_ndarray_subclass}
+    if ma is not None:
+        table[ma.MaskedArray] = reduce_masked  # not its subclasses: they pickle themselves
     if pa is not None:
-        table[pa.Table] = _reduce_table
-        table[pa.RecordBatch] = _reduce_batch
+        table[pa.Table] = reduce_table
+        table[pa.RecordBatch] = reduce_batch
     if pl is not None:
-        table[pl.DataFrame] = _reduce_polars
+        table[pl.DataFrame] = reduce_polars
     if torch is not None:
-        table[torch.Tensor] = _reduce_tensor
-    _cache = (modules, table)
-    return table
-
-
-# -- the pickler ----------------------------------------------------------------------------
+        table[torch.Tensor] = reduce_tensor
+        bases[torch.Tensor] = reduce_tensor_subclass
+    _cache = (modules, table, bases)
+    return table, bases
 
 
 class _Pickler(pickle.Pickler):
@@ -266,7 +127,8 @@ class _Pickler(pickle.Pickler):
         # id(placeholder PickleBuffer) -> (placeholder, source); the placeholder is kept
         # alive so that its id stays unique until the pickler hands it to _take_buffer.
         self._sources: dict[int, tuple[pickle.PickleBuffer, Source]] = {}
-        self._reducers = _reducers()
+        self._reducers, self._bases = _reducers()
+        self._base_types = tuple(self._bases)
 
     def _slot(self, source: Source) -> pickle.PickleBuffer:
         # A writable placeholder: a read-only one would make the loader mark the receiver's
@@ -276,10 +138,18 @@ class _Pickler(pickle.Pickler):
         return slot
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is np.ndarray and not obj.dtype.hasobject:
-            return _rebuild_ndarray, (self._slot(obj), obj.dtype, obj.shape, _fortran(obj))
-        reduce = self._reducers.get(type(obj))
-        return NotImplemented if reduce is None else reduce(obj, self._slot)
+        cls = type(obj)
+        if cls is np.ndarray:
+            if obj.dtype.hasobject:
+                return NotImplemented
+            return rebuild_ndarray, (self._slot(obj), obj.dtype, obj.shape, fortran(obj))
+        reduce = self._reducers.get(cls)
+        if reduce is not None:
+            return reduce(obj, self._slot)
+        if isinstance(obj, self._base_types):
+            base = next(b for b in self._base_types if isinstance(obj, b))
+            return self._bases[base](obj, self._slot)
+        return NotImplemented
 
     def _take_buffer(self, buffer: pickle.PickleBuffer) -> bool:
         entry = self._sources.pop(id(buffer), None)
@@ -299,7 +169,7 @@ _RAW_KINDS = frozenset("biufcmMSU")  # dtypes that np.dtype(dtype.str) rebuilds 
 
 def _raw_header(obj: np.ndarray) -> bytes:
     dtype = obj.dtype.str.encode()
-    return _RAW_HEAD.pack(_RAW, _fortran(obj), obj.ndim, len(dtype)) + dtype + struct.pack(f"<{obj.ndim}q", *obj.shape)
+    return _RAW_HEAD.pack(_RAW, fortran(obj), obj.ndim, len(dtype)) + dtype + struct.pack(f"<{obj.ndim}q", *obj.shape)
 
 
 def _raw_array(header: Any, buffer: Any) -> np.ndarray:
@@ -307,7 +177,25 @@ def _raw_array(header: Any, buffer: Any) -> np.ndarray:
     start = _RAW_HEAD.size
     dtype = np.dtype(bytes(header[start : start + dtype_len]).decode())
     shape = struct.unpack_from(f"<{ndim}q", header, start + dtype_len)
-    return _rebuild_ndarray(buffer, dtype, shape, bool(fortran))
+    return rebuild_ndarray(buffer, dtype, shape, bool(fortran))
+
+
+#: Header of an Arrow Table, RecordBatch or polars DataFrame sent on its own (each shard of a
+#: split one is): no pickle either, only which of the three; its one buffer is the stream.
+_STREAM = b"SHMS"
+_STREAMED: dict[Any, tuple[int, Callable[[Any], Any]]] = {
+    reduce_table: (0, ArrowStream), reduce_batch: (1, ArrowStream), reduce_polars: (2, polars_stream)
+}
+_STREAM_REBUILD = (rebuild_arrow_table, rebuild_arrow_batch, rebuild_polars)
+
+
+def _streamed(obj: Any) -> Serialized | None:
+    """``obj`` as a header and its Arrow stream if it is a table, batch or frame, else None."""
+    entry = _STREAMED.get(_reducers()[0].get(type(obj)))
+    if entry is None:
+        return None
+    stream = entry[1](obj)
+    return None if stream is None else Serialized(_STREAM + bytes((entry[0],)), [stream])
 
 
 def serialize(obj: Any) -> Serialized:
@@ -319,9 +207,12 @@ def serialize(obj: Any) -> Serialized:
     """
     if type(obj) is np.ndarray and obj.dtype.kind in _RAW_KINDS and obj.dtype.metadata is None and obj.ndim < 256:
         return Serialized(_raw_header(obj), [obj])
-    stream = io.BytesIO()
-    pickler = _Pickler(stream)
     try:
+        streamed = _streamed(obj)
+        if streamed is not None:
+            return streamed
+        stream = io.BytesIO()
+        pickler = _Pickler(stream)
         pickler.dump(obj)
     except (ChannelError, MemoryError):
         raise  # ours already names the cause (a tensor off the CPU); memory is not a type problem
@@ -335,4 +226,7 @@ def deserialize(header: Any, buffers: Iterable[Any]) -> Any:
     if header[:4] == _RAW:
         (buffer,) = buffers
         return _raw_array(header, buffer)
+    if header[:4] == _STREAM:
+        (buffer,) = buffers
+        return _STREAM_REBUILD[header[4]](buffer)
     return pickle.loads(header, buffers=buffers)

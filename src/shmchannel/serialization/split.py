@@ -7,6 +7,12 @@ copies each block once into shared memory. A dict of equal-length columns (a col
 batch) is split column by column. pandas, pyarrow, polars and torch are looked up in
 ``sys.modules`` rather than imported: an object can only be a DataFrame if pandas is
 already loaded, and importing torch to find out would cost a second.
+
+Subclasses split like their base: a block of an ``np.memmap``, ``np.recarray`` or
+``np.ma.MaskedArray`` (its mask rows with it) is a view of the same class. Only dense
+(strided) tensors split; nested, sparse and quantized ones are refused with their kind
+(they have no row views), and so is anything whose shape cannot be read: whatever a tensor
+subclass's ``__torch_function__`` or a slice raises becomes UnsupportedType here.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgument, UnsupportedType
-from .codec import compact_arrow
+from ..errors import ChannelError, InvalidArgument, UnsupportedType
+from .tensors import check_device
 
 SUPPORTED = (
     "numpy.ndarray, list, pandas.DataFrame, pandas.Series, pyarrow.Table, pyarrow.RecordBatch, "
@@ -56,18 +62,44 @@ def _name(obj: Any) -> str:
 
 def _rows(obj: Any, kind: str, param: str) -> int:
     """Rows of a non-dict ``obj`` of ``kind``; ``param`` names it in errors."""
-    if kind in ("ndarray", "tensor"):
+    if kind == "tensor":
+        return _tensor_rows(obj, param)
+    if kind == "ndarray":
         if obj.ndim == 0:
-            what = "numpy.ndarray" if kind == "ndarray" else "torch.Tensor"
-            raise UnsupportedType(f"{param} must have at least one dimension to be split into shards, got a 0-d {what}; {_OTHERS}")
-        if kind == "tensor" and obj.layout is not sys.modules["torch"].strided:
-            raise UnsupportedType(f"{param} must be a strided (dense) torch.Tensor to be split into shards, got layout {obj.layout}; {_OTHERS}")
+            raise UnsupportedType(f"{param} must have at least one dimension to be split into shards, got a 0-d numpy.ndarray; {_OTHERS}")
         return int(obj.shape[0])
     if kind == "arrow":
         return int(obj.num_rows)
     if kind == "polars":
         return int(obj.height)
     return len(obj)
+
+
+def _tensor_rows(tensor: Any, param: str) -> int:
+    """Rows of a dense tensor; UnsupportedType naming the kind of any other (a nested tensor
+    reports layout strided but has no sizes: torch raises asking for a bug report)."""
+    torch = sys.modules["torch"]
+    try:
+        check_device(tensor)  # before slicing it, which torch may refuse for its device
+        ndim, layout, nested, quantized = tensor.ndim, tensor.layout, tensor.is_nested, tensor.is_quantized
+        rows = int(tensor.shape[0]) if ndim and layout is torch.strided and not nested and not quantized else 0
+    except UnsupportedType:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a subclass's __torch_function__ may raise anything
+        raise UnsupportedType(
+            f"{param} must be a torch.Tensor whose shape can be read to be split into shards, "
+            f"got a {_name(tensor)} raising {type(exc).__name__}: {exc}; {_OTHERS}"
+        ) from exc
+    if ndim == 0:
+        raise UnsupportedType(f"{param} must have at least one dimension to be split into shards, got a 0-d torch.Tensor; {_OTHERS}")
+    dense = f"{param} must be a strided (dense) torch.Tensor to be split into shards"
+    if layout is not torch.strided:
+        raise UnsupportedType(f"{dense}, got layout {layout}; {_OTHERS}")
+    if nested:
+        raise UnsupportedType(f"{dense}, got a nested {_name(tensor)} (its rows differ in shape); {_OTHERS}")
+    if quantized:
+        raise UnsupportedType(f"{dense}, got a quantized {_name(tensor)} ({tensor.dtype}); {_OTHERS}")
+    return rows
 
 
 def _dict_rows(obj: dict[Any, Any]) -> int:
@@ -129,20 +161,9 @@ def split(obj: Any, n: int) -> list[Any]:
         return [obj]
     kind = _kind(obj)
     step = row_count(obj) // n
-    return [_block(obj, kind, i * step, step) for i in range(n)]
-
-
-def compact(obj: Any) -> Any:
-    """``obj`` holding only the data it uses: a torch or Arrow block made by ``split`` views
-    the whole of its parent's buffers, and a serializer that pickles whole buffers (Ray's)
-    would send every shard the entire object. Blocks are copied (their rows only); anything
-    else, numpy and pandas views included (pickled as their own bytes), is returned as is."""
-    kind = _kind(obj)
-    if kind == "dict":
-        return {key: compact(value) for key, value in obj.items()}
-    if kind == "tensor" and obj.layout is sys.modules["torch"].strided:
-        used = obj.numel() * obj.element_size()
-        return obj.clone(memory_format=sys.modules["torch"].contiguous_format) if obj.untyped_storage().nbytes() > used else obj
-    if kind == "arrow" and obj.get_total_buffer_size() > obj.nbytes:
-        return compact_arrow(obj)
-    return obj
+    try:
+        return [_block(obj, kind, i * step, step) for i in range(n)]
+    except ChannelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a subclass's __getitem__ may raise anything
+        raise UnsupportedType(f"obj cannot be split into row blocks: a {_name(obj)} raised {type(exc).__name__}: {exc}") from exc

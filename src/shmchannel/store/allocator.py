@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import bisect
 
-ALIGNMENT = 64  # a cache line; numpy needs at most 16
+# A cache line, and the boundary every buffer handed to a user starts on (numpy needs at
+# most 16; it is the serialization layer's promise, kept here by the blob layout).
+from ..serialization.arrays import ALIGNMENT
 
 
 def align(n: int, alignment: int = ALIGNMENT) -> int:

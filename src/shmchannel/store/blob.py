@@ -20,8 +20,8 @@ from typing import Literal, Sequence
 import numpy as np
 
 from ..errors import ProtocolError
-from ..serialization.codec import Source
-from .allocator import ALIGNMENT, align
+from ..serialization.arrays import Source, aligned_empty
+from .allocator import align
 
 MAGIC = b"SHMC"
 VERSION = 1
@@ -55,10 +55,7 @@ def aligned_copy(src: bytes | bytearray | memoryview) -> memoryview:
     socket or a private copy is put there, so that its buffers (at 64-byte offsets) are
     as aligned as in the arena. A bytearray's data is only as aligned as malloc makes it
     (16 bytes), and a float64 array at an odd offset of it is misaligned (issue 11)."""
-    n = len(src)
-    raw = np.empty(n + ALIGNMENT, np.uint8)
-    skip = -raw.ctypes.data % ALIGNMENT
-    out = memoryview(raw[skip : skip + n])  # type: ignore[arg-type]  # numpy exports a buffer
+    out = memoryview(aligned_empty(len(src)))  # type: ignore[arg-type]  # numpy exports a buffer
     out[:] = src if not isinstance(src, memoryview) or src.format == "B" else src.cast("B")
     return out
 
