@@ -229,3 +229,57 @@ def test_signal_handler_reentering_a_blocked_sender_raises_at_once(address: str)
             _with_alarm(handler, lambda: sender.send(1, timeout=WAIT))
             assert receiver.recv(timeout=WAIT) == 1
     assert len(seen) == 1
+
+
+def test_close_from_another_thread_ends_calls_waiting_for_the_turn(address: str) -> None:
+    """close() ends a recv blocked at the broker and a recv waiting for its turn behind it
+    (both EndpointClosed), also while a received zero-copy array keeps the connection open;
+    an object sent after the close reaches neither."""
+    with DataSender(address, dataset_name="threads") as sender:
+        receiver = DataReceiver(address, dataset_name="threads")
+        sender.send(np.zeros(100_000))  # through the arena: a view the user keeps
+        held = receiver.recv(timeout=WAIT)
+        first = Background(lambda: receiver.recv(timeout=WAIT), "blocked recv")
+        wait_until(lambda: receiver._turn._lock.locked(), WAIT, "recv to block")
+        second = Background(lambda: receiver.recv(timeout=WAIT), "recv waiting for its turn")
+        receiver.close()
+        for call in (first, second):
+            with pytest.raises(EndpointClosed):
+                call.result()
+        sender.send(np.ones(3))
+        assert held.sum() == 0
+        del held
+        with DataReceiver(address, dataset_name="threads") as again:
+            np.testing.assert_array_equal(again.recv(timeout=WAIT), np.ones(3))
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_close_racing_a_recv_of_prefetched_objects_delivers_each_object_once(address: str, attempt: int) -> None:
+    """close() from one thread while another hands out prefetched objects: every object
+    arrives once, at this receiver or the next (none twice, none lost)."""
+    n = 300
+    with DataSender(address, dataset_name="threads", max_queue_size=n) as sender:
+        for i in range(n):
+            sender.send(i)
+        receiver = DataReceiver(address, dataset_name="threads", prefetch=8)
+        got: list[int] = []
+
+        def drain() -> None:
+            while True:
+                got.append(receiver.recv(timeout=WAIT))
+
+        reader = Background(drain, "reader")
+        wait_until(lambda: len(got) >= 40 + 37 * attempt, WAIT, "the reader to be under way")
+        receiver.close()
+        with pytest.raises(EndpointClosed):
+            reader.result()
+    with DataReceiver(address, dataset_name="threads", wait=WAIT) as again:
+        rest = list(again)
+    assert sorted(got + rest) == list(range(n)), f"{len(got)} + {len(rest)} objects"
+
+
+def test_key_over_the_name_bound_is_not_in_the_data_system(broker: int) -> None:
+    """``key in ds`` with a key longer than any key is False (not a refused frame)."""
+    with DataSystem(ADDRESS) as ds:
+        assert ("k" * (2 << 20)) not in ds
+        assert ds.stats().objects == 0

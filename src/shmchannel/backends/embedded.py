@@ -24,8 +24,9 @@ from typing import Any
 from ..broker import daemon, protocol
 from ..errors import ChannelError
 from ..serialization import deserialize, serialize
+from ..serialization.arrays import aligned_copy
 from ..store.arena import ArenaMap
-from ..store.blob import aligned_copy, plan_blob, read_blob, write_blob
+from ..store.blob import plan_blob, read_blob, write_blob
 from ..store.table import StoreStats
 
 #: Blobs up to this many bytes travel inline with their key instead of through the arena:
@@ -222,7 +223,7 @@ class EmbeddedSender:
             self._room = int(reply["room"])
 
     def queue(self, shard_id: int | None) -> Any:
-        reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id})
+        reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id}, look=True)
         return _queue(reply["queue"])
 
     def close(self, end_of_stream: bool) -> None:
@@ -294,22 +295,23 @@ class EmbeddedReceiver:
         self._client.conn.one_way({"op": "requeue", **self._ident, "shard": self._shard, "keys": keys})
 
     def queue(self, shard_id: int | None) -> Any:
-        reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id})
+        reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id}, look=True)
         return _queue(reply["queue"])
 
     def ack(self) -> None:
         self._client.conn.one_way({"op": "ack", **self._ident, "shard": self._shard})
 
     def close(self, give_back_last: bool = False) -> None:
-        keys = [self._last] if give_back_last and self._last is not None else []
-        keys += [item["key"] for item, _ in self._buffer]
-        if keys and not self._client.conn.closed:
+        """Leave; prefetched objects not handed out go back to the head of the queue with
+        the detach (the broker knows which: ``next`` told it what was handed out, so a
+        recv of another thread racing this close cannot make one go back twice)."""
+        if give_back_last and self._last is not None and not self._client.conn.closed:
             try:
-                self._requeue(keys)
+                self._requeue([self._last])
             except ChannelError:
                 pass  # the broker is gone: nothing to give back to
-        self._buffer.clear()
         self._client.conn.close({"op": "detach", **self._ident})
+        self._buffer.clear()
 
 
 class EmbeddedDataSystem:
@@ -330,11 +332,11 @@ class EmbeddedDataSystem:
         self._client.conn.request({"op": "delete", "key": key})
 
     def contains(self, key: str) -> bool:
-        reply, _ = self._client.conn.request({"op": "contains", "key": key})
+        reply, _ = self._client.conn.request({"op": "contains", "key": key}, look=True)
         return bool(reply["found"])
 
     def stats(self) -> StoreStats:
-        reply, _ = self._client.conn.request({"op": "stats"})
+        reply, _ = self._client.conn.request({"op": "stats"}, look=True)
         return StoreStats(**{k: reply[k] for k in StoreStats.__dataclass_fields__})
 
     def close(self) -> None:

@@ -41,9 +41,8 @@ import numpy as np
 
 from ..errors import BrokerUnavailable, ChannelError, ChannelNotFound, InvalidArgument, UnsupportedType, from_wire
 from ..serialization import deserialize, serialize
-from ..serialization.arrays import Source
-from ..serialization.arrays import ALIGNMENT
-from ..store.blob import aligned_copy, plan_blob, read_blob, write_blob
+from ..serialization.arrays import ALIGNMENT, Source, aligned_copy
+from ..store.blob import plan_blob, read_blob, write_blob
 from ..store.table import StoreStats
 
 ADDRESS_FORMS = "'ray://host:port', 'ray:auto' or 'ray:local'"

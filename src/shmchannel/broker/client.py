@@ -18,6 +18,10 @@ A call cannot re-enter the connection from its own thread (a signal handler that
 while its thread waits here): the outer call is the reader, or waits for it, and cannot go
 on until the handler returns. Such a call raises ``ReentrantCall`` at once.
 
+``close`` from another thread withdraws the requests other threads wait in (they raise
+EndpointClosed) and refuses new ones; a request is registered and written under the write
+lock, so a withdrawal never reaches the broker before the request it names.
+
 Releases of zero-copy objects come from finalizers, which may run in any thread at any
 allocation -- including inside this module's own code in the same thread. A finalizer
 therefore only queues the key and *tries* the write lock; whoever holds it flushes the
@@ -40,11 +44,9 @@ from typing import Any, Callable
 from ..errors import (
     BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, ReentrantCall, from_wire,
 )
-from ..store.blob import aligned_copy
 from . import protocol
+from .framing import FrameReader, Reply
 
-Reply = tuple[dict[str, Any], memoryview]
-READ_CHUNK = 64 * 1024
 #: Most keys one release frame names: finalizers may queue thousands at once, and a frame
 #: must stay within ``protocol.MAX_JSON`` (about 26 bytes a key).
 RELEASE_BATCH = 4096
@@ -73,17 +75,17 @@ class Connection:
         self._arrived = threading.Condition(self._lock)  # a reply was routed, or the reader left
         self._calls: dict[int, _Call] = {}  # by request id
         self._reading = False  # a thread reads the socket; the others wait on _arrived
+        self._frames = FrameReader()
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
-        self._writer: int | None = None  # the thread inside _send
+        self._writer: int | None = None  # the thread holding the write lock
         self._releases: collections.deque[str] = collections.deque()
         self._holds = 0
         self._holds_lock = threading.Lock()  # finalizers of other threads release concurrently
-        self._closing = False
+        self._closing = False  # close() began: new requests are refused
+        self._finished = False  # close() said its farewell: the last release shuts the socket
         self._posted_failure: ChannelError | None = None  # seen, not raised yet
         self._unconfirmed = False  # posted requests since the last reply
-        self._rbuf = bytearray()
-        self._scratch = memoryview(bytearray(READ_CHUNK))  # reused: a fresh large buffer per recv costs an mmap
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
@@ -105,7 +107,7 @@ class Connection:
 
     def request(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None = None,
+        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None = None, *, look: bool = False,
     ) -> Reply:
         """Send ``msg`` and return the broker's reply; its error code raises its class.
 
@@ -113,14 +115,18 @@ class Connection:
         interrupted (KeyboardInterrupt, a signal handler's exception), the request is
         withdrawn at the broker; a reply that raced the withdrawal is passed to
         ``on_interrupt`` so that, e.g., a received object can be put back in its queue.
+        A ``look`` (a queue listing) leaves the failure of an earlier post to the call
+        that acts next: it is the poster's, not an observer's.
 
         Raises:
             ReentrantCall: this thread already waits in a request of this connection.
+            EndpointClosed: close() was called (from another thread).
         """
         self._check_reentry()
-        if self._unconfirmed:
-            self._poll()
-        self._raise_posted_failure()
+        if not look:
+            if self._unconfirmed:
+                self._poll()
+            self._raise_posted_failure()
         return self._call(msg, payload, on_interrupt)
 
     def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
@@ -129,9 +135,8 @@ class Connection:
         if it has come; a post looks for it after writing (so that its message never waits
         for the look) and leaves it to the next call. Only for requests the broker can
         complete without waiting, and only from a thread that no other thread's request
-        of this connection can overtake (the sender posts under its endpoint's lock)."""
+        of this connection can overtake (the sender posts under its endpoint's turn)."""
         self._check_reentry()
-        self._live()
         self._raise_posted_failure()
         self._send(_encode({**msg, "posted": True, "id": next(self._ids)}, payload))
         if self._unconfirmed:  # after the write: a message never waits for this look
@@ -139,7 +144,6 @@ class Connection:
         self._unconfirmed = True
 
     def one_way(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
-        self._live()
         self._send(_encode(msg, payload))
 
     def _check_reentry(self) -> None:
@@ -153,26 +157,21 @@ class Connection:
 
     def _call(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
-        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None,
+        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None, farewell: bool = False,
     ) -> Reply:
         rid = next(self._ids)
         frame = _encode({**msg, "id": rid}, payload)
-        with self._lock:
-            self._calls[rid] = _Call()
         try:
-            self._send(frame)
-        except BaseException:
-            with self._lock:
-                del self._calls[rid]
-            raise
-        try:
+            self._send(frame, rid, farewell)
             answer = self._await(rid, None)
         except ChannelError:
-            with self._lock:
-                self._calls.pop(rid, None)
+            self._forget(rid)
             raise
         except BaseException:
-            self._abandon(rid, on_interrupt)
+            with self._lock:
+                sent = rid in self._calls  # else it was interrupted before its frame was written
+            if sent:
+                self._abandon(rid, on_interrupt)
             raise
         assert answer is not None  # no deadline
         reply, data = answer
@@ -182,23 +181,28 @@ class Connection:
             raise from_wire(str(reply.get("error")), str(reply.get("message")))
         return reply, data
 
+    def _forget(self, rid: int) -> None:
+        with self._lock:
+            self._calls.pop(rid, None)
+
     def _await(self, rid: int, deadline: float | None) -> Reply | None:
         """The reply to request ``rid`` (None if ``deadline`` passes first): read by this
         thread if no other reads, else handed over by the reader."""
-        with self._lock:
-            while True:
-                call = self._calls[rid]
-                if call.reply is not None:
-                    del self._calls[rid]
-                    return call.reply
-                if not self._reading:
-                    self._reading = True
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._arrived.wait(left)
+        reader = False
         try:
+            with self._lock:
+                while True:
+                    call = self._calls[rid]
+                    if call.reply is not None:
+                        del self._calls[rid]
+                        return call.reply
+                    if not self._reading:
+                        self._reading = reader = True
+                        break
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    self._arrived.wait(left)
             while True:
                 if not self._read_frames(deadline):
                     return None
@@ -208,23 +212,26 @@ class Connection:
                         del self._calls[rid]
                         return call.reply
         finally:
-            with self._lock:
-                self._reading = False
-                self._arrived.notify_all()  # another waiter reads now
+            if reader:
+                with self._lock:
+                    self._reading = False
+                    self._arrived.notify_all()  # another waiter reads now
 
     def _poll(self) -> None:
         """Take in, without waiting, the frames that came (failures of posted requests);
         nothing if another thread reads: it takes them in."""
-        with self._lock:
-            if self._reading:
-                return
-            self._reading = True
+        reader = False
         try:
+            with self._lock:
+                if self._reading:
+                    return
+                self._reading = reader = True
             self._read_frames(0.0)
         finally:
-            with self._lock:
-                self._reading = False
-                self._arrived.notify_all()
+            if reader:
+                with self._lock:
+                    self._reading = False
+                    self._arrived.notify_all()
 
     def _raise_posted_failure(self) -> None:
         with self._lock:
@@ -245,13 +252,21 @@ class Connection:
             raise BrokerUnavailable(f"connection to the broker at {self.path} is closed")
         return sock
 
-    def _send(self, parts: list[Any]) -> None:
+    def _send(self, parts: list[Any], rid: int | None = None, farewell: bool = False) -> None:
+        """Write one frame (after any queued releases); with ``rid``, register the request
+        under the same lock, unless close() began (its farewell excepted)."""
         sock = self._live()
-        if self._writer == threading.get_ident():  # a signal handler interrupted our own write
+        me = threading.get_ident()
+        if self._writer == me:  # a signal handler interrupted our own write
             raise ReentrantCall("a call re-entered a shmchannel endpoint while its own thread was writing to the broker")
         with self._write_lock:
-            self._writer = threading.get_ident()
+            self._writer = me
             try:
+                if rid is not None:
+                    with self._lock:
+                        if self._closing and not farewell:
+                            raise EndpointClosed("closed by close() from another thread")
+                        self._calls[rid] = _Call()
                 if self._releases:  # in the same write: one system call, and memory back sooner
                     parts = self._release_frame() + parts
                 sock.sendall(b"".join(parts))
@@ -276,16 +291,19 @@ class Connection:
         sock = self._live()
         routed = False
         while True:
-            end = self._frame_end()
-            if len(self._rbuf) >= end and end > protocol.HEAD.size:
-                self._route(self._take_frame(end))
+            try:
+                frame = self._frames.next_frame()
+            except protocol.FrameError as exc:
+                raise self._bad_reply(exc) from None
+            if frame is not None:
+                self._route(frame)
                 routed = True
-                continue
-            if routed:
+            elif routed:
                 return True
-            if deadline is not None and not self._readable(sock, deadline):
+            elif deadline is not None and not self._readable(sock, deadline):
                 return False
-            self._receive(sock)
+            else:
+                self._receive(sock)
 
     @staticmethod
     def _readable(sock: socket.socket, deadline: float) -> bool:
@@ -298,32 +316,15 @@ class Connection:
             return True
         return bool(ready)
 
-    def _frame_end(self) -> int:
-        """Bytes of the frame at the head of the read buffer (the head's size until it is in)."""
-        size = protocol.HEAD.size
-        if len(self._rbuf) < size:
-            return size
+    def _receive(self, sock: socket.socket) -> None:
         try:
-            json_len, payload_len = protocol.parse_head(self._rbuf[:size], max_json=protocol.MAX_REPLY_JSON)
-        except protocol.FrameError as exc:
-            raise self._bad_reply(exc) from None
-        return size + json_len + payload_len
-
-    def _take_frame(self, end: int) -> Reply:
-        """Remove the frame at the head of the read buffer, whole (``end`` bytes, from
-        ``_frame_end``), and return it. A frame leaves the buffer only whole: an
-        interrupted read stays in step. The payload goes to a 64-byte aligned buffer: the
-        inline blobs in it sit at 64-byte offsets (``describe_all``)."""
-        size = protocol.HEAD.size
-        json_len = protocol.HEAD.unpack(self._rbuf[:size])[0]
-        try:
-            msg = protocol.parse_body(self._rbuf[size : size + json_len], request=False)
-        except protocol.FrameError as exc:
-            raise self._bad_reply(exc) from None
-        with memoryview(self._rbuf) as view:
-            data = aligned_copy(view[size + json_len : end])
-        del self._rbuf[:end]
-        return msg, data
+            n = self._frames.fill(sock)
+        except OSError as exc:
+            self._shutdown()
+            raise self._lost(exc) from exc
+        if not n:
+            self._shutdown()
+            raise self._lost(None)
 
     def _route(self, frame: Reply) -> None:
         """Hand a reply to the call it answers (a posted request's failure is noted)."""
@@ -350,21 +351,6 @@ class Connection:
         self._shutdown()  # the stream cannot be resynchronized
         return ProtocolError(f"bad reply from the broker: {exc}")
 
-    def _receive(self, sock: socket.socket, flags: int = 0) -> bool:
-        """One read into the buffer; False if nothing was waiting (with MSG_DONTWAIT)."""
-        try:
-            k = sock.recv_into(self._scratch, 0, flags)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            self._shutdown()
-            raise self._lost(exc) from exc
-        if not k:
-            self._shutdown()
-            raise self._lost(None)
-        self._rbuf += self._scratch[:k]
-        return True
-
     def _lost(self, exc: OSError | None) -> ChannelError:
         """The error for a socket that failed: our own close() from another thread, or the broker."""
         if self._closing:
@@ -387,8 +373,7 @@ class Connection:
             if reply.get("ok") and on_interrupt is not None:
                 on_interrupt(reply, data)
         except BaseException:
-            with self._lock:
-                self._calls.pop(rid, None)
+            self._forget(rid)
             self._shutdown()
 
     # -- zero-copy holds -----------------------------------------------------------------
@@ -406,7 +391,7 @@ class Connection:
             self._holds -= 1
         self._releases.append(key)
         self._flush_releases()
-        if self._closing and self._holds <= 0:
+        if self._finished and self._holds <= 0:
             self._shutdown()
 
     def _flush_releases(self) -> None:
@@ -414,12 +399,14 @@ class Connection:
             sock = self._sock
             if sock is None or not self._write_lock.acquire(blocking=False):
                 return  # the holder flushes when it lets go
+            self._writer = threading.get_ident()
             try:
                 try:
                     sock.sendall(b"".join(self._release_frame()))
                 except OSError:
                     return  # broker gone: it freed everything of ours with the connection
             finally:
+                self._writer = None
                 self._write_lock.release()
 
     # -- closing -------------------------------------------------------------------------
@@ -428,32 +415,35 @@ class Connection:
         """Say ``farewell`` (a last request), then close -- at once, or while zero-copy
         objects are held, once the last is released: holding the socket keeps the broker
         from reusing memory those objects view. Requests other threads wait in are
-        withdrawn first; they raise EndpointClosed. From a signal handler whose thread waits
-        in a request, the farewell is skipped (it would wait for that request)."""
-        if os.getpid() != self.pid or self._closing:
+        withdrawn first (they raise EndpointClosed), and new ones are refused. From a
+        signal handler whose thread waits in a request, the farewell is skipped (it would
+        wait for that request)."""
+        if os.getpid() != self.pid:
             return
-        self._closing = True
+        me = threading.get_ident()
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            waiting = list(self._calls)
+            reentrant = any(call.thread == me for call in self._calls.values())
         failure: ChannelError | None = None
-        if self._sock is not None:
-            me = threading.get_ident()
+        try:
+            for rid in waiting:
+                self._send(_encode({"op": "cancel", "id": rid}))
+            # A reply comes after the failures of the requests posted before it.
+            if farewell is None and self._unconfirmed:
+                farewell = {"op": "sync"}
+            if farewell is not None and not reentrant:
+                self._call(farewell, b"", None, farewell=True)
+        except ChannelError:
+            pass  # the broker is gone (it has forgotten us anyway), or we interrupted our own write
+        finally:
             with self._lock:
-                waiting = list(self._calls)
-                reentrant = any(call.thread == me for call in self._calls.values())
-            try:
-                for rid in waiting:
-                    self._send(_encode({"op": "cancel", "id": rid}))
-                # A reply comes after the failures of the requests posted before it.
-                if farewell is None and self._unconfirmed:
-                    farewell = {"op": "sync"}
-                if farewell is not None and not reentrant:
-                    self._call(farewell, b"", None)
-            except ChannelError:
-                pass  # the broker is gone: it has forgotten us anyway
-            finally:
-                with self._lock:
-                    failure, self._posted_failure = self._posted_failure, None
-        if self._holds <= 0:
-            self._shutdown()
+                failure, self._posted_failure = self._posted_failure, None
+            self._finished = True
+            if self._holds <= 0:
+                self._shutdown()
         if failure is not None:
             raise failure
 

@@ -18,7 +18,6 @@ MAX_SHARDS = 4096
 #: (``protocol.MAX_REPLY_JSON``: 2^20 keys take about 26 MiB of JSON).
 MAX_QUEUED = 1 << 20
 
-
 #: Most objects a receiver fetches in one call (``prefetch``): their descriptions share one
 #: reply, whose JSON must stay small (a few hundred bytes each).
 MAX_PREFETCH = 1024

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..backends import backend_for
 from ..store.table import StoreStats
-from .checks import check_int, check_name, check_timeout, warn_unclosed
+from .checks import MAX_NAME, check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import Endpoint
 
 
@@ -67,7 +67,7 @@ class DataSystem(Endpoint):
 
     def __contains__(self, key: object) -> bool:
         """Whether an object is stored under ``key`` (``if key in ds: ...``)."""
-        return isinstance(key, str) and bool(key) and bool(self._live().contains(key))
+        return isinstance(key, str) and 0 < len(key) <= MAX_NAME and bool(self._live().contains(key))
 
     def stats(self) -> StoreStats:
         """Capacity, bytes used and object count of the store.

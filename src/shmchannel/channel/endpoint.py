@@ -67,6 +67,12 @@ class Turn:
         self._lock = threading.Lock()
         self._owner: int | None = None
 
+    def held(self, timeout: float | None) -> _Held:
+        """``with turn.held(timeout) as left:`` -- the turn for the block, ``left`` what is
+        left of ``timeout`` (see ``take``). A with block, so that an interrupt between taking
+        the turn and entering the block still gives it back."""
+        return _Held(self, timeout)
+
     def take(self, timeout: float | None) -> float | None:
         """Wait for the turn; return what is left of ``timeout``.
 
@@ -80,16 +86,25 @@ class Turn:
                 f"a call re-entered {self._what} while its own thread was inside a send/recv/peek of it "
                 "(from a signal handler?); it would wait for itself: call it from another thread, or after"
             )
-        if self._lock.acquire(blocking=False):  # the usual case: the timeout stays as asked
+        got = False
+        try:
+            if self._lock.acquire(blocking=False):  # the usual case: the timeout stays as asked
+                got = True
+                self._owner = me
+                return timeout
+            start = time.monotonic()
+            got = self._lock.acquire(timeout=-1 if timeout is None else timeout)
+            if not got:
+                raise ChannelTimeout(
+                    f"timed out after {timeout} s waiting for another thread's call on {self._what}; nothing was done"
+                )
             self._owner = me
-            return timeout
-        start = time.monotonic()
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise ChannelTimeout(
-                f"timed out after {timeout} s waiting for another thread's call on {self._what}; nothing was done"
-            )
-        self._owner = me
-        return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        except BaseException:
+            if got:  # interrupted after taking it: give it back
+                self._owner = None
+                self._lock.release()
+            raise
 
     def try_take(self) -> bool:
         """Take the turn if it is free, without waiting."""
@@ -101,3 +116,18 @@ class Turn:
     def give(self) -> None:
         self._owner = None
         self._lock.release()
+
+
+class _Held:
+    """The turn for one with block (see ``Turn.held``)."""
+
+    __slots__ = ("_turn", "_timeout")
+
+    def __init__(self, turn: Turn, timeout: float | None) -> None:
+        self._turn, self._timeout = turn, timeout
+
+    def __enter__(self) -> float | None:
+        return self._turn.take(self._timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self._turn.give()

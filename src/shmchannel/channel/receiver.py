@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Iterator
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import ChannelClosed, ChannelTimeout
+from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd, Turn
 
@@ -109,11 +109,10 @@ class DataReceiver(ChannelEnd):
         return self._take(endpoint, timeout, False)
 
     def _take(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
-        left = self._turn.take(timeout)
-        try:
+        with self._turn.held(timeout) as left:
+            if self._endpoint is not endpoint:  # closed by another thread while this waited
+                raise EndpointClosed(f"{self!r} is closed")
             return endpoint.recv(left, peek)
-        finally:
-            self._turn.give()
 
     def peek(self, timeout: float | None = None) -> Any:
         """Like ``recv`` but leave the object in the queue.

@@ -9,7 +9,7 @@ from typing import Any
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import InvalidArgument
+from ..errors import EndpointClosed, InvalidArgument
 from ..serialization import row_count, split, splittable
 from .checks import check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd, Turn
@@ -119,11 +119,10 @@ class DataSender(ChannelEnd):
             self._deliver(endpoint, parts, timeout)
 
     def _deliver(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
-        left = self._turn.take(timeout)
-        try:
+        with self._turn.held(timeout) as left:
+            if self._endpoint is not endpoint:  # closed by another thread while this waited
+                raise EndpointClosed(f"{self!r} is closed")
             endpoint.send(parts, left)
-        finally:
-            self._turn.give()
 
     def _parts(self, obj: Any) -> list[Any]:
         """The blocks of ``obj`` for the shards (the whole object once if it is not split)."""

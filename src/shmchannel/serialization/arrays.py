@@ -46,6 +46,16 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
+def aligned_copy(src: bytes | bytearray | memoryview) -> memoryview:
+    """A writable copy of the bytes ``src`` that starts on ALIGNMENT: a blob read from a
+    socket, or a private copy of one, is put there, so that its buffers (at 64-byte
+    offsets) are as aligned as in the arena. A bytearray starts where malloc puts it (16
+    bytes), and a float64 array at an odd offset of it is misaligned (issue 11)."""
+    out = memoryview(aligned_empty(len(src)))  # type: ignore[arg-type]  # numpy exports a buffer
+    out[:] = src if not isinstance(src, memoryview) or src.format == "B" else src.cast("B")
+    return out
+
+
 def aligned_array(arr: np.ndarray) -> np.ndarray:
     """A copy of C- or F-contiguous ``arr`` (same order) whose data starts on ALIGNMENT."""
     order: Literal["C", "F"] = "F" if fortran(arr) else "C"

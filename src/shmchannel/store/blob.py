@@ -20,14 +20,13 @@ from typing import Literal, Sequence
 import numpy as np
 
 from ..errors import ProtocolError
-from ..serialization.arrays import Source, aligned_empty
+from ..serialization.arrays import Source
 from .allocator import align
 
 MAGIC = b"SHMC"
 VERSION = 1
 _HEAD = struct.Struct("<4sIQII")
 _ENTRY = struct.Struct("<QQ")
-
 
 
 @dataclass(frozen=True)
@@ -48,16 +47,6 @@ def plan_blob(header_len: int, lengths: Sequence[int]) -> BlobPlan:
         offsets.append(pos)
         pos += n
     return BlobPlan(pos, header_len, tuple(offsets), tuple(lengths))
-
-
-def aligned_copy(src: bytes | bytearray | memoryview) -> memoryview:
-    """A writable copy of ``src`` that starts on a 64-byte boundary: a blob read from a
-    socket or a private copy is put there, so that its buffers (at 64-byte offsets) are
-    as aligned as in the arena. A bytearray's data is only as aligned as malloc makes it
-    (16 bytes), and a float64 array at an odd offset of it is misaligned (issue 11)."""
-    out = memoryview(aligned_empty(len(src)))  # type: ignore[arg-type]  # numpy exports a buffer
-    out[:] = src if not isinstance(src, memoryview) or src.format == "B" else src.cast("B")
-    return out
 
 
 def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence[Source]) -> None:
