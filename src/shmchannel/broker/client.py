@@ -75,6 +75,7 @@ class Connection:
         self._arrived = threading.Condition(self._lock)  # a reply was routed, or the reader left
         self._calls: dict[int, _Call] = {}  # by request id
         self._reading = False  # a thread reads the socket; the others wait on _arrived
+        self._sleepers = 0  # threads waiting on _arrived
         self._frames = FrameReader()
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
@@ -147,6 +148,8 @@ class Connection:
         self._send(_encode(msg, payload))
 
     def _check_reentry(self) -> None:
+        if not self._calls:  # nothing outstanding: the usual case, no lock needed
+            return
         me = threading.get_ident()
         with self._lock:
             if any(call.thread == me for call in self._calls.values()):
@@ -202,7 +205,11 @@ class Connection:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return None
-                    self._arrived.wait(left)
+                    self._sleepers += 1
+                    try:
+                        self._arrived.wait(left)
+                    finally:
+                        self._sleepers -= 1
             while True:
                 if not self._read_frames(deadline):
                     return None
@@ -215,7 +222,7 @@ class Connection:
             if reader:
                 with self._lock:
                     self._reading = False
-                    self._arrived.notify_all()  # another waiter reads now
+                    self._wake()  # another waiter reads now
 
     def _poll(self) -> None:
         """Take in, without waiting, the frames that came (failures of posted requests);
@@ -231,7 +238,13 @@ class Connection:
             if reader:
                 with self._lock:
                     self._reading = False
-                    self._arrived.notify_all()
+                    self._wake()
+
+    def _wake(self) -> None:
+        """Wake the threads waiting for a reply (call with the lock held). Skipped when none
+        sleeps: Condition.notify_all is Python code, a few us on every request."""
+        if self._sleepers:
+            self._arrived.notify_all()
 
     def _raise_posted_failure(self) -> None:
         with self._lock:
@@ -345,7 +358,7 @@ class Connection:
                 raise self._bad_reply(protocol.FrameError(f"reply to request {rid!r}, which is not waiting"))
             call.reply = frame
             self._unconfirmed = False
-            self._arrived.notify_all()
+            self._wake()
 
     def _bad_reply(self, exc: protocol.FrameError) -> ProtocolError:
         self._shutdown()  # the stream cannot be resynchronized

@@ -17,6 +17,7 @@ from . import protocol
 
 Reply = tuple[dict[str, Any], memoryview]
 READ_CHUNK = 64 * 1024
+_EMPTY = memoryview(b"")  # the payload of most replies
 
 
 class FrameReader:
@@ -51,7 +52,10 @@ class FrameReader:
         if len(self._buf) < end:
             return None
         msg = protocol.parse_body(self._buf[size : size + json_len], request=False)
-        with memoryview(self._buf) as view:
-            data = aligned_copy(view[size + json_len : end])
+        if payload_len:
+            with memoryview(self._buf) as view:
+                data = aligned_copy(view[size + json_len : end])
+        else:
+            data = _EMPTY
         del self._buf[:end]
         return msg, data
