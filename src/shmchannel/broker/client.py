@@ -22,19 +22,14 @@ on until the handler returns. Such a call raises ``ReentrantCall`` at once.
 EndpointClosed) and refuses new ones; a request is registered and written under the write
 lock, so a withdrawal never reaches the broker before the request it names.
 
-Releases of zero-copy objects come from finalizers, which may run in any thread at any
-allocation -- including inside this module's own code in the same thread. A finalizer
-therefore only queues the key and *tries* the write lock; whoever holds it flushes the
-queue right after letting go, so a release is never lost, never interleaved into another
-frame, and never deadlocks.
+Releases of zero-copy objects are queued by finalizers (holds.py) and written in front
+of the next frame, or at once when the write lock is free.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
-import select
 import socket
 import threading
 import time
@@ -45,11 +40,9 @@ from ..errors import (
     BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, ReentrantCall, from_wire,
 )
 from . import protocol
-from .framing import FrameReader, Reply
+from .framing import FrameReader, Reply, wait_readable
+from .holds import Holds
 
-#: Most keys one release frame names: finalizers may queue thousands at once, and a frame
-#: must stay within ``protocol.MAX_JSON`` (about 26 bytes a key).
-RELEASE_BATCH = 4096
 #: How long an interrupted call waits for the broker to withdraw its request.
 ABANDON_TIMEOUT = 5.0
 
@@ -80,9 +73,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
         self._writer: int | None = None  # the thread holding the write lock
-        self._releases: collections.deque[str] = collections.deque()
-        self._holds = 0
-        self._holds_lock = threading.Lock()  # finalizers of other threads release concurrently
+        self._holds = Holds()
         self._closing = False  # close() began: new requests are refused
         self._finished = False  # close() said its farewell: the last release shuts the socket
         self._posted_failure: ChannelError | None = None  # seen, not raised yet
@@ -280,21 +271,14 @@ class Connection:
                         if self._closing and not farewell:
                             raise EndpointClosed("closed by close() from another thread")
                         self._calls[rid] = _Call()
-                if self._releases:  # in the same write: one system call, and memory back sooner
-                    parts = self._release_frame() + parts
+                if self._holds.pending():  # in the same write: one system call, and memory back sooner
+                    parts = self._holds.frame() + parts
                 sock.sendall(b"".join(parts))
             except OSError as exc:
                 raise self._lost(exc) from exc
             finally:
                 self._writer = None
         self._flush_releases()
-
-    def _release_frame(self) -> list[Any]:
-        """A frame releasing queued keys, at most RELEASE_BATCH (call with the write lock held)."""
-        keys: list[str] = []
-        while self._releases and len(keys) < RELEASE_BATCH:
-            keys.append(self._releases.popleft())
-        return _encode({"op": "release", "keys": keys})
 
     # -- reading (by the one reader) -------------------------------------------------------
 
@@ -313,21 +297,10 @@ class Connection:
                 routed = True
             elif routed:
                 return True
-            elif deadline is not None and not self._readable(sock, deadline):
+            elif deadline is not None and not wait_readable(sock, deadline):
                 return False
             else:
                 self._receive(sock)
-
-    @staticmethod
-    def _readable(sock: socket.socket, deadline: float) -> bool:
-        """Wait for data until ``deadline`` (select, not a socket timeout: that would also
-        cut short another thread's write)."""
-        left = max(0.0, deadline - time.monotonic())
-        try:
-            ready, _, _ = select.select([sock], [], [], left)
-        except (OSError, ValueError):  # closed under us: the read says how
-            return True
-        return bool(ready)
 
     def _receive(self, sock: socket.socket) -> None:
         try:
@@ -393,29 +366,26 @@ class Connection:
 
     def hold(self) -> None:
         """Count one object this process holds through this connection."""
-        with self._holds_lock:
-            self._holds += 1
+        self._holds.hold()
 
     def release(self, key: str) -> None:
         """Give back a held object (called by a finalizer; any thread, never raises)."""
         if os.getpid() != self.pid:
             return
-        with self._holds_lock:
-            self._holds -= 1
-        self._releases.append(key)
+        self._holds.release(key)
         self._flush_releases()
-        if self._finished and self._holds <= 0:
+        if self._finished and self._holds.count <= 0:
             self._shutdown()
 
     def _flush_releases(self) -> None:
-        while self._releases:
+        while self._holds.pending():
             sock = self._sock
             if sock is None or not self._write_lock.acquire(blocking=False):
                 return  # the holder flushes when it lets go
             self._writer = threading.get_ident()
             try:
                 try:
-                    sock.sendall(b"".join(self._release_frame()))
+                    sock.sendall(b"".join(self._holds.frame()))
                 except OSError:
                     return  # broker gone: it freed everything of ours with the connection
             finally:
@@ -455,7 +425,7 @@ class Connection:
             with self._lock:
                 failure, self._posted_failure = self._posted_failure, None
             self._finished = True
-            if self._holds <= 0:
+            if self._holds.count <= 0:
                 self._shutdown()
         if failure is not None:
             raise failure

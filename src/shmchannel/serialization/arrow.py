@@ -18,6 +18,7 @@ polars DataFrame: through Arrow (``to_arrow``, zero-copy) and the same IPC strea
 from __future__ import annotations
 
 import itertools
+import logging
 import struct
 import sys
 from typing import Any
@@ -172,7 +173,8 @@ def layout(pieces: list[Any]) -> tuple[list[tuple[int, Any]], int]:
     buffers 8-aligned (a compressed body, another writer version)."""
     try:
         return _aligned(pieces)
-    except (_NotOurs, struct.error, IndexError):
+    except (_NotOurs, struct.error, IndexError) as exc:
+        logging.getLogger("shmchannel").debug("Arrow stream sent as written (buffers 8-byte aligned): %s", exc)
         parts, size = [], 0
         for piece in pieces:
             parts.append((size, piece))
