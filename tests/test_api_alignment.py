@@ -151,17 +151,22 @@ def test_peeked_arrays_are_aligned(address: str, elements: int) -> None:
     _assert_aligned(got, "peeked/received")
 
 
+def _through_two_shards(address: str, name: str, objs: list[Any], full_batch: bool) -> list[Any]:
+    """``objs`` sent to a 2-shard channel; what shard 0 received, then what shard 1 did."""
+    with DataSender(address, dataset_name=name, num_shards=2, full_batch=full_batch) as sender, DataReceiver(
+        address, dataset_name=name, shard_id=0
+    ) as rx0, DataReceiver(address, dataset_name=name, shard_id=1) as rx1:
+        for obj in objs:
+            sender.send(obj)
+        return [receiver.recv(timeout=30) for receiver in (rx0, rx1) for _ in objs]
+
+
 @pytest.mark.parametrize("elements", [4, BIG], ids=["inline", "arena"])
 def test_full_batch_arrays_are_aligned_on_every_shard(address: str, elements: int) -> None:
     """With full_batch and 2 shards, the read-only arrays both receivers share are aligned."""
     name = _name("align-fb")
     objs = [_odd(), np.arange(elements, dtype=np.float64), _odd(), np.arange(3 * elements, dtype=np.int16)]
-    with DataSender(address, dataset_name=name, num_shards=2, full_batch=True) as sender, DataReceiver(
-        address, dataset_name=name, shard_id=0
-    ) as rx0, DataReceiver(address, dataset_name=name, shard_id=1) as rx1:
-        for obj in objs:
-            sender.send(obj)
-        got = [receiver.recv(timeout=30) for receiver in (rx0, rx1) for _ in objs]
+    got = _through_two_shards(address, name, objs, full_batch=True)
     assert not any(a.flags.writeable for a in got)
     _assert_aligned(got, "shared array")
 
@@ -173,12 +178,7 @@ def test_full_batch_tensors_are_aligned_on_every_shard(address: str, elements: i
     name = _name("align-fb-tensor")
     objs = [torch.ones(3, dtype=torch.uint8), torch.arange(elements, dtype=torch.float64),
             torch.ones(3, dtype=torch.uint8), torch.ones(elements, dtype=torch.bfloat16)]
-    with DataSender(address, dataset_name=name, num_shards=2, full_batch=True) as sender, DataReceiver(
-        address, dataset_name=name, shard_id=0
-    ) as rx0, DataReceiver(address, dataset_name=name, shard_id=1) as rx1:
-        for obj in objs:
-            sender.send(obj)
-        got = [receiver.recv(timeout=30) for receiver in (rx0, rx1) for _ in objs]
+    got = _through_two_shards(address, name, objs, full_batch=True)
     for sent, received in zip(objs * 2, got):
         assert torch.equal(received, sent)
     _assert_aligned(got, "shared tensor")
@@ -189,26 +189,27 @@ def test_row_blocks_of_split_arrays_are_aligned(address: str, elements: int) -> 
     """With num_shards=2, each shard's row block of an odd- or float-typed array is aligned."""
     name = _name("align-split")
     objs = [np.ones(6, np.uint8), np.arange(elements, dtype=np.float64), np.ones((6, 3), np.uint8)]
-    with DataSender(address, dataset_name=name, num_shards=2) as sender, DataReceiver(
-        address, dataset_name=name, shard_id=0
-    ) as rx0, DataReceiver(address, dataset_name=name, shard_id=1) as rx1:
-        for obj in objs:
-            sender.send(obj)
-        got = [receiver.recv(timeout=30) for receiver in (rx0, rx1) for _ in objs]
+    got = _through_two_shards(address, name, objs, full_batch=False)
     _assert_aligned(got, "row block")
 
 
 # -- DataSystem ------------------------------------------------------------------------------
 
 
-def test_datasystem_get_returns_aligned_arrays(address: str) -> None:
-    """DataSystem.get of arrays of 1 byte to 1 MiB, each stored after an odd-sized one, returns them aligned."""
-    objs = [obj for nbytes in SIZES for obj in (_odd(), _array(nbytes, np.float64))]
+def _stored_and_got(address: str, objs: list[Any]) -> list[Any]:
+    """``objs`` put in the DataSystem one after the other, then each got back (and deleted)."""
     with DataSystem(address) as ds:
         keys = [ds.put(obj) for obj in objs]
         got = [ds.get(key) for key in keys]
         for key in keys:
             ds.delete(key)
+    return got
+
+
+def test_datasystem_get_returns_aligned_arrays(address: str) -> None:
+    """DataSystem.get of arrays of 1 byte to 1 MiB, each stored after an odd-sized one, returns them aligned."""
+    objs = [obj for nbytes in SIZES for obj in (_odd(), _array(nbytes, np.float64))]
+    got = _stored_and_got(address, objs)
     for sent, received in zip(objs, got):
         np.testing.assert_array_equal(received, sent)
     _assert_aligned(got, "got")
@@ -218,11 +219,7 @@ def test_datasystem_get_returns_aligned_tensors(address: str) -> None:
     """DataSystem.get of tensors (copies: the stored memory is read-only), small and large, returns them aligned."""
     torch = _torch()
     objs = [obj for n in (3, 1000, 100_000) for obj in (torch.ones(3, dtype=torch.uint8), torch.arange(n, dtype=torch.float32))]
-    with DataSystem(address) as ds:
-        keys = [ds.put(obj) for obj in objs]
-        got = [ds.get(key) for key in keys]
-        for key in keys:
-            ds.delete(key)
+    got = _stored_and_got(address, objs)
     for sent, received in zip(objs, got):
         assert torch.equal(received, sent)
     _assert_aligned(got, "got")
