@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+MATRIX_STAMP := $(VENV)/.installed-matrix
 # torch pinned to a CPU build: this machine's pip finds its wheel locally (find-links), and an
 # open range would pull a CUDA build of several GB.
 TORCH := torch==2.13.0
 
-.PHONY: demo example test bench install clean
+.PHONY: demo example test test-matrix bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,16 @@ test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest
 
+$(MATRIX_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q -e '.[matrix]'
+	touch $(MATRIX_STAMP)
+
+# The suite (without torch and Ray) on each Python 3.10-3.13 found here, newest releases,
+# and once with the oldest declared numpy/pandas/pyarrow/polars on Python 3.10 (noxfile.py).
+# A Python that is not found is reported as skipped. NOX_ARGS=-s oldest runs one session.
+test-matrix: $(MATRIX_STAMP)
+	$(PY) -m nox $(NOX_ARGS)
+
 # Compare shmchannel with multiprocessing.Queue, shared_memory, Ray, pyzmq and memcpy on this
 # machine: prints a table, writes bench/RESULTS.md and bench/results.png (about 10 minutes;
 # BENCH_ARGS=--quick for about 2).
@@ -43,4 +54,4 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) .nox build src/*.egg-info

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
+import pytest
+
 import shmchannel
 
 
@@ -27,34 +32,36 @@ def test_every_error_derives_from_channel_error() -> None:
             assert issubclass(obj, shmchannel.ChannelError), name
 
 
-def _public_names() -> list[tuple[str, object]]:
-    """(qualified name, object) of every public class, function, method and property of the
-    package, of shmchannel.torch and of the public classes' members."""
+def _public_names(module: Any) -> list[tuple[str, object]]:
+    """(qualified name, object) of every public class and function of ``module`` (its
+    ``__all__``) and of the public classes' methods and properties."""
     import inspect
 
-    import shmchannel.torch as shm_torch
-
     found: list[tuple[str, object]] = []
-    for module, names in ((shmchannel, shmchannel.__all__), (shm_torch, shm_torch.__all__)):
-        for name in names:
-            obj = getattr(module, name)
-            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            found.append((f"{module.__name__}.{name}", obj))
-            if inspect.isclass(obj) and not issubclass(obj, Exception):
-                for member, value in vars(obj).items():
-                    if member.startswith("_") and member not in ("__iter__", "__aiter__", "__contains__"):
-                        continue
-                    if inspect.isfunction(value) or isinstance(value, property):
-                        found.append((f"{module.__name__}.{name}.{member}", value))
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        found.append((f"{module.__name__}.{name}", obj))
+        if inspect.isclass(obj) and not issubclass(obj, Exception):
+            for member, value in vars(obj).items():
+                if member.startswith("_") and member not in ("__iter__", "__aiter__", "__contains__"):
+                    continue
+                if inspect.isfunction(value) or isinstance(value, property):
+                    found.append((f"{module.__name__}.{name}.{member}", value))
     return found
 
 
-def test_every_public_name_has_a_docstring_with_an_example() -> None:
-    """Docs: each public class, function and method says what it does and shows an example;
-    properties (and ``__contains__``) say what they are in one line."""
+@pytest.mark.parametrize("module_name", ["shmchannel", "shmchannel.torch"])
+def test_every_public_name_has_a_docstring_with_an_example(module_name: str) -> None:
+    """Docs: each public class, function and method of the package (and of shmchannel.torch,
+    where torch is installed) says what it does and shows an example; properties (and
+    ``__contains__``) say what they are in one line."""
+    if module_name == "shmchannel.torch":
+        pytest.importorskip("torch", reason="the torch extra is not installed (pip install 'shmchannel[torch]')")
+    module = importlib.import_module(module_name)
     missing_doc, missing_example = [], []
-    for qualname, obj in _public_names():
+    for qualname, obj in _public_names(module):
         doc = (obj.fget if isinstance(obj, property) else obj).__doc__ or ""  # type: ignore[attr-defined]
         if not doc.strip():
             missing_doc.append(qualname)

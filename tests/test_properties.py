@@ -224,7 +224,7 @@ _NAT = np.datetime64("NaT", "ns")
 @example(np.zeros((0,), dtype=[("a", "<i2"), ("b", [("c", ">f8", (2,))])]))
 @example(np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0], dtype=np.float16))
 @example(np.array([_NAT, np.datetime64("2026-01-01", "ns")]).astype(">M8[ns]"))
-@example(np.array([np.timedelta64("NaT"), np.timedelta64(3, "D")]).astype("m8[2D]"))
+@example(np.array([np.timedelta64("NaT", "D"), np.timedelta64(3, "D")]).astype("m8[2D]"))
 @example(np.asfortranarray(np.arange(24, dtype=np.uint64).reshape(2, 3, 4)))
 @example(np.arange(60, dtype=np.complex64).reshape(3, 4, 5)[::-1, 1::2].transpose(2, 0, 1))
 @example(np.arange(8.0)[:, None, None][::3])
@@ -251,7 +251,7 @@ _FAMILIES = {
     "complex-be": np.array([complex(np.nan, -0.0), 1 + 2j], dtype=">c16"),
     "datetime64[as]": np.array([-(2**63) + 1, 2**63 - 1], dtype="M8[as]"),
     "datetime64[Y]-be": np.array(["NaT", "1970"], dtype=">M8[Y]"),
-    "timedelta64[2D]": np.array([np.timedelta64("NaT"), np.timedelta64(3, "D")]).astype("m8[2D]"),
+    "timedelta64[2D]": np.array([np.timedelta64("NaT", "D"), np.timedelta64(3, "D")]).astype("m8[2D]"),
     "bytes": np.array([b"", b"abc"], dtype="S4"),
     "unicode-be": np.array(["", "\U0001f600x"], dtype=">U3"),
     "object": np.array(["x", 1, None], dtype=object),
@@ -642,7 +642,7 @@ def _remainder_cases(draw: Any) -> tuple[int, int, Any]:
         lambda r: np.arange(2 * r).reshape(2, r).T,
         lambda r: list(range(r)),
         lambda r: pd.DataFrame({"row": range(r), "s": [str(i) for i in range(r)]}),
-        lambda r: pd.Series(range(r), index=[f"i{i}" for i in range(r)]),
+        lambda r: pd.Series(range(r), index=[f"i{i}" for i in range(r)], dtype="int64"),  # pandas 1.5 warns without a dtype when empty
         lambda r: pa.table({"row": pa.array(range(r), pa.int64())}),
     ]))
     return n, rows, maker(rows)

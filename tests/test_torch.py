@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from shmchannel import DataSender  # noqa: E402
 from shmchannel import config  # noqa: E402
 from shmchannel.broker import daemon  # noqa: E402
-from shmchannel.testing import join_ok, start_process, wait_until  # noqa: E402
+from shmchannel.testing import join_ok, mapped_file, start_process, wait_until  # noqa: E402
 from shmchannel.torch import ChannelDataset, to_tensors  # noqa: E402
 
 from .conftest import ADDRESS  # noqa: E402
@@ -56,20 +56,9 @@ def _send_all(name: str, objects: list[Any], num_shards: int = 1, full_batch: bo
             sender.send(obj, timeout=10)
 
 
-def _mapped_file(address: int) -> str:
-    """The file mapped at ``address`` in this process ('' for anonymous memory: heap, torch's allocations)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                return fields[5].strip() if len(fields) == 6 else ""
-    raise AssertionError(f"address {address:#x} is not mapped in this process")
-
-
 def _in_arena(tensor: Any, broker: int) -> bool:
     """Whether ``tensor``'s data lies in the shared-memory arena of broker ``broker``."""
-    return _mapped_file(tensor.data_ptr()) in {str(p) for p in config.our_shm_entries(broker)}
+    return mapped_file(tensor.data_ptr()) in {str(p) for p in config.our_shm_entries(broker)}
 
 
 def _receivers(name: str) -> list[int] | None:
@@ -131,7 +120,7 @@ def test_two_shards_arrive_once_in_order_as_views_of_shared_memory(broker: int) 
         for shard, loader in enumerate(loaders):
             tensor = next(loader)
             assert isinstance(tensor, torch.Tensor) and tensor.shape == (HALF, COLS)
-            assert _in_arena(tensor, broker), f"{_mapped_file(tensor.data_ptr())!r} is not the arena"
+            assert _in_arena(tensor, broker), f"{mapped_file(tensor.data_ptr())!r} is not the arena"
             got[shard].append(tensor)
     assert [next(loader, None) for loader in loaders] == [None, None]  # end of stream ends both
     join_ok(proc, 20)
@@ -186,7 +175,7 @@ _TYPES: dict[str, tuple[Callable[[], Any], dict[str, np.ndarray], set[str]]] = {
     # Arrow and polars hand out read-only views, so to_tensors copies their columns.
     "pyarrow.Table": (lambda: pa.table({"f": _FLOATS, "i": _INTS, "s": _STRINGS.astype(str)}),
                       {"f": _FLOATS, "i": _INTS, "s": _STRINGS}, set()),
-    "pyarrow.RecordBatch": (lambda: pa.record_batch({"f": _FLOATS, "i": _INTS, "s": _STRINGS.astype(str)}),
+    "pyarrow.RecordBatch": (lambda: pa.RecordBatch.from_pydict({"f": _FLOATS, "i": _INTS, "s": _STRINGS.astype(str)}),
                             {"f": _FLOATS, "i": _INTS, "s": _STRINGS}, set()),
     "polars.DataFrame": (lambda: pl.DataFrame({"f": _FLOATS, "i": _INTS, "b": _BOOLS, "s": _STRINGS.astype(str)}),
                          {"f": _FLOATS, "i": _INTS, "b": _BOOLS, "s": _STRINGS}, set()),

@@ -21,9 +21,9 @@ import pytest
 from shmchannel import DataReceiver, DataSender, config
 from shmchannel.serialization import deserialize, serialize
 from shmchannel.store.blob import plan_blob, read_blob, write_blob
+from shmchannel.testing import mapped_file
 
 from .conftest import ADDRESS
-from .test_torch import _mapped_file
 
 
 def _round_trip(obj: Any, read_only: bool = False) -> tuple[Any, np.ndarray]:
@@ -41,7 +41,7 @@ def _round_trip(obj: Any, read_only: bool = False) -> tuple[Any, np.ndarray]:
 
 def _in_arena(array: np.ndarray, broker: int) -> bool:
     """Whether the data of ``array`` lies in the shared-memory file of broker ``broker``."""
-    return _mapped_file(array.__array_interface__["data"][0]) in {str(p) for p in config.our_shm_entries(broker)}
+    return mapped_file(array.__array_interface__["data"][0]) in {str(p) for p in config.our_shm_entries(broker)}
 
 
 #: np.matrix() warns that matrices are not recommended (receiving one does not: view() does not warn).

@@ -126,3 +126,24 @@ def join_ok(proc: multiprocessing.process.BaseProcess, timeout: float = 60.0) ->
         proc.join(5)
         raise AssertionError(f"child {proc.pid} did not finish within {timeout} s (killed)")
     assert proc.exitcode == 0, f"child {proc.pid} exited with {proc.exitcode}"
+
+
+def mapped_file(address: int) -> str:
+    """The file mapped at ``address`` in this process, from /proc/self/maps ('' for
+    anonymous memory: the heap, torch's own allocations): where a received array's data
+    lives, e.g. in the broker's arena (``config.our_shm_entries``).
+
+    Raises:
+        AssertionError: nothing is mapped at ``address``.
+
+    Example::
+
+        assert mapped_file(array.ctypes.data).startswith("/dev/shm/shmchannel-")
+    """
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) == 6 else ""
+    raise AssertionError(f"address {address:#x} is not mapped in this process")

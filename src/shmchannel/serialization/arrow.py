@@ -13,6 +13,7 @@ polars DataFrame: through Arrow (``to_arrow``, zero-copy) and the same IPC strea
   buffer of its column: each of 4 shards of a 400,000-row frame carried 12.7 MB instead of
   4.1 MB, so we export large_string. Object columns are refused: Arrow would carry the
   addresses of the objects. Dtypes Arrow lacks (Int128) fall back to polars' own pickling.
+  Before polars 1.18 its Arrow export carries no Enum: an Enum column arrives Categorical.
 """
 
 from __future__ import annotations
