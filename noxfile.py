@@ -58,17 +58,23 @@ def _pyenv_pythons() -> None:
 _pyenv_pythons()
 
 
+def _suite(session: nox.Session, *pins: str) -> None:
+    session.install(EXTRAS, *pins)
+    # A reused virtualenv already has this version of the package: take the working tree's.
+    session.install("--no-deps", "--force-reinstall", ".")
+    session.run("python", "-c", "import sys, numpy, pandas, pyarrow, polars; print('Python', sys.version.split()[0], "
+                "'numpy', numpy.__version__, 'pandas', pandas.__version__, 'pyarrow', pyarrow.__version__, "
+                "'polars', polars.__version__)")
+    session.run("python", *PYTEST, *session.posargs)
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """The suite with the newest releases the declared ranges admit."""
-    session.install(EXTRAS)
-    session.run("python", *PYTEST, *session.posargs)
+    _suite(session)
 
 
 @nox.session(python=OLDEST_PYTHON)
 def oldest(session: nox.Session) -> None:
     """The suite with the oldest declared releases, on the oldest declared Python."""
-    session.install(EXTRAS, *OLDEST)
-    session.run("python", "-c", "import numpy, pandas, pyarrow; print('numpy', numpy.__version__, 'pandas', "
-                "pandas.__version__, 'pyarrow', pyarrow.__version__)")
-    session.run("python", *PYTEST, *session.posargs)
+    _suite(session, *OLDEST)
