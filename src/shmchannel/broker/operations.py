@@ -141,8 +141,13 @@ class Operations:
         if result is not WAIT:
             return done(result)
         timeout = msg.get("timeout")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise on_timeout()
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+                raise InvalidArgument(f"request field 'timeout' must be null or a number of seconds, got {timeout!r}")
+            if timeout <= 0:
+                raise on_timeout()
+            if rules.no_limit(timeout):  # JSON's 1e400 is inf; the loop's timer takes neither
+                timeout = None
         return Waiter(attempt, signals(), done, on_timeout, timeout, on_fail)
 
     # -- operations ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ the two backends refuse the same things with the same words.
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable
 
 from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, InvalidArgument, NameInUse, ObjectNotFound
@@ -17,6 +18,16 @@ MAX_SHARDS = 4096
 #: (``get_queue``, a journal snapshot) names each, and must fit one frame
 #: (``protocol.MAX_REPLY_JSON``: 2^20 keys take about 26 MiB of JSON).
 MAX_QUEUED = 1 << 20
+
+#: Timeouts past this many seconds (threading.TIMEOUT_MAX, about 292 years) mean no limit, as
+#: inf does: a lock cannot wait longer (it raises OverflowError), nor the event loop's timer.
+MAX_TIMEOUT = threading.TIMEOUT_MAX
+
+
+def no_limit(timeout: float) -> bool:
+    """Whether a timeout of ``timeout`` seconds (a number >= 0) means waiting without limit."""
+    return timeout > MAX_TIMEOUT
+
 
 #: Most objects a receiver fetches in one call (``prefetch``): their descriptions share one
 #: reply, whose JSON must stay small (a few hundred bytes each).

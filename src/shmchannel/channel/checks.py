@@ -7,6 +7,7 @@ import os
 import warnings
 from typing import Callable
 
+from ..broker import rules
 from ..errors import InvalidArgument
 
 MAX_NAME = 1024
@@ -33,10 +34,14 @@ def check_int(param: str, value: object, minimum: int, maximum: int | None = Non
 
 
 def check_timeout(param: str, value: object) -> float | None:
+    """``value`` as seconds, or None for no limit: None, inf, and any number past
+    ``rules.MAX_TIMEOUT`` (about 292 years: no lock waits longer) mean no limit."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidArgument(f"{param} must be None or a number of seconds >= 0, got {value!r} ({type(value).__name__})")
+    if rules.no_limit(value):  # before float(): 10**400 has no float
+        return None
     return float(value)
 
 
