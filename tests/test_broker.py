@@ -5,9 +5,10 @@ from __future__ import annotations
 import socket
 
 import numpy as np
+import pytest
 
 from shmchannel import DataSystem, config
-from shmchannel.broker import protocol
+from shmchannel.broker import protocol, rules
 
 from .conftest import ADDRESS
 
@@ -159,3 +160,19 @@ def test_cancel_withdraws_only_the_request_it_names(broker: int) -> None:
         assert _reply(sock) == {"ok": True, "room": 0, "id": 2}
         _request(sock, {"op": "queue", **ident, "shard": 0, "id": 4})
         assert len(_reply(sock)["queue"]) == 1  # b only: c was withdrawn
+
+
+@pytest.mark.parametrize("field", ["namespace", "dataset_name"])
+def test_raw_name_over_the_bound_is_refused_and_status_stays_readable(broker: int, field: str) -> None:
+    """A raw create whose name has 200,000 characters gets an 'invalid' reply naming the field
+    and the bound (the API's rule, MAX_NAME), creates nothing, and status answers as before
+    (issue 13: such a name broke status for every client)."""
+    msg = {"op": "create", "namespace": "default", "dataset_name": "ok", "num_shards": 1, "max_queue_size": 4}
+    msg[field] = "x" * 200_000
+    with _raw() as sock:
+        _request(sock, msg)
+        reply = _reply(sock)
+        assert (reply["ok"], reply["error"]) == (False, "invalid")
+        assert reply["message"].startswith(f"request field '{field}' must be 1 to {rules.MAX_NAME} characters without NUL")
+        _request(sock, {"op": "status"})
+        assert _reply(sock)["channels"] == []

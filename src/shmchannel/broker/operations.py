@@ -49,6 +49,12 @@ def _counts(msg: dict[str, Any], name: str) -> list[int]:
     return [_count(v, f"request field {name!r}") for v in request_field(msg, name, list)]
 
 
+def _names(msg: dict[str, Any]) -> tuple[str, str]:
+    """A request's (namespace, dataset_name), each checked as the API checks it."""
+    return (rules.check_name("request field 'namespace'", msg.get("namespace")),
+            rules.check_name("request field 'dataset_name'", msg.get("dataset_name")))
+
+
 def _asked(msg: dict[str, Any]) -> Any:
     """The timeout the user gave (a client sends what is left of it as ``timeout``)."""
     return msg.get("asked", msg.get("timeout"))
@@ -153,7 +159,7 @@ class Operations:
     # -- operations ----------------------------------------------------------------------
 
     def _channel(self, msg: dict[str, Any]) -> Channel:
-        return self.state.channel(request_field(msg, "namespace", str), request_field(msg, "dataset_name", str))
+        return self.state.channel(*_names(msg))
 
     def _hello(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         if msg.get("version") != protocol.PROTOCOL_VERSION:
@@ -163,7 +169,7 @@ class Operations:
         return protocol.ok(pid=os.getpid(), arena=str(self.arena.path), capacity=self.arena.capacity), b""
 
     def _create(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
-        namespace, name = request_field(msg, "namespace", str), request_field(msg, "dataset_name", str)
+        namespace, name = _names(msg)
         num_shards, max_queue_size = request_field(msg, "num_shards", int), request_field(msg, "max_queue_size", int)
         rules.check_channel_shape(num_shards, max_queue_size)
         channel = self.state.create_channel(
@@ -172,7 +178,7 @@ class Operations:
         return protocol.ok(**channel.info(), room=channel.room()), b""
 
     def _open(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
-        namespace, name = request_field(msg, "namespace", str), request_field(msg, "dataset_name", str)
+        namespace, name = _names(msg)
         shard = request_field(msg, "shard", int)
         return self._blocking(
             lambda: self.state.try_attach_receiver(conn.client, namespace, name, shard),
@@ -183,7 +189,7 @@ class Operations:
         )
 
     def _detach(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
-        channel = self.state.channels.get((request_field(msg, "namespace", str), request_field(msg, "dataset_name", str)))
+        channel = self.state.channels.get(_names(msg))
         if channel is not None:
             self.state.detach(conn.client, channel)
         return protocol.ok(), b""

@@ -19,6 +19,21 @@ MAX_SHARDS = 4096
 #: (``protocol.MAX_REPLY_JSON``: 2^20 keys take about 26 MiB of JSON).
 MAX_QUEUED = 1 << 20
 
+#: Longest namespace, dataset_name or DataSystem key, in characters: checked by the API and
+#: by the broker (a raw client's name reaches every status reply, and the journal).
+MAX_NAME = 1024
+
+
+def check_name(param: str, value: object) -> str:
+    """``value`` if it is a str of 1 to MAX_NAME characters without NUL; else raises
+    InvalidArgument naming ``param``."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{param} must be a str, got {value!r:.60} ({type(value).__name__})")
+    if not value or len(value) > MAX_NAME or "\x00" in value:
+        raise InvalidArgument(f"{param} must be 1 to {MAX_NAME} characters without NUL, got {value[:40]!r} (length {len(value)})")
+    return value
+
+
 #: Timeouts past this many seconds (threading.TIMEOUT_MAX, about 292 years) mean no limit, as
 #: inf does: a lock cannot wait longer (it raises OverflowError), nor the event loop's timer.
 MAX_TIMEOUT = threading.TIMEOUT_MAX

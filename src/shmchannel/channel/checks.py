@@ -10,17 +10,10 @@ from typing import Callable
 from ..broker import rules
 from ..errors import InvalidArgument
 
-MAX_NAME = 1024
+MAX_NAME = rules.MAX_NAME
+check_name = rules.check_name  # the broker checks names with the same rule and words
 #: Objects a receiver fetches per round trip when that many are queued (see DataReceiver).
 PREFETCH = int(os.environ.get("SHMCHANNEL_PREFETCH", 8))
-
-
-def check_name(param: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{param} must be a str, got {value!r} ({type(value).__name__})")
-    if not value or len(value) > MAX_NAME or "\x00" in value:
-        raise InvalidArgument(f"{param} must be 1 to {MAX_NAME} characters without NUL, got {value[:40]!r} (length {len(value)})")
-    return value
 
 
 def check_int(param: str, value: object, minimum: int, maximum: int | None = None) -> int:
