@@ -9,6 +9,7 @@ import pytest
 
 from shmchannel import DataSystem, config
 from shmchannel.broker import protocol, rules
+from shmchannel.testing import wait_until
 
 from .conftest import ADDRESS
 
@@ -176,3 +177,23 @@ def test_raw_name_over_the_bound_is_refused_and_status_stays_readable(broker: in
         assert reply["message"].startswith(f"request field '{field}' must be 1 to {rules.MAX_NAME} characters without NUL")
         _request(sock, {"op": "status"})
         assert _reply(sock)["channels"] == []
+
+
+def test_send_naming_one_block_twice_is_refused_and_stores_nothing(broker: int) -> None:
+    """A send whose two parts name the same allocated block is refused whole: no object is
+    stored (it was left in no queue, holding its block for good), and the block returns to
+    the store when the client leaves."""
+    ident = {"namespace": "default", "dataset_name": "twice"}
+    with _raw() as sock:
+        _request(sock, {"op": "create", **ident, "num_shards": 2, "max_queue_size": 4})
+        assert _reply(sock)["ok"]
+        _request(sock, {"op": "alloc", "sizes": [4096]})
+        (offset,) = _reply(sock)["offsets"]
+        part = {"offset": offset, "size": 4096}
+        _request(sock, {"op": "send", **ident, "parts": [part, part]})
+        reply = _reply(sock)
+        assert (reply["ok"], reply["error"], reply["message"]) == (False, "invalid", f"offset {offset} is named by more than one part of one send")
+        _request(sock, {"op": "stats"})
+        assert _reply(sock)["objects"] == 0
+    with DataSystem(ADDRESS) as ds:
+        wait_until(lambda: ds.stats().used == 0, 10, "the client's block to return to the store")

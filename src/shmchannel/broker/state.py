@@ -206,7 +206,13 @@ class BrokerState:
         self.store_freed.fire()
 
     def _claim(self, client: Client, parts: list[Part]) -> None:
-        """Check that every arena part is an allocation of this client, large enough."""
+        """Check that every arena part is an allocation of this client, large enough, named
+        once: a block named twice would be stored once and then fail the send half done,
+        leaving an object in no queue (issue 13)."""
+        offsets = [part.offset for part in parts if part.inline is None]
+        if len(set(offsets)) < len(offsets):
+            twice = next(offset for offset in offsets if offsets.count(offset) > 1)
+            raise InvalidArgument(f"offset {twice} is named by more than one part of one send")
         for part in parts:
             if part.inline is None:
                 allocated = client.allocations.get(part.offset)
