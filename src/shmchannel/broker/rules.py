@@ -24,12 +24,17 @@ MAX_QUEUED = 1 << 20
 MAX_NAME = 1024
 
 
+def valid_name(value: object) -> bool:
+    """Whether ``value`` is a str of 1 to MAX_NAME characters without NUL."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME and "\x00" not in value
+
+
 def check_name(param: str, value: object) -> str:
-    """``value`` if it is a str of 1 to MAX_NAME characters without NUL; else raises
-    InvalidArgument naming ``param``."""
+    """``value`` if it is a valid name (``valid_name``); else raises InvalidArgument naming
+    ``param``."""
     if not isinstance(value, str):
         raise InvalidArgument(f"{param} must be a str, got {value!r:.60} ({type(value).__name__})")
-    if not value or len(value) > MAX_NAME or "\x00" in value:
+    if not valid_name(value):
         raise InvalidArgument(f"{param} must be 1 to {MAX_NAME} characters without NUL, got {value[:40]!r} (length {len(value)})")
     return value
 

@@ -6,8 +6,9 @@ import weakref
 from typing import Any
 
 from ..backends import backend_for
+from ..broker import rules
 from ..store.table import StoreStats
-from .checks import MAX_NAME, check_int, check_name, check_timeout, warn_unclosed
+from .checks import check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import Endpoint
 
 
@@ -67,7 +68,7 @@ class DataSystem(Endpoint):
 
     def __contains__(self, key: object) -> bool:
         """Whether an object is stored under ``key`` (``if key in ds: ...``)."""
-        return isinstance(key, str) and 0 < len(key) <= MAX_NAME and bool(self._live().contains(key))
+        return rules.valid_name(key) and bool(self._live().contains(key))  # no other key can be stored
 
     def stats(self) -> StoreStats:
         """Capacity, bytes used and object count of the store.
