@@ -22,8 +22,9 @@ from .conftest import ADDRESS
 
 MIB = 1 << 20
 
-#: recvfrom, recvmsg and read: the system calls a thread blocked on the broker socket sits in.
-RECV_SYSCALLS = {"x86_64": {"45", "47", "0"}, "aarch64": {"207", "212", "63"}}.get(platform.machine(), set())
+#: futex: the system call a thread waiting for its reply sits in (the connection's reader
+#: thread reads the socket and hands the reply over).
+FUTEX_SYSCALLS = {"x86_64": {"202"}, "aarch64": {"98"}}.get(platform.machine(), set())
 
 
 # -- children (module level: spawn imports them by name) ----------------------------------
@@ -54,8 +55,10 @@ def _start_data_system_at_once(barrier: Any, results: Any) -> None:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _blocked_in_recv(native_id: int) -> bool:
-    """True once the thread sleeps in a socket read (where a blocked recv waits for the broker)."""
+def _waiting_for_reply(native_id: int, receiver: DataReceiver) -> bool:
+    """True once the thread sleeps on its connection's reply (a futex) and its recv request
+    was written: the broker has it, or has it in its socket."""
+    calls = list(receiver._endpoint._client.conn._calls.values())
     try:
         with open(f"/proc/self/task/{native_id}/syscall") as f:
             call = f.read().split()[0]
@@ -63,7 +66,7 @@ def _blocked_in_recv(native_id: int) -> bool:
             state = f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return False
-    return state == "S" and (call in RECV_SYSCALLS or not RECV_SYSCALLS)
+    return state == "S" and (call in FUTEX_SYSCALLS or not FUTEX_SYSCALLS) and any(c.written for c in calls)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -120,7 +123,7 @@ def test_blocked_recv_wakes_promptly(broker: int) -> None:
 
             thread = threading.Thread(target=receive, name=f"receiver-{i}")
             thread.start()
-            wait_until(lambda: thread.native_id is not None and _blocked_in_recv(thread.native_id), 5,
+            wait_until(lambda: thread.native_id is not None and _waiting_for_reply(thread.native_id, receiver), 5,
                        "the receiver thread to block in recv")
             start = time.perf_counter()
             sender.send([i])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import numpy as np
 import pytest
 
-from shmchannel import DataSystem, config
+import shmchannel
+from shmchannel import DataSender, DataSystem, config
 from shmchannel.broker import protocol, rules
 from shmchannel.testing import wait_until
 
@@ -197,3 +199,24 @@ def test_send_naming_one_block_twice_is_refused_and_stores_nothing(broker: int) 
         assert _reply(sock)["objects"] == 0
     with DataSystem(ADDRESS) as ds:
         wait_until(lambda: ds.stats().used == 0, 10, "the client's block to return to the store")
+
+
+def test_shards_of_all_channels_are_bounded_and_listed_over_pages(broker: int) -> None:
+    """Channels of MAX_SHARDS shards up to MAX_SHARDS_IN_ALL in all are made; one more shard
+    is refused naming the bound (each shard costs the broker about 1 KiB, and a raw client
+    could make channels without end: issue 13); status lists them all, over several pages."""
+    full = rules.MAX_SHARDS_IN_ALL // rules.MAX_SHARDS
+    with _raw() as sock:
+        for i in range(full):
+            _request(sock, {"op": "create", "namespace": "wide", "dataset_name": f"c{i:02d}",
+                            "num_shards": rules.MAX_SHARDS, "max_queue_size": 1})
+            assert _reply(sock)["ok"]
+        _request(sock, {"op": "create", "namespace": "wide", "dataset_name": "one-more", "num_shards": 1, "max_queue_size": 1})
+        reply = _reply(sock)
+        assert (reply["ok"], reply["error"], reply["message"]) == (
+            False, "invalid", f"no room for a channel of num_shards=1: a broker holds at most {rules.MAX_SHARDS_IN_ALL} "
+            f"shards in all its channels (MAX_SHARDS_IN_ALL) and the others have {rules.MAX_SHARDS_IN_ALL}; close channels first")
+        status: Any = shmchannel.status()
+        assert [c["dataset_name"] for c in status["channels"]] == [f"c{i:02d}" for i in range(full)]
+    with DataSender(ADDRESS, namespace="wide", dataset_name="one-more"):  # the raw client's channels went with it
+        pass

@@ -25,7 +25,8 @@ import pytest
 
 import shmchannel
 from shmchannel import ChannelClosed, DataReceiver, DataSender, InvalidArgument, cli
-from shmchannel.broker import daemon
+from shmchannel.broker import daemon, operations, protocol, rules
+from shmchannel.broker.records import Channel
 from shmchannel.broker.rates import WINDOW, Rates
 from shmchannel.testing import join_ok, start_process, wait_until
 
@@ -403,6 +404,47 @@ def test_python_status_refuses_an_address_of_another_machine(broker: int) -> Non
     """An address that is not this machine's is refused, naming the backend that serves it."""
     with pytest.raises(InvalidArgument, match=r"^address '192\.0\.2\.1' is not an IPv4 address of this machine; "):
         shmchannel.status("192.0.2.1")
+
+
+def test_python_status_lists_3000_channels_over_several_pages(broker: int) -> None:
+    """3,000 channels (made by a raw client in one write) come back from
+    `shmchannel.status()` each once, in name order, though one reply holds at most
+    STATUS_PAGE_CHANNELS of them (issue 13: one reply for all of them outgrew the frame)."""
+    from .test_hostile import _frame, _raw, _reply
+
+    names = [f"many-{i:04d}" for i in range(3000)]
+    with _raw(30) as sock:
+        sock.sendall(b"".join(_frame({"op": "create", "namespace": "pages", "dataset_name": n,
+                                      "num_shards": 1, "max_queue_size": 1}) for n in names))
+        assert all(_reply(sock)["ok"] for _ in names)
+        sock.sendall(_frame({"op": "status"}))
+        first = _reply(sock)
+        assert len(first["channels"]) == operations.STATUS_PAGE_CHANNELS
+        assert first["next"] == ["pages", names[operations.STATUS_PAGE_CHANNELS - 1]]
+        status: Any = shmchannel.status()
+    assert [c["dataset_name"] for c in status["channels"]] == names
+    assert "next" not in status
+
+
+def test_worst_status_page_fits_a_reply() -> None:
+    """The largest page a status reply can carry -- STATUS_PAGE_CHANNELS channels named with
+    MAX_NAME astral characters (12 bytes of JSON each), STATUS_PAGE_SHARDS shards among
+    them, every counter at 2**63 -- encodes within protocol.MAX_REPLY_JSON."""
+    name = "\U0001F600" * rules.MAX_NAME
+    shards = operations.STATUS_PAGE_SHARDS // operations.STATUS_PAGE_CHANNELS
+    channels = {}
+    for i in range(operations.STATUS_PAGE_CHANNELS + 1):
+        channel = Channel(name, f"{i:04d}" + name[4:], shards, False, 2**63, sender=1, closed=True)
+        channel.sent_objects = channel.sent_bytes = 2**63
+        channel.received_objects = channel.received_bytes = [2**63] * shards
+        channel.reserved = [2**63] * shards
+        channel.receivers = {2**63 - n: n for n in range(shards)}
+        channels[(channel.namespace, channel.name)] = channel
+    page, following = operations.status_page(channels, None)
+    assert len(page) == operations.STATUS_PAGE_CHANNELS and following is not None
+    body = sum(map(len, protocol.encode(protocol.ok(channels=page, next=list(following)),
+                                        max_json=protocol.MAX_REPLY_JSON)))
+    assert body < protocol.MAX_REPLY_JSON // 2
 
 
 # -- rates -----------------------------------------------------------------------------------

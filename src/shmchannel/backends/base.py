@@ -17,6 +17,10 @@ class SenderEndpoint(Protocol):
     def queue(self, shard_id: int | None) -> Any:
         """Keys not yet consumed: of one shard, or ``{shard: keys}`` when shard_id is None."""
 
+    def withdraw(self, thread: int | None) -> None:
+        """End the waits of the send ``thread`` makes (its caller was interrupted): the send
+        then raises, having queued nothing, unless it was queued already."""
+
     def close(self, end_of_stream: bool) -> None:
         """Leave the channel; with ``end_of_stream`` receivers drain and then get ChannelClosed."""
 

@@ -27,7 +27,7 @@ from ..serialization import deserialize, serialize
 from ..serialization.arrays import aligned_copy
 from ..store.arena import ArenaMap
 from ..store.blob import plan_blob, read_blob, write_blob
-from ..store.table import StoreStats
+from ..store.table import StoreStats, charge
 
 #: Blobs up to this many bytes travel inline with their key instead of through the arena:
 #: below it a socket copy is cheaper than an arena block's extra round trip and release.
@@ -117,7 +117,8 @@ class _Client:
                 self.drop_spares()  # other sizes now: give their memory back
                 reply, _ = self.conn.request(
                     {"op": "alloc", **(ident or {}), "sizes": big, "spares": spares if sum(big) <= SPARE_LIMIT else 0,
-                     "timeout": _remaining(deadline), "asked": timeout}
+                     "timeout": _remaining(deadline), "asked": timeout},
+                    on_interrupt=self._free_granted,
                 )
                 offsets, room = reply["offsets"], reply.get("room")
                 if reply.get("spares"):
@@ -141,6 +142,12 @@ class _Client:
                 self.conn.request({"op": "free", "offsets": offsets})
             raise
         return parts, payload, room
+
+    def _free_granted(self, reply: dict[str, Any], data: memoryview) -> None:
+        """Free the blocks of an alloc whose caller was interrupted as they came."""
+        offsets = list(reply.get("offsets", [])) + [o for block in reply.get("spares") or [] for o in block]
+        if offsets:
+            self.conn.post({"op": "free", "offsets": offsets}, quiet=True)
 
     def drop_spares(self) -> None:
         offsets = [o for pool in self._spares.values() for block in pool for o in block]
@@ -183,12 +190,17 @@ def _items(reply: dict[str, Any], data: memoryview) -> list[tuple[dict[str, Any]
 
 
 class EmbeddedSender:
-    """Sends are posted (not waited for) while the channel is known to have room.
+    """Sends are posted (not waited for) while the channel is known to have room, and the
+    store memory for their inline parts is set aside.
 
     The channel has one sender, and only receiving makes room, so the room the broker last
     reported, minus the sends posted since, is room the next send is sure to find: such a
     send cannot block or time out, and waiting for its reply would only add a round trip.
     When that count is used up, a send waits for its reply, which reports the room again.
+    Memory works the same way: arena blocks are allocated before the send, and inline
+    parts count against the store too (issue 13), so a send waits for its reply unless
+    the *credit* the broker set aside for this sender's inline bytes covers them; that
+    reply asks for more credit, about ``max_queue_size`` objects of the size just sent.
     """
 
     def __init__(
@@ -205,6 +217,8 @@ class EmbeddedSender:
             client.conn.close()
             raise
         self._room = int(reply["room"])
+        self._max_queue_size = max_queue_size
+        self._credit = 0  # inline bytes the broker set aside for our posted sends
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -215,16 +229,26 @@ class EmbeddedSender:
             self._room = room
         # On failure the broker frees the blocks named in the request.
         msg = {"op": "send", **self._ident, "parts": descriptions, "timeout": _remaining(deadline), "asked": timeout}
-        if self._room > 0:
+        need = sum(charge(d["inline"][1]) for d in descriptions if "inline" in d)
+        spent = min(self._credit, need)
+        self._credit -= spent  # the broker spends the same credit first, in the same order
+        if self._room > 0 and spent == need:
             self._client.conn.post(msg, payload)
             self._room -= 1
         else:
+            if need:
+                msg["credit"] = need * self._max_queue_size  # the broker bounds it
             reply, _ = self._client.conn.request(msg, payload)
             self._room = int(reply["room"])
+            self._credit = int(reply.get("credit", self._credit))
 
     def queue(self, shard_id: int | None) -> Any:
         reply, _ = self._client.conn.request({"op": "queue", **self._ident, "shard": shard_id}, look=True)
         return _queue(reply["queue"])
+
+    def withdraw(self, thread: int | None) -> None:
+        if thread is not None:
+            self._client.conn.withdraw(thread)
 
     def close(self, end_of_stream: bool) -> None:
         self._client.conn.close({"op": "close", **self._ident} if end_of_stream else None)
@@ -321,8 +345,16 @@ class EmbeddedDataSystem:
     def put(self, obj: Any, timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
         (part,), payload, _ = self._client.pack([obj], timeout, deadline)
-        reply, _ = self._client.conn.request({"op": "put", "parts": [part]}, payload)
+        # An inline object waits at the broker for room, as an arena block waits in pack.
+        reply, _ = self._client.conn.request(
+            {"op": "put", "parts": [part], "timeout": _remaining(deadline), "asked": timeout}, payload,
+            on_interrupt=self._forget,
+        )
         return str(reply["key"])
+
+    def _forget(self, reply: dict[str, Any], data: memoryview) -> None:
+        """Delete what a put stored as its caller was interrupted: nobody has its key."""
+        self._client.conn.post({"op": "delete", "key": reply["key"]}, quiet=True)
 
     def get(self, key: str) -> Any:
         reply, data = self._client.conn.request({"op": "get", "key": key}, on_interrupt=self._client.unhold)

@@ -228,6 +228,10 @@ class RaySender:
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]
 
+    def withdraw(self, thread: int | None) -> None:
+        """Nothing: the actor's put cannot be withdrawn; it ends within its timeout (or at
+        close), and is queued whole or not at all."""
+
     def close(self, end_of_stream: bool) -> None:
         if os.getpid() == self._pid:
             atexit.unregister(self._at_exit)

@@ -139,12 +139,14 @@ class ChannelActor:
     async def attach_sender(self, token: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Any:
         rules.check_channel_shape(num_shards, max_queue_size)
         async with self.cond:
+            wanted = rules.Shape(num_shards, full_batch, max_queue_size)
+            current = rules.Shape(self.num_shards, self.full_batch, self.max_queue_size) if self.configured else wanted
             rules.check_new_sender(
                 self.namespace, self.name, attached=self.sender is not None, closed=self.closed,
-                holds_data=any(self.queues), current=(self.num_shards, self.full_batch),
-                wanted=(num_shards, full_batch),
+                current=current, wanted=wanted, queued=sum(map(len, self.queues)),
+                receivers=[rules.ReceiverUse(shard, len(self.lent.get(t, ()))) for t, shard in self.receivers.items()],
             )
-            if not any(self.queues):
+            if self.num_shards != num_shards:  # nothing is built on the old shape (checked above)
                 self.queues = [deque() for _ in range(num_shards)]
                 self.received = [0] * num_shards
                 self.received_bytes = [0] * num_shards

@@ -1,60 +1,133 @@
 """A blocking connection to the broker, shared by the threads of one endpoint.
 
-Requests are multiplexed: each carries an id that its reply repeats (protocol.py). A thread
-waiting for a reply either reads the socket itself -- one reader at a time, which routes
-every reply it reads to the thread that asked -- or sleeps until the reader hands its reply
-over. So a thread whose request the broker holds back (a send waiting for room, a recv
-waiting for data) never keeps another thread's request from its answer: the broker answers
-looks (``protocol.IMMEDIATE``) on arrival, and the reader passes them on. Before, one lock
-covered a request and its whole wait, and a monitoring thread's ``get_queue`` hung behind a
-producer thread's blocked ``send`` for good (issue 11).
+No socket I/O runs in the main thread, the only one where an interrupt -- a
+KeyboardInterrupt, a signal handler's exception -- is raised, at any instruction. A reader
+thread reads every reply and hands it to the call it answers; the main thread's frames are
+written by a writer thread, whole and in order; other threads write their own frames when
+none is queued before them (no handover: they cannot be interrupted). So an interrupt can
+never leave half a frame in the socket, lose bytes read, or lose a reply (issue 13: a
+KeyboardInterrupt inside ``sendall`` sent half a frame, and the broker took the next
+frame's header as the object's last bytes). Every call returns only once its frame is
+written, so what a call did survives the process's death right after. An interrupted
+wait withdraws its request (``_abandon``); what the broker did meanwhile is undone by the
+call's ``on_interrupt``, run by the reader or the writer.
 
-A request either waits for its reply (``request``) or is *posted*: written at once, its
-reply read later (``post``; a sender posts sends it knows the broker can take without
-waiting). The broker answers a posted request only if it fails; that failure is raised by
-the next call that waits for a reply, or by a later post.
+Requests are multiplexed: each carries an id that its reply repeats (protocol.py), so a
+thread whose request the broker holds back (a send waiting for room, a recv waiting for
+data) never keeps another thread's request from its answer, and the broker answers looks
+(``protocol.IMMEDIATE``) on arrival (issue 11).
 
-A call cannot re-enter the connection from its own thread (a signal handler that runs
-while its thread waits here): the outer call is the reader, or waits for it, and cannot go
-on until the handler returns. Such a call raises ``ReentrantCall`` at once.
+A request either waits for its reply (``request``) or is *posted*: queued, its reply read
+later (``post``; a sender posts sends it knows the broker can take without waiting). The
+broker answers a posted request only if it fails; the reader notes that failure, and the
+next request or post (a look excepted) raises it.
 
-``close`` from another thread withdraws the requests other threads wait in (they raise
-EndpointClosed) and refuses new ones; a request is registered and written under the write
-lock, so a withdrawal never reaches the broker before the request it names.
+``close`` withdraws the requests other threads wait in (they raise EndpointClosed) and
+refuses new ones. Releases of zero-copy objects are queued by finalizers (holds.py) and
+written in front of the next frame.
 
-Releases of zero-copy objects are queued by finalizers (holds.py) and written in front
-of the next frame, or at once when the write lock is free.
+The threads hold the connection only weakly: a connection dropped without ``close`` (an
+interrupt between connecting and keeping it) closes its socket when collected, as a
+plain socket would.
 """
 
 from __future__ import annotations
 
+import _thread
+import collections
 import itertools
 import os
+import queue
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import (
-    BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, ReentrantCall, from_wire,
-)
+from ..errors import BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, from_wire
 from . import protocol
-from .framing import FrameReader, Reply, wait_readable
+from .framing import FrameReader, Reply
 from .holds import Holds
 
-#: How long an interrupted call waits for the broker to withdraw its request.
+#: How long an interrupted call waits for the broker to withdraw its request before it
+#: returns (the reader still undoes what the reply did, whenever it comes).
 ABANDON_TIMEOUT = 5.0
+
+_STOP = object()  # tells the writer to stop
+
+OnInterrupt = Callable[[dict[str, Any], memoryview], None]
+
+_WITHDRAWN: Reply = (
+    {"ok": False, "error": Cancelled.code, "message": "withdrawn before it was sent"}, memoryview(b"")
+)
+
+
+class _Gate:
+    """Something a thread waits for, and that stays done once done: a lock held until then.
+
+    Not a Condition: an interrupt inside ``Condition.wait`` can leave its lock released and
+    the with block around it failing with "cannot release un-acquired lock". A lock's
+    acquire is one C call: interrupted, it has either taken the lock or not."""
+
+    __slots__ = ("_lock", "done")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.done = False
+
+    def open(self) -> None:
+        """Done (call it under the connection's lock: once)."""
+        if not self.done:
+            self.done = True
+            self._lock.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until done, at most ``timeout`` seconds; whether it is."""
+        if self.done:
+            return True
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()  # done for every later wait too (which look at ``done`` first)
+            return True
+        return self.done
 
 
 class _Call:
-    """A request sent and not yet answered: the thread that waits for it, its reply once read."""
+    """A request made and not yet answered: who waits for it, and its reply once read."""
 
-    __slots__ = ("thread", "reply")
+    __slots__ = ("rid", "thread", "reply", "answered", "written", "on_interrupt", "abandoned", "settled")
 
-    def __init__(self) -> None:
+    def __init__(self, rid: int, on_interrupt: OnInterrupt | None) -> None:
+        self.rid = rid
         self.thread = threading.get_ident()
         self.reply: Reply | None = None
+        self.answered = _Gate()  # reply is set (or the connection failed)
+        self.written = False  # the writer wrote its frame: only then may a cancel follow
+        self.on_interrupt = on_interrupt
+        self.abandoned = False  # its caller was interrupted: the reader undoes the reply
+        self.settled = _Gate()  # abandoned, and the reply undone (or it was never sent)
+
+
+class _Frame:
+    """A frame queued for the writer; ``written`` once it is (then its caller returns)."""
+
+    __slots__ = ("parts", "call", "written", "gone")
+
+    def __init__(self, parts: list[Any], call: _Call | None) -> None:
+        self.parts, self.call, self.written = parts, call, False
+        self.gone = _Gate()  # the writer is done with it: written, or the connection failed
+
+
+class _Cancel:
+    """A queued withdrawal of ``call`` (the writer decides how: see ``_write_cancel``).
+    ``abandon``: its caller stopped waiting, and a reply that raced the withdrawal is
+    undone; else (``close``, ``withdraw``) the caller still waits and gets that reply."""
+
+    __slots__ = ("call", "abandon")
+
+    def __init__(self, call: _Call, abandon: bool) -> None:
+        self.call, self.abandon = call, abandon
 
 
 class Connection:
@@ -63,29 +136,30 @@ class Connection:
     def __init__(self, path: Path | str) -> None:
         self.pid = os.getpid()
         self.path = str(path)
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()  # guards the routing state below; held only briefly
-        self._arrived = threading.Condition(self._lock)  # a reply was routed, or the reader left
+        self._lock = threading.RLock()  # guards the state below; reentrant: a signal handler may call in
         self._calls: dict[int, _Call] = {}  # by request id
-        self._reading = False  # a thread reads the socket; the others wait on _arrived
-        self._sleepers = 0  # threads waiting on _arrived
-        self._frames = FrameReader()
         self._ids = itertools.count(1)
-        self._write_lock = threading.Lock()
-        self._writer: int | None = None  # the thread holding the write lock
+        self._queued: collections.deque[_Frame | _Cancel] = collections.deque()  # the writer's; left once written
+        self._wake: queue.SimpleQueue[Any] = queue.SimpleQueue()  # the writer's alarm: None, or _STOP
+        self._write_lock = threading.Lock()  # one writer at a time: the writer thread, or another thread
+        self._main = threading.main_thread().ident
         self._holds = Holds()
+        self._failure: ChannelError | None = None  # the connection is lost: every wait raises it
         self._closing = False  # close() began: new requests are refused
         self._finished = False  # close() said its farewell: the last release shuts the socket
+        self._stopped = False  # the writer was told to stop
         self._posted_failure: ChannelError | None = None  # seen, not raised yet
         self._unconfirmed = False  # posted requests since the last reply
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._writer: int | None = None  # the writer thread's id, which it sets
+        # The writer makes and connects the socket: made here, an interrupt could leave it
+        # half made, and unclosed. Until the hello is answered only the writer uses it.
+        self._sock: socket.socket = None  # type: ignore[assignment]
+        self._box = box = []  # type: list[socket.socket]
+        # Dropped without close(): end the threads and let the broker see us leave.
+        self._finalizer = weakref.finalize(self, _abort, box, self._wake)
         try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise BrokerUnavailable(f"cannot connect to the broker at {self.path}: {exc.strerror or exc}") from exc
-        self._sock = sock
-        try:
+            # One C call, not Thread.start (see aio.Worker); the writer starts the reader.
+            _thread.start_new_thread(_write_loop, (weakref.ref(self), box, self._wake))
             self.info, _ = self.request({"op": "hello", "version": protocol.PROTOCOL_VERSION})
         except BaseException:
             self._shutdown()
@@ -93,79 +167,71 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self._sock is None or self._closing
+        return self._closing or self._failure is not None or self._stopped
 
     # -- requests ------------------------------------------------------------------------
 
     def request(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None = None, *, look: bool = False,
+        on_interrupt: OnInterrupt | None = None, *, look: bool = False,
     ) -> Reply:
         """Send ``msg`` and return the broker's reply; its error code raises its class.
 
         Other threads may make requests meanwhile; each gets its own reply. If the wait is
         interrupted (KeyboardInterrupt, a signal handler's exception), the request is
         withdrawn at the broker; a reply that raced the withdrawal is passed to
-        ``on_interrupt`` so that, e.g., a received object can be put back in its queue.
-        A ``look`` (a queue listing) leaves the failure of an earlier post to the call
-        that acts next: it is the poster's, not an observer's.
+        ``on_interrupt`` (by the reader thread: it may only queue frames) so that, e.g., a
+        received object goes back to its queue. A ``look`` (a queue listing) leaves the
+        failure of an earlier post to the call that acts next: it is the poster's, not an
+        observer's.
 
         Raises:
-            ReentrantCall: this thread already waits in a request of this connection.
             EndpointClosed: close() was called (from another thread).
+            BrokerUnavailable: the connection is lost.
         """
-        self._check_reentry()
         if not look:
-            if self._unconfirmed:
-                self._poll()
             self._raise_posted_failure()
         return self._call(msg, payload, on_interrupt)
 
-    def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
+    def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"", *, quiet: bool = False) -> None:
         """Send ``msg`` without waiting: the broker answers it only if it fails, and that
-        failure is raised by a later call: one that waits for a reply raises it first thing
-        if it has come; a post looks for it after writing (so that its message never waits
-        for the look) and leaves it to the next call. Only for requests the broker can
-        complete without waiting, and only from a thread that no other thread's request
-        of this connection can overtake (the sender posts under its endpoint's turn)."""
-        self._check_reentry()
-        self._raise_posted_failure()
-        self._send(_encode({**msg, "posted": True, "id": next(self._ids)}, payload))
-        if self._unconfirmed:  # after the write: a message never waits for this look
-            self._poll()
-        self._unconfirmed = True
+        failure is raised by the next request or post made after it came. Only for requests the broker can complete without waiting,
+        and only from a thread that no other thread's request of this connection can
+        overtake (the sender posts under its endpoint's turn). ``quiet``: leave a failure
+        already noted to the caller's next call (an ``on_interrupt`` undoing a call)."""
+        if not quiet:
+            self._raise_posted_failure()
+        self._unconfirmed = True  # before queueing: a sync at close may be one too many, never one too few
+        self._queue(_encode({**msg, "posted": True, "id": next(self._ids)}, payload))
 
     def one_way(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
-        self._send(_encode(msg, payload))
+        """Send ``msg``, which the broker never answers (protocol.ONE_WAY)."""
+        self._queue(_encode(msg, payload))
 
-    def _check_reentry(self) -> None:
-        if not self._calls:  # nothing outstanding: the usual case, no lock needed
-            return
-        me = threading.get_ident()
+    def withdraw(self, thread: int) -> None:
+        """Withdraw the requests ``thread`` waits in (they raise ``Cancelled``): for a
+        caller that stops waiting for a call another thread makes on its behalf."""
         with self._lock:
-            if any(call.thread == me for call in self._calls.values()):
-                raise ReentrantCall(
-                    "a call re-entered a shmchannel endpoint its own thread is inside (from a signal "
-                    "handler?); it would wait for itself: call it from another thread, or after the outer call"
-                )
+            waiting = [call for call in self._calls.values() if call.thread == thread and not call.abandoned]
+        for call in waiting:
+            self._hand_over(_Cancel(call, abandon=False))
 
-    def _call(
-        self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
-        on_interrupt: Callable[[dict[str, Any], memoryview], None] | None, farewell: bool = False,
-    ) -> Reply:
-        rid = next(self._ids)
-        frame = _encode({**msg, "id": rid}, payload)
+    def _call(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
+              on_interrupt: OnInterrupt | None, farewell: bool = False) -> Reply:
+        call = _Call(next(self._ids), on_interrupt)
+        frame = _encode({**msg, "id": call.rid}, payload)
         try:
-            self._send(frame, rid, farewell)
-            answer = self._await(rid, None)
+            with self._lock:
+                if self._closing and not farewell:
+                    raise EndpointClosed("closed by close() from another thread")
+                self._calls[call.rid] = call
+            self._queue(frame, call)
+            answer = self._await(call, None)
         except ChannelError:
-            self._forget(rid)
+            self._forget(call)
             raise
         except BaseException:
-            with self._lock:
-                sent = rid in self._calls  # else it was interrupted before its frame was written
-            if sent:
-                self._abandon(rid, on_interrupt)
+            self._abandon(call)
             raise
         assert answer is not None  # no deadline
         reply, data = answer
@@ -175,67 +241,55 @@ class Connection:
             raise from_wire(str(reply.get("error")), str(reply.get("message")))
         return reply, data
 
-    def _forget(self, rid: int) -> None:
-        with self._lock:
-            self._calls.pop(rid, None)
-
-    def _await(self, rid: int, deadline: float | None) -> Reply | None:
-        """The reply to request ``rid`` (None if ``deadline`` passes first): read by this
-        thread if no other reads, else handed over by the reader."""
-        reader = False
-        try:
-            with self._lock:
-                while True:
-                    call = self._calls[rid]
-                    if call.reply is not None:
-                        del self._calls[rid]
-                        return call.reply
-                    if not self._reading:
-                        self._reading = reader = True
-                        break
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return None
-                    self._sleepers += 1
-                    try:
-                        self._arrived.wait(left)
-                    finally:
-                        self._sleepers -= 1
-            while True:
-                if not self._read_frames(deadline):
-                    return None
-                with self._lock:
-                    call = self._calls[rid]
-                    if call.reply is not None:
-                        del self._calls[rid]
-                        return call.reply
-        finally:
-            if reader:
-                with self._lock:
-                    self._reading = False
-                    self._wake()  # another waiter reads now
-
-    def _poll(self) -> None:
-        """Take in, without waiting, the frames that came (failures of posted requests);
-        nothing if another thread reads: it takes them in."""
-        reader = False
-        try:
-            with self._lock:
-                if self._reading:
+    def _queue(self, parts: list[Any], call: _Call | None = None) -> None:
+        """Write one frame, or hand it to the writer; return once it is written (a request:
+        once it is queued, its reply says the rest)."""
+        self._live()
+        me = threading.get_ident()
+        if me == self._writer:  # undoing an interrupted call: its loop writes this next
+            self._queued.append(_Frame(parts, call))
+            return
+        if me != self._main and self._sock is not None:
+            with self._write_lock:
+                if not self._queued:  # nothing goes before it: no handover
+                    self._write_frame(parts, call)
+                    if self._failure is not None:
+                        raise self._failure
                     return
-                self._reading = reader = True
-            self._read_frames(0.0)
-        finally:
-            if reader:
-                with self._lock:
-                    self._reading = False
-                    self._wake()
+        frame = _Frame(parts, call)
+        self._hand_over(frame)
+        if call is not None:
+            return
+        while not frame.gone.wait(1.0) and self._failure is None:
+            pass  # (a frame queued as the writer left for a failure is never gone: the failure says it)
+        if not frame.written:
+            raise self._failure  # type: ignore[misc]  # set: the frame is gone unwritten
 
-    def _wake(self) -> None:
-        """Wake the threads waiting for a reply (call with the lock held). Skipped when none
-        sleeps: Condition.notify_all is Python code, a few us on every request."""
-        if self._sleepers:
-            self._arrived.notify_all()
+    def _hand_over(self, item: _Frame | _Cancel) -> None:
+        self._queued.append(item)
+        self._wake.put(None)
+
+    def _forget(self, call: _Call) -> None:
+        with self._lock:
+            self._calls.pop(call.rid, None)
+
+    def _await(self, call: _Call, deadline: float | None) -> Reply | None:
+        """The reply to ``call`` (None if ``deadline`` passes first)."""
+        call.answered.wait(None if deadline is None else deadline - time.monotonic())
+        with self._lock:
+            if call.reply is None:
+                if self._failure is not None:
+                    raise self._failure
+                return None
+            self._calls.pop(call.rid, None)
+            return call.reply
+
+    def _abandon(self, call: _Call) -> None:
+        """After an interrupted call: withdraw it at the broker (the reader undoes a reply
+        that raced the withdrawal), and wait a little for that to be done, so that, e.g.,
+        a recv's objects go back before this thread's next recv asks for more."""
+        self._hand_over(_Cancel(call, abandon=True))
+        call.settled.wait(ABANDON_TIMEOUT)
 
     def _raise_posted_failure(self) -> None:
         with self._lock:
@@ -243,74 +297,77 @@ class Connection:
         if failure is not None:
             raise failure
 
-    def _live(self) -> socket.socket:
+    def _live(self) -> None:
         if os.getpid() != self.pid:
             raise ChannelError(
                 f"this connection was made in process {self.pid}; create senders and receivers "
                 f"in the process that uses them (this is {os.getpid()})"
             )
-        sock = self._sock
-        if sock is None:
+        if self._failure is not None:
+            raise self._failure
+        if self._stopped:
             if self._closing:
                 raise EndpointClosed("closed by close() from another thread while waiting")
             raise BrokerUnavailable(f"connection to the broker at {self.path} is closed")
-        return sock
 
-    def _send(self, parts: list[Any], rid: int | None = None, farewell: bool = False) -> None:
-        """Write one frame (after any queued releases); with ``rid``, register the request
-        under the same lock, unless close() began (its farewell excepted)."""
-        sock = self._live()
-        me = threading.get_ident()
-        if self._writer == me:  # a signal handler interrupted our own write
-            raise ReentrantCall("a call re-entered a shmchannel endpoint while its own thread was writing to the broker")
+    # -- the writer's side ----------------------------------------------------------------
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Write what is queued, in order, then the releases queued (the writer thread)."""
         with self._write_lock:
-            self._writer = me
-            try:
-                if rid is not None:
+            while self._queued:
+                item = self._queued[0]
+                if isinstance(item, _Cancel):
+                    parts = self._write_cancel(item.call, item.abandon)
+                    if parts is not None:
+                        self._write_frame(parts, None)
+                else:
+                    item.written = self._write_frame(item.parts, item.call)
                     with self._lock:
-                        if self._closing and not farewell:
-                            raise EndpointClosed("closed by close() from another thread")
-                        self._calls[rid] = _Call()
-                if self._holds.pending():  # in the same write: one system call, and memory back sooner
-                    parts = self._holds.frame() + parts
-                sock.sendall(b"".join(parts))
-            except OSError as exc:
-                raise self._lost(exc) from exc
-            finally:
-                self._writer = None
-        self._flush_releases()
+                        item.gone.open()
+                self._queued.popleft()  # only now: a thread finding the queue empty writes its own
+            if self._holds.pending():
+                self._write_frame([], None)
 
-    # -- reading (by the one reader) -------------------------------------------------------
-
-    def _read_frames(self, deadline: float | None) -> bool:
-        """Read and route at least one whole frame, plus any others already in; False if
-        ``deadline`` passed first (0: route only what already came)."""
-        sock = self._live()
-        routed = False
-        while True:
-            try:
-                frame = self._frames.next_frame()
-            except protocol.FrameError as exc:
-                raise self._bad_reply(exc) from None
-            if frame is not None:
-                self._route(frame)
-                routed = True
-            elif routed:
-                return True
-            elif deadline is not None and not wait_readable(sock, deadline):
-                return False
-            else:
-                self._receive(sock)
-
-    def _receive(self, sock: socket.socket) -> None:
+    def _write_frame(self, parts: list[Any], call: _Call | None) -> bool:
+        """Write one frame after the releases queued (one system call, and memory back
+        sooner); whether it was written. The caller holds the write lock."""
+        if self._failure is not None:
+            return False
+        if self._holds.pending():
+            parts = self._holds.frame() + parts
+        if call is not None:
+            call.written = True
         try:
-            n = self._frames.fill(sock)
+            self._sock.sendall(b"".join(parts))
         except OSError as exc:
-            self._shutdown()
-            raise self._lost(exc) from exc
-        if not n:
-            self._shutdown()
-            raise self._lost(None)
+            self._fail(self._lost(exc))
+            return False
+        return True
+
+    def _write_cancel(self, call: _Call, abandon: bool) -> list[Any] | None:
+        """How to withdraw ``call``: a cancel frame if its request went out and is not
+        answered; else nothing to send. A call never written (it cannot be queued after
+        its cancel: the queue is in order) is answered "withdrawn"; an abandoned call's
+        reply, if it came, is undone here."""
+        with self._lock:
+            if abandon:
+                call.abandoned = True
+            if call.reply is None and call.written:
+                return _encode({"op": "cancel", "id": call.rid})
+            reply = call.reply
+            if reply is None:
+                call.reply = _WITHDRAWN
+            if not abandon:
+                call.answered.open()
+                return None
+            self._calls.pop(call.rid, None)
+        if reply is not None:
+            self._undo(call, reply)
+        self._settle(call)
+        return None
+
+    # -- the reader's side (its thread only) ----------------------------------------------
 
     def _route(self, frame: Reply) -> None:
         """Hand a reply to the call it answers (a posted request's failure is noted)."""
@@ -328,39 +385,49 @@ class Connection:
                 rid = min(self._calls)
             call = self._calls.get(rid) if isinstance(rid, int) else None
             if call is None or call.reply is not None:
-                raise self._bad_reply(protocol.FrameError(f"reply to request {rid!r}, which is not waiting"))
+                raise protocol.FrameError(f"reply to request {rid!r}, which is not waiting")
             call.reply = frame
+            call.answered.open()
             self._unconfirmed = False
-            self._wake()
+            if not call.abandoned:
+                return
+            del self._calls[call.rid]
+        self._undo(call, frame)
+        self._settle(call)
 
-    def _bad_reply(self, exc: protocol.FrameError) -> ProtocolError:
-        self._shutdown()  # the stream cannot be resynchronized
-        return ProtocolError(f"bad reply from the broker: {exc}")
+    def _undo(self, call: _Call, reply: Reply) -> None:
+        """Undo what an abandoned call's reply did (its ``on_interrupt``); off the caller's
+        thread, so it completes whatever interrupts the caller."""
+        if reply[0].get("ok") and call.on_interrupt is not None:
+            try:
+                call.on_interrupt(*reply)
+            except ChannelError:
+                pass  # the connection is lost: the broker undid it all with the connection
+
+    def _settle(self, call: _Call) -> None:
+        with self._lock:
+            call.settled.open()
+
+    def _fail(self, failure: ChannelError) -> None:
+        """The connection is lost: every waiting call raises ``failure``, new ones too."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = failure
+            for call in self._calls.values():
+                call.answered.open()
+                call.settled.open()
+            for item in self._queued:
+                if isinstance(item, _Frame):
+                    item.gone.open()
+        _abort(self._box, self._wake)
 
     def _lost(self, exc: OSError | None) -> ChannelError:
-        """The error for a socket that failed: our own close() from another thread, or the broker."""
+        """The error for a socket that failed: our own close, or the broker's."""
         if self._closing:
             return EndpointClosed("closed by close() from another thread while waiting")
         if exc is None:
             return BrokerUnavailable(f"the broker at {self.path} closed the connection (it stopped or died)")
         return BrokerUnavailable(f"lost the broker at {self.path}: {exc}")
-
-    def _abandon(self, rid: int, on_interrupt: Callable[[dict[str, Any], memoryview], None] | None) -> None:
-        """After an interrupted wait: withdraw request ``rid`` at the broker and take its
-        one reply before this thread's next call, so that, e.g., a recv's objects go back
-        before the next recv asks for more; if that fails, the connection is closed (it
-        could not be kept in step)."""
-        try:
-            self._send(_encode({"op": "cancel", "id": rid}))
-            answer = self._await(rid, time.monotonic() + ABANDON_TIMEOUT)
-            if answer is None:
-                raise TimeoutError(f"the broker did not withdraw request {rid} in {ABANDON_TIMEOUT} s")
-            reply, data = answer
-            if reply.get("ok") and on_interrupt is not None:
-                on_interrupt(reply, data)
-        except BaseException:
-            self._forget(rid)
-            self._shutdown()
 
     # -- zero-copy holds -----------------------------------------------------------------
 
@@ -369,28 +436,14 @@ class Connection:
         self._holds.hold()
 
     def release(self, key: str) -> None:
-        """Give back a held object (called by a finalizer; any thread, never raises)."""
+        """Give back a held object (called by a finalizer; any thread, never raises, never
+        blocks: SimpleQueue.put is reentrant)."""
         if os.getpid() != self.pid:
             return
         self._holds.release(key)
-        self._flush_releases()
+        self._wake.put(None)  # the writer writes the releases queued
         if self._finished and self._holds.count <= 0:
             self._shutdown()
-
-    def _flush_releases(self) -> None:
-        while self._holds.pending():
-            sock = self._sock
-            if sock is None or not self._write_lock.acquire(blocking=False):
-                return  # the holder flushes when it lets go
-            self._writer = threading.get_ident()
-            try:
-                try:
-                    sock.sendall(b"".join(self._holds.frame()))
-                except OSError:
-                    return  # broker gone: it freed everything of ours with the connection
-            finally:
-                self._writer = None
-                self._write_lock.release()
 
     # -- closing -------------------------------------------------------------------------
 
@@ -398,29 +451,25 @@ class Connection:
         """Say ``farewell`` (a last request), then close -- at once, or while zero-copy
         objects are held, once the last is released: holding the socket keeps the broker
         from reusing memory those objects view. Requests other threads wait in are
-        withdrawn first (they raise EndpointClosed), and new ones are refused. From a
-        signal handler whose thread waits in a request, the farewell is skipped (it would
-        wait for that request)."""
+        withdrawn first (they raise EndpointClosed), and new ones are refused."""
         if os.getpid() != self.pid:
             return
-        me = threading.get_ident()
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            waiting = list(self._calls)
-            reentrant = any(call.thread == me for call in self._calls.values())
+            waiting = [call for call in self._calls.values() if not call.abandoned]
         failure: ChannelError | None = None
         try:
-            for rid in waiting:
-                self._send(_encode({"op": "cancel", "id": rid}))
+            for call in waiting:
+                self._hand_over(_Cancel(call, abandon=False))
             # A reply comes after the failures of the requests posted before it.
             if farewell is None and self._unconfirmed:
                 farewell = {"op": "sync"}
-            if farewell is not None and not reentrant:
+            if farewell is not None:
                 self._call(farewell, b"", None, farewell=True)
         except ChannelError:
-            pass  # the broker is gone (it has forgotten us anyway), or we interrupted our own write
+            pass  # the broker is gone: it has forgotten us anyway
         finally:
             with self._lock:
                 failure, self._posted_failure = self._posted_failure, None
@@ -431,18 +480,92 @@ class Connection:
             raise failure
 
     def _shutdown(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
-            except OSError:
-                pass
-            sock.close()
+        """Stop the writer after what is queued; it then closes the socket's both ways."""
+        if not self._stopped:
+            self._stopped = True
+            self._wake.put(_STOP)
+            self._finalizer.detach()
+
+
+def _write_loop(ref: weakref.ref[Connection], box: list[socket.socket], wake: queue.SimpleQueue[Any]) -> None:
+    """The writer thread: connects, starts the reader, writes what is queued at each alarm
+    until told to stop (or the connection is dropped), then what is left; then closes."""
+    conn = ref()
+    if conn is None:
+        return
+    conn._writer = threading.get_ident()
+    try:
+        box.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        box[0].connect(conn.path)
+    except OSError as exc:
+        failure = BrokerUnavailable(f"cannot connect to the broker at {conn.path}: {exc.strerror or exc}")
+        failure.__cause__ = exc
+        conn._fail(failure)
+        return
+    sock = conn._sock = box[0]
+    del conn
+    try:
+        _thread.start_new_thread(_read_loop, (ref, sock))
+        while (token := wake.get()) is not _STOP:
+            conn = ref()
+            if conn is None:
+                return
+            conn._drain(sock)
+            del conn, token
+        conn = ref()
+        if conn is not None:
+            conn._drain(sock)
+        del conn
+    finally:
+        _abort(box, wake)
+
+
+def _read_loop(ref: weakref.ref[Connection], sock: socket.socket) -> None:
+    """The reader thread: reads and routes replies until the socket ends."""
+    frames = FrameReader()
+    failure: ChannelError | None = None
+    while failure is None:
+        try:
+            n = frames.fill(sock)
+        except OSError as exc:
+            conn = ref()
+            if conn is not None:
+                failure = conn._lost(exc)
+            break
+        conn = ref()
+        if conn is None:
+            return
+        if not n:
+            failure = conn._lost(None)
+            break
+        try:
+            while (frame := frames.next_frame()) is not None:
+                conn._route(frame)
+        except protocol.FrameError as exc:  # the stream cannot be resynchronized
+            failure = ProtocolError(f"bad reply from the broker: {exc}")
+        del conn
+    conn = ref()
+    if conn is not None and failure is not None:
+        conn._fail(failure)
+
+
+def _abort(box: list[socket.socket], wake: queue.SimpleQueue[Any]) -> None:
+    """End both threads of a connection and close its socket (in ``box`` once made): the
+    writer stops, the reader sees EOF. Shut down first: a read in progress then returns;
+    the close only frees the descriptor (the socket object forgets it, so no later call
+    can use another file's)."""
+    wake.put(_STOP)
+    for sock in box:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
 
 def _encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[Any]:
     """A request frame; one the broker would refuse is refused here, before anything is
-    written, so the connection stays in step (callers keep within the bounds: this is the
+    queued, so the connection stays in step (callers keep within the bounds: this is the
     last line)."""
     try:
         return protocol.encode(msg, payload)

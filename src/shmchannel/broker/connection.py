@@ -1,4 +1,13 @@
-"""One client's connection to the broker: frames cut from the byte stream as they arrive."""
+"""One client's connection to the broker: frames cut from the byte stream as they arrive.
+
+What a connection makes the broker hold is bounded (issue 13): besides the frame being
+read (at most ``protocol.MAX_PAYLOAD`` plus ``protocol.MAX_JSON``), its unsent replies and
+the requests queued behind its waiting one. Past ``WRITE_HIGH_WATER`` bytes of replies the
+client does not read (asyncio's ``pause_writing``), the broker handles none of its frames
+and reads no more of its socket until they drain; past ``BACKLOG_LIMIT`` bytes of queued
+requests it reads no more until the wait ends. The client's own writes then block in its
+kernel socket buffer: backpressure, with nothing lost, and other clients unaffected.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +26,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shmchannel.broker")
 
+#: Bytes of replies waiting to be written to a client above which the broker stops
+#: handling and reading that client's frames (resumed at a quarter of it). Above one
+#: reply in flight, so that a client that reads its replies is never held up by it.
+WRITE_HIGH_WATER = 1 << 20
+
+#: Bytes of requests queued behind a connection's waiting request (frame sizes) above
+#: which the broker reads no more of that connection until the wait ends. Large: a
+#: request it cannot read may be the ``delete`` another thread's waiting ``put`` needs.
+BACKLOG_LIMIT = 64 << 20
+
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: frames are cut from the byte stream as they arrive and
@@ -33,7 +52,11 @@ class ClientConnection(asyncio.Protocol):
         self.acted = False  # sent more than looking requests (see Server.OBSERVING)
         # Requests that arrived while ``waiter`` waits: a client may post several requests
         # (pipelining), and they must take effect in the order it sent them.
-        self.backlog: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
+        # Each with its frame's size, counted in ``_backlog_bytes``.
+        self.backlog: collections.deque[tuple[dict[str, Any], bytes, int]] = collections.deque()
+        self._backlog_bytes = 0
+        self._writing_paused = False  # replies pile up unread: handle nothing until they drain
+        self._reading_paused = False
         self._buffer = bytearray()
         self._need = protocol.HEAD.size  # bytes the next step needs
         self._head: tuple[int, int] | None = None
@@ -41,12 +64,40 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.server._accept(self, transport.get_extra_info("socket"))
 
+    def pause_writing(self) -> None:
+        """The transport holds more than WRITE_HIGH_WATER bytes of replies: stop."""
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        """The replies drained: handle what waited, then read on."""
+        self._writing_paused = False
+        self.resume()
+        self._take_frames()
+
+    def _update_reading(self) -> None:
+        """Read the socket unless replies or queued requests are over their bounds."""
+        pause = self._writing_paused or self._backlog_bytes > BACKLOG_LIMIT
+        transport = self.transport
+        if pause == self._reading_paused or transport is None or transport.is_closing():
+            return
+        self._reading_paused = pause
+        if pause:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._take_frames()
+
+    def _take_frames(self) -> None:
+        """Handle (or queue) the whole frames in the buffer, until replies pile up."""
         buffer = self._buffer
-        buffer += data
-        while len(buffer) >= self._need and self.accepted:
+        while len(buffer) >= self._need and self.accepted and not self._writing_paused:
             try:
                 if self._head is None:
                     self._head = protocol.parse_head(buffer[: protocol.HEAD.size])
@@ -60,22 +111,29 @@ class ClientConnection(asyncio.Protocol):
                 log.warning("client pid %d disconnected: bad frame: %s", self.client.pid, exc)
                 self.close()
                 return
-            del buffer[: self._need]
+            size = self._need
+            del buffer[:size]
             self._head, self._need = None, protocol.HEAD.size
             op = msg.get("op")
             if (self.waiter is not None or self.backlog) and op not in protocol.ONE_WAY and op not in protocol.IMMEDIATE:
-                self.backlog.append((msg, payload))
+                self.backlog.append((msg, payload, size))
+                self._backlog_bytes += size
             else:
                 self.server._dispatch(self, msg, payload)
+        self._update_reading()
 
     def resume(self) -> None:
-        """The waiting request finished: handle the requests that queued up behind it."""
-        while self.backlog and self.waiter is None and self.accepted:
-            msg, payload = self.backlog.popleft()
+        """The waiting request finished: handle the requests that queued up behind it
+        (until one waits, or replies pile up)."""
+        while self.backlog and self.waiter is None and self.accepted and not self._writing_paused:
+            msg, payload, size = self.backlog.popleft()
+            self._backlog_bytes -= size
             self.server._dispatch(self, msg, payload)
+        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.backlog.clear()
+        self._backlog_bytes = 0
         self.server._forget(self, exc)
 
     def withdraw(self, request_id: Any) -> dict[str, Any] | None:
@@ -84,6 +142,8 @@ class ClientConnection(asyncio.Protocol):
         for entry in self.backlog:
             if entry[0].get("id") == request_id:
                 self.backlog.remove(entry)
+                self._backlog_bytes -= entry[2]
+                self._update_reading()
                 return entry[0]
         return None
 

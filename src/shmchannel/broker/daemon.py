@@ -151,13 +151,19 @@ def stop(timeout: float = 10.0) -> int | None:
 
 
 def status() -> dict[str, Any] | None:
-    """The broker's status (pid, store, channels), or None if no broker runs."""
+    """The broker's status (pid, store, channels), or None if no broker runs. The channels
+    come in pages (``operations.status_page``); the other figures are the first page's."""
     try:
         conn = connect()
     except BrokerUnavailable:
         return None
     try:
         reply, _ = conn.request({"op": "status"})
+        following = reply.pop("next", None)
+        while following is not None:
+            page, _ = conn.request({"op": "status", "after": following})
+            reply["channels"] += page["channels"]
+            following = page.get("next")
     finally:
         conn.close()
     return reply
@@ -183,8 +189,10 @@ def _recover(runtime: Path) -> tuple[Recovered, list[Path]]:
     entries = config.our_shm_entries()
     dead = [e for e in entries if (pid := _pid_of(e)) is not None and not pid_alive(pid)]
     protected: set[str] = set()
-    journals = sorted((e for e in entries if e.name.endswith("-journal")), key=lambda e: e.stat().st_mtime)
+    journals = sorted((e for e in entries if e.name.endswith("-journal")), key=_mtime)
     for journal in journals:
+        if not journal.exists():  # its broker (or another's clean-up) removed it since the listing
+            continue
         try:
             owner, running = journal_runtime(journal), journal not in dead
             if not running and owner == str(runtime):
@@ -193,9 +201,20 @@ def _recover(runtime: Path) -> tuple[Recovered, list[Path]]:
                 theirs = Recovered()
                 theirs.replay(journal, _own_arena(journal))
                 protected |= theirs.arenas() | {journal.name, _own_arena(journal)}
+        except FileNotFoundError:
+            continue  # removed while we read it: by its own broker's clean exit, so nothing was lost
         except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:  # a damaged journal
             log.error("cannot read %s, its channels are lost: %r", journal, exc)
     return recovered, [e for e in dead if e.name not in protected]
+
+
+def _mtime(entry: Path) -> float:
+    """When ``entry`` last changed; 0 if it is gone (another broker may remove its own
+    entries while we list: /dev/shm is shared by every runtime directory of this user)."""
+    try:
+        return entry.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def discard_dead(runtime: Path | None = None) -> list[Path]:

@@ -4,8 +4,8 @@ A received array views the broker's arena; the broker reuses its block only once
 process viewing it has released it. A release comes from a finalizer (``weakref.finalize``
 on the array), which may run in any thread at any allocation -- including inside the
 connection's own code, in the same thread. So a release is only queued here, never
-written: the connection writes the queued releases in front of its next frame, or at once
-if its write lock is free (``Connection._flush_releases``); a release is never lost, never
+written: the connection's writer thread writes the queued releases in front of its next
+frame (a release queues an empty one to wake it); a release is never lost, never
 interleaved into another frame, and never deadlocks.
 """
 

@@ -176,9 +176,11 @@ class Recovered:
         return str(record["key"])
 
     def live(self) -> Iterator[tuple[tuple[str, str], dict[str, Any]]]:
-        """Channels with something queued, or not yet closed (a sender may come back)."""
+        """Channels with something queued. An empty one is not kept for a sender that may
+        come back: the dead broker's clients are gone with it, and a channel nobody uses is
+        collected (else the next broker would never idle out; issue 13)."""
         for ident, channel in self.channels.items():
-            if any(channel["queues"]) or not channel["closed"]:
+            if any(channel["queues"]):
                 yield ident, channel
 
     def arenas(self) -> set[str]:

@@ -8,6 +8,7 @@ find out whether something changed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from ..errors import Cancelled, ChannelError, InvalidArgument, StoreFullTimeout
 from ..store.arena import ArenaFile
 from . import protocol, rules
 from .connection import ClientConnection
-from ..store.table import StoredObject, describe_all
+from ..store.table import StoredObject, charge, describe_all
 from .records import Channel, Part, Signal
 from .state import WAIT, BrokerState
 
@@ -58,6 +59,37 @@ def _names(msg: dict[str, Any]) -> tuple[str, str]:
 def _asked(msg: dict[str, Any]) -> Any:
     """The timeout the user gave (a client sends what is left of it as ``timeout``)."""
     return msg.get("asked", msg.get("timeout"))
+
+
+#: A status reply lists at most this many channels, and this many shards in all (or one
+#: channel, of at most rules.MAX_SHARDS): the rest follow in further pages, each asked
+#: for with ``after`` (issue 13: one reply listing every channel outgrew the frame). The
+#: worst page fits ``protocol.MAX_REPLY_JSON`` (64 MiB) with room to spare: a channel's
+#: fixed figures and two names of MAX_NAME characters take at most 26 KB of JSON (an
+#: astral character is escaped as 12 bytes), a shard's four counters 84 bytes, so
+#: 1024 x 26 KB + 16384 x 84 B < 29 MB (``tests/test_status.py`` builds that page).
+STATUS_PAGE_CHANNELS = 1024
+STATUS_PAGE_SHARDS = 16384
+
+
+def status_page(
+    channels: dict[tuple[str, str], Channel], after: tuple[str, str] | None
+) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+    """The figures of the channels that follow ``after`` (None: from the first) in the
+    order of their (namespace, dataset_name), at most a page's worth, and the name of the
+    last of them if more follow (None if not). A channel made or dropped between pages is
+    listed or not, as it happens; no other is left out or listed twice."""
+    idents = sorted(channels)
+    start = 0 if after is None else bisect.bisect_right(idents, after)
+    page: list[dict[str, Any]] = []
+    shards = 0
+    for ident in idents[start:]:
+        channel = channels[ident]
+        if page and (len(page) == STATUS_PAGE_CHANNELS or shards + channel.num_shards > STATUS_PAGE_SHARDS):
+            return page, idents[start + len(page) - 1]
+        page.append(channel.status())
+        shards += channel.num_shards
+    return page, None
 
 
 class Waiter:
@@ -156,6 +188,13 @@ class Operations:
                 timeout = None
         return Waiter(attempt, signals(), done, on_timeout, timeout, on_fail)
 
+    def _store_full(self, nbytes: int, msg: dict[str, Any]) -> StoreFullTimeout:
+        table = self.state.table
+        return StoreFullTimeout(
+            f"store full: asked for {nbytes} bytes, {max(0, table.free)} of {table.capacity} free "
+            f"(largest free block {table.allocator.largest_free}) after waiting {_asked(msg)} s"
+        )
+
     # -- operations ----------------------------------------------------------------------
 
     def _channel(self, msg: dict[str, Any]) -> Channel:
@@ -214,18 +253,13 @@ class Operations:
                 return WAIT
 
         def full() -> StoreFullTimeout:
-            asked = f"asked for {sum(sizes)} bytes"
             if tmpfs_full:
                 return StoreFullTimeout(
-                    f"no room in {self.arena.path.parent} for the store's pages: {asked}, "
-                    f"{tmpfs_full[0].strerror or tmpfs_full[0]} (the store has {table.allocator.free} of "
-                    f"{table.allocator.capacity} bytes free) after waiting {_asked(msg)} s"
+                    f"no room in {self.arena.path.parent} for the store's pages: asked for {sum(sizes)} bytes, "
+                    f"{tmpfs_full[0].strerror or tmpfs_full[0]} (the store has {max(0, table.free)} of "
+                    f"{table.capacity} bytes free) after waiting {_asked(msg)} s"
                 )
-            return StoreFullTimeout(
-                f"store full: {asked}, {table.allocator.free} of "
-                f"{table.allocator.capacity} free (largest free block {table.allocator.largest_free})"
-                f" after waiting {_asked(msg)} s"
-            )
+            return self._store_full(sum(sizes), msg)
 
         # A sender names its channel: the reply then says how many sends it takes now.
         channel = self._channel(msg) if "dataset_name" in msg else None
@@ -266,16 +300,29 @@ class Operations:
         parts = self._parts(msg, payload)
         client = conn.client
 
+        # Inline credit the sender asks for its next posted sends (see state.grant_credit).
+        want = _count(msg.get("credit", 0), "request field 'credit'")
+
         def give_back() -> None:  # a send that fails leaves no memory behind
             self.state.free_allocations(client, [p.offset for p in parts if p.inline is None])
+
+        def done(room: int) -> Reply:
+            if not want:
+                return protocol.ok(room=room), b""
+            return protocol.ok(room=room, credit=self.state.grant_credit(client, want)), b""
+
+        def timed_out() -> ChannelError:  # waited for a slot, or for memory for its inline parts
+            if channel.room() == 0:
+                return rules.send_timeout(_asked(msg), channel.label, channel.max_queue_size)
+            return self._store_full(sum(charge(len(p.inline)) for p in parts if p.inline is not None), msg)
 
         try:
             return self._blocking(
                 lambda: self.state.try_send(client, channel, parts),
-                lambda: [channel.space],
+                lambda: [channel.space, self.state.store_freed],
                 msg,
-                lambda room: (protocol.ok(room=room), b""),
-                lambda: rules.send_timeout(_asked(msg), channel.label, channel.max_queue_size),
+                done,
+                timed_out,
                 give_back,
             )
         except BaseException:
@@ -312,10 +359,26 @@ class Operations:
             rules.check_shard(shard, channel.num_shards)
         return protocol.ok(queue=self.state.queue(channel, shard)), b""
 
-    def _put(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
+    def _put(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply | Waiter:
         (part,) = self._parts(msg, payload)
-        conn.client.datasystem = True
-        return protocol.ok(key=self.state.put(conn.client, part)), b""
+        client = conn.client
+        client.datasystem = True
+
+        def give_back() -> None:
+            self.state.free_allocations(client, [part.offset] if part.inline is None else [])
+
+        try:
+            return self._blocking(
+                lambda: self.state.try_put(client, part),
+                lambda: [self.state.store_freed],
+                msg,
+                lambda key: (protocol.ok(key=key), b""),
+                lambda: self._store_full(charge(part.size), msg),
+                give_back,
+            )
+        except BaseException:
+            give_back()
+            raise
 
     def _get(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         obj = self.state.get(conn.client, request_field(msg, "key", str))
@@ -332,6 +395,10 @@ class Operations:
         return protocol.ok(**vars(self.state.table.stats(self.arena.reserved))), b""
 
     def _status(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
+        after = msg.get("after")
+        if after is not None and not (isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)):
+            raise InvalidArgument(f"request field 'after' must be null or [namespace, dataset_name], got {after!r:.80}")
+        channels, following = status_page(self.state.channels, None if after is None else (after[0], after[1]))
         return (
             protocol.ok(
                 pid=os.getpid(),
@@ -340,7 +407,8 @@ class Operations:
                 clients=len(self.state.clients),
                 idle_timeout=self.idle_timeout,
                 store=vars(self.state.table.stats(self.arena.reserved)),
-                channels=[c.status() for c in self.state.channels.values()],
+                channels=channels,
+                **({"next": list(following)} if following is not None else {}),
             ),
             b"",
         )

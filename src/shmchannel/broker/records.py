@@ -79,7 +79,8 @@ class Channel:
         self.reshape(self.num_shards)
 
     def reshape(self, num_shards: int) -> None:
-        """Empty queues for ``num_shards`` shards (only while nothing is queued)."""
+        """Empty queues for ``num_shards`` shards (only while nothing is built on the old
+        ones: no object queued or lent, no receiver attached; see ``rules.check_new_sender``)."""
         self.num_shards = num_shards
         self.queues = [deque() for _ in range(num_shards)]
         self.data = [Signal() for _ in range(num_shards)]
@@ -90,6 +91,10 @@ class Channel:
     @property
     def label(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def shape(self) -> rules.Shape:
+        return rules.Shape(self.num_shards, self.full_batch, self.max_queue_size)
 
     @property
     def empty(self) -> bool:
@@ -146,3 +151,4 @@ class Client:
     sends_to: set[tuple[str, str]] = field(default_factory=set)
     receives_from: set[tuple[str, str]] = field(default_factory=set)
     datasystem: bool = False
+    credit: int = 0  # inline bytes set aside for its next sends (state.BrokerState.grant_credit)

@@ -47,5 +47,6 @@ def restore(state: BrokerState, recovered: Recovered) -> int:
         channel = Channel(namespace, name, saved["shards"], saved["full"], saved["max"], closed=saved["closed"])
         for queue, keys in zip(channel.queues, saved["queues"]):
             queue.extend(key for key in keys if key in counts)
-        state.channels[(namespace, name)] = channel
+        if not channel.empty:  # its objects all unknown: nothing to keep it for (see Recovered.live)
+            state.channels[(namespace, name)] = channel
     return len(counts)

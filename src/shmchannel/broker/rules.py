@@ -6,7 +6,8 @@ the two backends refuse the same things with the same words.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from ..errors import ChannelClosed, ChannelNotFound, ChannelTimeout, InvalidArgument, NameInUse, ObjectNotFound
 
@@ -18,6 +19,23 @@ MAX_SHARDS = 4096
 #: (``get_queue``, a journal snapshot) names each, and must fit one frame
 #: (``protocol.MAX_REPLY_JSON``: 2^20 keys take about 26 MiB of JSON).
 MAX_QUEUED = 1 << 20
+
+#: Most shards of all a broker's channels together (so also most channels): each costs the
+#: broker about 1 KiB (a queue, a signal, counters), and a status reply lists each one's
+#: figures. A bound, so that creating channels cannot make a broker allocate without limit
+#: (issue 13). The Ray backend has an actor per channel: its bound is the cluster's.
+MAX_SHARDS_IN_ALL = 1 << 16
+
+
+def check_shards_in_all(in_use: int, num_shards: int) -> None:
+    """Raise InvalidArgument if a channel of ``num_shards`` shards, besides the ``in_use``
+    shards of the other channels, would take the broker past MAX_SHARDS_IN_ALL."""
+    if in_use + num_shards > MAX_SHARDS_IN_ALL:
+        raise InvalidArgument(
+            f"no room for a channel of num_shards={num_shards}: a broker holds at most {MAX_SHARDS_IN_ALL} "
+            f"shards in all its channels (MAX_SHARDS_IN_ALL) and the others have {in_use}; close channels first"
+        )
+
 
 #: Longest namespace, dataset_name or DataSystem key, in characters: checked by the API and
 #: by the broker (a raw client's name reaches every status reply, and the journal).
@@ -79,25 +97,63 @@ def check_channel_shape(num_shards: object, max_queue_size: object) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a channel's sender fixes and its receivers and queues are built on."""
+
+    num_shards: int
+    full_batch: bool
+    max_queue_size: int
+
+    def __str__(self) -> str:
+        return f"num_shards={self.num_shards}, full_batch={self.full_batch}, max_queue_size={self.max_queue_size}"
+
+
+@dataclass(frozen=True)
+class ReceiverUse:
+    """An attached receiver of a channel, for the error that names who keeps its shape."""
+
+    shard: int
+    holds: int  # objects it received (or prefetched) and has not acknowledged
+    who: str = ""  # "pid 4242" where the broker knows it
+
+
+#: Most receivers a refusal names one by one (a channel may have thousands).
+MAX_NAMED = 4
+
+
 def check_new_sender(
-    namespace: str, name: str, *, attached: bool, closed: bool, holds_data: bool,
-    current: tuple[int, bool], wanted: tuple[int, bool],
+    namespace: str, name: str, *, attached: bool, closed: bool, current: Shape, wanted: Shape,
+    queued: int, receivers: Sequence[ReceiverUse],
 ) -> None:
     """May a new sender take over an existing channel? Raises why not.
 
-    ``current`` and ``wanted`` are (num_shards, full_batch): data already queued must be
-    continued with the same split.
+    A channel keeps its shape while anything built on it remains: objects queued (split
+    for its shards), receivers attached to its shards, objects they hold and will give
+    back or acknowledge. A new sender must then use the same shape; a channel with none of
+    these is collected, and its name is free for any shape (issue 13).
     """
     if attached:
         raise NameInUse(f"dataset_name {name!r} is already used by a sender in namespace {namespace!r}")
     if closed:
         raise NameInUse(f"dataset_name {name!r} in namespace {namespace!r} was closed and is still being drained")
-    if holds_data and current != wanted:
-        raise InvalidArgument(
-            f"channel {namespace}/{name} still holds data sent with num_shards={current[0]}, "
-            f"full_batch={current[1]}; a new sender must use the same, got "
-            f"num_shards={wanted[0]}, full_batch={wanted[1]}"
-        )
+    if current == wanted or not (queued or receivers):
+        return
+    uses = [f"{_objects(queued)} queued"] if queued else []
+    ordered = sorted(receivers, key=lambda r: (-r.holds, r.shard))  # holders first
+    for receiver in ordered[:MAX_NAMED]:
+        held = f"{_objects(receiver.holds)} not acknowledged" if receiver.holds else "nothing"
+        uses.append(f"receiver {receiver.who + ' ' if receiver.who else ''}of shard {receiver.shard} holds {held}")
+    if len(ordered) > MAX_NAMED:
+        uses.append(f"{len(ordered) - MAX_NAMED} more receivers")
+    raise InvalidArgument(
+        f"channel {namespace}/{name} is in use with {current}: {', '.join(uses)}; a new sender must use "
+        f"the same until its objects are consumed and its receivers have left, got {wanted}"
+    )
+
+
+def _objects(count: int) -> str:
+    return f"{count} object{'s' if count != 1 else ''}"
 
 
 def check_shard(shard: int, num_shards: int, label: str | None = None) -> None:

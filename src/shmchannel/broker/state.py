@@ -23,13 +23,17 @@ from collections import deque
 from typing import Any, Callable
 
 from ..errors import EndpointClosed, InvalidArgument
-from ..store.table import ObjectTable, StoredObject, describe_all, inline_span
+from ..store.table import ObjectTable, StoredObject, charge, describe_all, inline_span
 from . import rules
 from .journal import Journal
 from .records import Channel, Client, Lent, Part, Signal
 
 WAIT: Any = object()
 """Returned by an operation that must wait for a signal before it is tried again."""
+
+#: Most inline credit one client keeps (``grant_credit``), and at most a sixteenth of the
+#: store: room set aside, like a sender's spare blocks, that others cannot use meanwhile.
+MAX_CREDIT = 2 << 20
 
 
 class BrokerState:
@@ -81,6 +85,9 @@ class BrokerState:
         for offset in client.allocations:
             self.table.free_allocation(offset)
         client.allocations.clear()
+        if client.credit:
+            self.table.revoke(client.credit)
+            client.credit, freed = 0, True
         for key, count in client.holds.items():
             freed |= self.table.unref(key, count)
         client.holds.clear()
@@ -108,13 +115,15 @@ class BrokerState:
     ) -> Channel:
         ident = (namespace, name)
         channel = self.channels.get(ident)
+        in_use = sum(c.num_shards for c in self.channels.values()) - (channel.num_shards if channel else 0)
+        rules.check_shards_in_all(in_use, num_shards)
         if channel is not None:
             rules.check_new_sender(
                 namespace, name, attached=channel.sender is not None, closed=channel.closed,
-                holds_data=not channel.empty, current=(channel.num_shards, channel.full_batch),
-                wanted=(num_shards, full_batch),
+                current=channel.shape, wanted=rules.Shape(num_shards, full_batch, max_queue_size),
+                queued=sum(map(len, channel.queues)), receivers=self._receivers(channel),
             )
-            if channel.empty and channel.num_shards != num_shards:
+            if channel.num_shards != num_shards:  # nothing is built on the old shape (checked above)
                 channel.reshape(num_shards)
             channel.full_batch = full_batch
             channel.max_queue_size = max_queue_size
@@ -127,6 +136,16 @@ class BrokerState:
         client.sends_to.add(ident)
         self.channel_created.fire()
         return channel
+
+    def _receivers(self, channel: Channel) -> list[rules.ReceiverUse]:
+        """The receivers attached to ``channel``, each with the objects of it it holds."""
+        ident = (channel.namespace, channel.name)
+        uses = []
+        for client_id, shard in channel.receivers.items():
+            client = self.clients[client_id]
+            held = sum(len(lent.keys) for (ns, name, _), lent in client.lent.items() if (ns, name) == ident)
+            uses.append(rules.ReceiverUse(shard, held, f"pid {client.pid}"))
+        return uses
 
     def channel(self, namespace: str, name: str) -> Channel:
         channel = self.channels.get((namespace, name))
@@ -176,6 +195,14 @@ class BrokerState:
         if channel.sender != client.id:
             raise EndpointClosed(f"this client is not the sender of channel {channel.label}")
 
+    def _check_receiver(self, client: Client, channel: Channel, shard: int) -> None:
+        """Only an attached receiver takes objects: what it is lent is given back when it
+        detaches or leaves, and the channel is collected after that. A client that never
+        opened would drain the channel and never be counted (issue 13: the channel stayed,
+        and the broker never idled out)."""
+        if channel.receivers.get(client.id) != shard:
+            raise EndpointClosed(f"this client is not a receiver of shard {shard} of channel {channel.label}: open it first")
+
     # -- memory --------------------------------------------------------------------------
 
     def try_allocate(self, client: Client, sizes: list[int], spares: int = 0) -> Any:
@@ -219,6 +246,39 @@ class BrokerState:
                 if allocated is None or part.size > allocated:
                     raise InvalidArgument(f"offset {part.offset} is not an allocation of {part.size} bytes of this client")
 
+    def _spend_credit(self, client: Client, parts: list[Part]) -> bool:
+        """Count the inline parts against the store (``table.charge``): from the client's
+        credit first, the rest from free room; False, with nothing counted, if the store is
+        too full: the caller waits for ``store_freed`` (issue 13: inline bytes were not
+        bounded at all).
+
+        Raises:
+            StoreFull: they could never fit, even in an empty store.
+        """
+        sizes = [len(part.inline) for part in parts if part.inline is not None]
+        if not sizes:
+            return True
+        need = sum(map(charge, sizes))
+        spent = min(client.credit, need)
+        if not self.table.fits(need - spent):
+            self.table.check_fits(sizes)
+            return False
+        client.credit -= spent
+        self.table.revoke(spent)  # the objects count from now on (``table.add``)
+        return True
+
+    def grant_credit(self, client: Client, want: int) -> int:
+        """Top the client's inline credit up towards ``want`` bytes with room free now (at
+        most MAX_CREDIT, and a sixteenth of the store), never waiting; its credit. A sender
+        posts inline sends its credit covers without waiting for their replies, as it posts
+        sends into arena blocks it was given: a posted send never waits for memory."""
+        more = min(want, MAX_CREDIT, self.table.capacity // 16) - client.credit
+        more = min(more, self.table.free)
+        if more > 0:
+            self.table.grant(more)
+            client.credit += more
+        return client.credit
+
     def _store(self, client: Client, part: Part, refs: int) -> StoredObject:
         if part.inline is None:
             del client.allocations[part.offset]
@@ -235,7 +295,7 @@ class BrokerState:
         if len(parts) != expected:
             raise InvalidArgument(f"send to {channel.label} needs {expected} parts, got {len(parts)}")
         self._claim(client, parts)
-        if channel.room() == 0:
+        if channel.room() == 0 or not self._spend_credit(client, parts):
             return WAIT
         if channel.full_batch:
             stored = [self._store(client, parts[0], refs=channel.num_shards)]
@@ -267,7 +327,9 @@ class BrokerState:
 
         Raises:
             ChannelClosed: the channel was closed and this shard is drained.
+            EndpointClosed: this client is not attached as a receiver of ``shard``.
         """
+        self._check_receiver(client, channel, shard)
         self.acknowledge(client, channel, shard)
         queue = channel.queues[shard]
         if not queue:
@@ -407,8 +469,12 @@ class BrokerState:
 
     # -- data system ---------------------------------------------------------------------
 
-    def put(self, client: Client, part: Part) -> str:
+    def try_put(self, client: Client, part: Part) -> Any:
+        """Store a DataSystem object; its key. WAIT while the store has no room for its
+        inline bytes (its arena block was allocated before)."""
         self._claim(client, [part])
+        if not self._spend_credit(client, [part]):
+            return WAIT
         key = self._store(client, part, refs=1).key
         self.pinned.add(key)
         return key

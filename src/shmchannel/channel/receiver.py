@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 import weakref
 from typing import Any, AsyncIterator, Iterator
 
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
+from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed, ReentrantCall
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd, Turn
 
@@ -57,7 +59,10 @@ class DataReceiver(ChannelEnd):
         """
         self._endpoint: Any = None
         self._worker: aio.Worker | None = None  # runs arecv's recv calls
-        self._pending: aio.Job | None = None  # a recv whose awaiting arecv gave up (see aio.py)
+        # The recv pending on the worker (see aio.py), if any: appending it is the one step
+        # that commits it, so no interrupt can leave one started and unrecorded.
+        self._slot: collections.deque[_Pending] = collections.deque()
+        self._main_waits = False  # the main thread waits in a recv/peek of this receiver
         self._async_lock: asyncio.Lock | None = None
         self._turn = Turn("this DataReceiver")
         self._namespace = check_name("namespace", namespace)
@@ -104,9 +109,75 @@ class DataReceiver(ChannelEnd):
         """
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
-        if self._pending is not None:
-            return self._pending_result(timeout, keep=False)
+        if aio.in_main_thread():
+            return self._from_main(endpoint, timeout, keep=False)
+        if self._slot:
+            return self._pending_result(endpoint, timeout, keep=False)
         return self._take(endpoint, timeout, False)
+
+    def _from_main(self, endpoint: Any, timeout: float | None, keep: bool) -> Any:
+        """recv/peek of the main thread, run on the worker: an interrupt ends only the wait.
+        An interrupted recv stays pending, and its object is the next recv's; an
+        interrupted peek took nothing."""
+        if self._main_waits:
+            raise ReentrantCall(
+                f"a call re-entered {self!r} while the main thread waits in a recv/peek of it (from a signal "
+                "handler?); it would take that call's object: call it from another thread, or after"
+            )
+        try:
+            self._main_waits = True
+            if keep and not self._slot:
+                return aio.result(self._worker_thread().submit(self._take, endpoint, timeout, True))
+            return self._pending_result(endpoint, timeout, keep)
+        finally:
+            self._main_waits = False
+
+    def _worker_thread(self) -> aio.Worker:
+        if self._worker is None:
+            self._worker = aio.Worker(f"shmchannel {self!r}")
+        return self._worker
+
+    def _pending_result(self, endpoint: Any, timeout: float | None, keep: bool) -> Any:
+        """The object of the recv pending on the worker, one started now if none is.
+
+        A recv started here ends within ``timeout`` itself, and is waited for to its end.
+        One started by an earlier call is waited for at most ``timeout``; if it timed out
+        by that call's timeout, a new one gets what is left of ours."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = timeout  # as asked, the first time: a TimeoutError names it
+        while True:
+            mine = not self._slot
+            if mine:
+                self._slot.append(_Pending(endpoint, left))
+            job = self._slot[0]
+            self._worker_thread().submit(self._run_pending)  # again if already: it then does nothing
+            try:
+                obj = aio.result(job, None if mine else _left(deadline), lambda: self._expired(timeout))
+            except BaseException as exc:
+                # Only the recv's own error is its outcome: an interrupt while taking its
+                # object leaves that object pending, for the next call.
+                if job.done() and job.exception() is exc and self._slot and self._slot[0] is job:
+                    del self._slot[0]
+                    stale = not mine and isinstance(exc, ChannelTimeout)
+                    if stale and (deadline is None or deadline > time.monotonic()):
+                        left = _left(deadline)
+                        continue
+                raise
+            if not keep and self._slot and self._slot[0] is job:
+                del self._slot[0]
+            return obj
+
+    def _run_pending(self) -> None:
+        """On the worker: run the pending recv, unless it ran (or runs) already."""
+        if not self._slot:
+            return
+        job = self._slot[0]
+        if not job.start():
+            return
+        try:
+            job.set_result(self._take(job.endpoint, job.timeout, False))
+        except BaseException as exc:  # its waiter raises it
+            job.set_exception(exc)
 
     def _take(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
         with self._turn.held(timeout) as left:
@@ -124,8 +195,10 @@ class DataReceiver(ChannelEnd):
         """
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
-        if self._pending is not None:
-            return self._pending_result(timeout, keep=True)
+        if aio.in_main_thread():
+            return self._from_main(endpoint, timeout, keep=True)
+        if self._slot:
+            return self._pending_result(endpoint, timeout, keep=True)
         return self._take(endpoint, timeout, True)
 
     async def arecv(self, timeout: float | None = None) -> Any:
@@ -149,26 +222,28 @@ class DataReceiver(ChannelEnd):
         if self._async_lock is None:
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
-            job = self._pending
-            if job is None:
+            if not self._slot:
                 endpoint = self._live()  # again: close() may have run while we waited for the lock
-                if endpoint.buffered() and self._turn.try_take():
+                # Prefetched: no wait, so no thread hop -- but not in the main thread, where
+                # an interrupt could come between taking the object and returning it.
+                if not aio.in_main_thread() and endpoint.buffered() and self._turn.try_take():
                     try:
                         return endpoint.recv(0, False)  # prefetched: no wait, so no thread hop
                     finally:
                         self._turn.give()
-                if self._worker is None:
-                    self._worker = aio.Worker(f"shmchannel {self!r}")
-                job = self._pending = self._worker.submit(self._take, endpoint, None, False)
+                self._slot.append(_Pending(endpoint, None))
+            job = self._slot[0]
+            self._worker_thread().submit(self._run_pending)
             try:
                 obj = await aio.wait_for(job, timeout, lambda: self._expired(timeout))
             except asyncio.CancelledError:
                 raise  # the job stays pending: its object goes to the next call
-            except BaseException:
-                if job.done() and self._pending is job:
-                    self._pending = None
+            except BaseException as exc:
+                if job.done() and job.exception() is exc and self._slot and self._slot[0] is job:
+                    del self._slot[0]
                 raise
-            self._pending = None
+            if self._slot and self._slot[0] is job:
+                del self._slot[0]
             return obj
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -189,19 +264,6 @@ class DataReceiver(ChannelEnd):
                 return
             yield obj
             del obj  # as in __iter__
-
-    def _pending_result(self, timeout: float | None, keep: bool) -> Any:
-        job = self._pending
-        assert job is not None
-        try:
-            obj = aio.result(job, timeout, lambda: self._expired(timeout))
-        except BaseException:
-            if job.done() and self._pending is job:
-                self._pending = None
-            raise
-        if not keep:
-            self._pending = None
-        return obj
 
     def _expired(self, timeout: float | None) -> ChannelTimeout:
         return rules.recv_timeout(False, timeout, self._shard_id, f"{self._namespace}/{self._dataset_name}")
@@ -268,7 +330,8 @@ class DataReceiver(ChannelEnd):
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._finalizer.detach()
-            job, self._pending = self._pending, None
+            job = self._slot[0] if self._slot else None
+            self._slot.clear()
             give_back = job is not None and job.done() and job.exception() is None
             del job
             endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
@@ -282,3 +345,17 @@ class DataReceiver(ChannelEnd):
             f"<DataReceiver {getattr(self, '_namespace', '?')}/{getattr(self, '_dataset_name', '?')} "
             f"shard {getattr(self, '_shard_id', '?')}/{shards} {state}>"
         )
+
+
+class _Pending(aio.Job):
+    """A recv for the worker to run (``_run_pending``), and then its outcome."""
+
+    __slots__ = ("endpoint", "timeout")
+
+    def __init__(self, endpoint: Any, timeout: float | None) -> None:
+        super().__init__()
+        self.endpoint, self.timeout = endpoint, timeout
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

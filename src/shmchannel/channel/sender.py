@@ -9,7 +9,7 @@ from typing import Any
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import EndpointClosed, InvalidArgument
+from ..errors import EndpointClosed, InvalidArgument, ReentrantCall
 from ..serialization import row_count, split, splittable
 from .checks import check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd, Turn
@@ -25,6 +25,13 @@ class DataSender(ChannelEnd):
 
     The broker is started if none runs. Raises ValueError (``InvalidArgument``) for a bad
     parameter and ``NameInUse`` (a ValueError) if another sender owns the name.
+
+    A sender whose process left without ``close()`` leaves its stream open: a new sender
+    of the same name goes on with it. While that channel has objects queued or receivers
+    attached (holding objects or not), the new sender must use the same ``num_shards``,
+    ``full_batch`` and ``max_queue_size``; another shape raises ``InvalidArgument`` naming
+    what is queued and which receiver holds what. Once its objects are consumed and its
+    receivers have left, the channel is gone and the name takes any shape.
 
     Threads may share a sender: ``get_queue`` and the properties answer while another
     thread's ``send`` waits; sends take turns, each within its own timeout; ``close`` from
@@ -43,7 +50,8 @@ class DataSender(ChannelEnd):
         inline_threshold: int | None = None,
     ) -> None:
         self._endpoint: Any = None
-        self._worker: aio.Worker | None = None  # runs asend's sends, in order
+        self._worker: aio.Worker | None = None  # runs asend's sends and the main thread's, in order
+        self._main_waits = False  # the main thread waits in a send of this sender
         self._turn = Turn("this DataSender")
         self._namespace = check_name("namespace", namespace)
         self._dataset_name = check_name("dataset_name", dataset_name)
@@ -113,10 +121,37 @@ class DataSender(ChannelEnd):
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
         parts = self._parts(obj)
-        if self._worker is not None:  # after the asend calls still running, in order
-            self._worker.submit(self._deliver, endpoint, parts, timeout).result()
+        if self._worker is not None or aio.in_main_thread():
+            self._deliver_on_worker(endpoint, parts, timeout)
         else:
             self._deliver(endpoint, parts, timeout)
+
+    def _deliver_on_worker(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
+        """Send on the worker: after the asend calls still running, in order; and for the
+        main thread, so that an interrupt ends only the wait (aio.py). The send is then
+        withdrawn: queued whole if the broker took it first, else not at all."""
+        main = aio.in_main_thread()
+        if main and self._main_waits:
+            raise ReentrantCall(
+                f"a call re-entered {self!r} while the main thread waits in a send of it (from a signal "
+                "handler?); it would wait for itself: call it from another thread, or after the outer call"
+            )
+        try:
+            if main:
+                self._main_waits = True
+            if self._worker is None:
+                self._worker = aio.Worker(f"shmchannel {self!r}")
+            worker = self._worker
+            job = worker.submit(self._deliver, endpoint, parts, timeout)
+            try:
+                aio.result(job)
+            except BaseException:
+                if not job.done():
+                    aio.withdraw(job, lambda: endpoint.withdraw(worker.ident), aio.WITHDRAW_TIMEOUT)
+                raise
+        finally:
+            if main:
+                self._main_waits = False
 
     def _deliver(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
         with self._turn.held(timeout) as left:
@@ -197,7 +232,7 @@ class DataSender(ChannelEnd):
         if endpoint is not None:
             self._finalizer.detach()
             if self._worker is not None:  # after the sends asend handed over, which are sent
-                self._worker.submit(endpoint.close, True).result()
+                aio.result(self._worker.submit(endpoint.close, True))
                 self._worker.stop()
             else:
                 endpoint.close(end_of_stream=True)

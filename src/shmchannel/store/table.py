@@ -4,6 +4,14 @@ Pure bookkeeping (the broker calls it; it touches no user data). An object's ``r
 the number of queue entries naming it, plus outstanding hand-outs to clients (each received
 or peeked copy that a client still holds), plus one while a DataSystem key pins it. The
 memory returns to the allocator exactly when ``refs`` drops to zero.
+
+One capacity bounds every byte the broker keeps for users (issue 13): arena blocks, and the
+bytes of inline objects, which live in the broker's own memory, each counted as an arena
+block of its size would be (``align``). Inline *credit* -- room set aside for a sender's
+next inline objects, so that it can send them without waiting for a reply (state.py) --
+counts too. Counting inline bytes against the arena's capacity, rather than a budget of
+their own, keeps one number to configure and one ``StoreFull`` for both kinds; the arena
+then may have blocks free that no one can take, which costs address space, not pages.
 """
 
 from __future__ import annotations
@@ -64,12 +72,15 @@ class StoreStats:
     """Usage of the shared-memory store.
 
     Attributes:
-        capacity: bytes the arena may hold.
-        used: bytes allocated in the arena (objects and allocations being written).
-        free: ``capacity - used``.
+        capacity: bytes the store may hold, in the arena and inline together.
+        used: bytes the store holds: arena blocks (objects, allocations being written and
+            senders' spare blocks), inline objects (each rounded up to 64 bytes, as an
+            arena block would be), and inline room set aside for senders.
+        free: ``capacity - used`` (0 if a recovered broker's objects take more).
         reserved: bytes of the arena backed by /dev/shm pages so far (never shrinks).
         objects: objects stored (in the arena or inline).
-        inline_bytes: bytes of small objects kept in the broker's memory instead.
+        inline_bytes: bytes of small objects kept in the broker's memory instead of the
+            arena (counted in ``used``).
 
     Example::
 
@@ -95,6 +106,8 @@ class ObjectTable:
         self._objects: dict[str, StoredObject] = {}
         self._keys = (f"{key_prefix}{n:x}" for n in itertools.count(1))
         self.inline_bytes = 0
+        self.inline_charged = 0  # inline_bytes, each object's rounded up (``charge``)
+        self.credit = 0  # inline room set aside for senders (``grant``)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -105,8 +118,34 @@ class ObjectTable:
     def get(self, key: str) -> StoredObject | None:
         return self._objects.get(key)
 
+    @property
+    def capacity(self) -> int:
+        return self.allocator.capacity
+
+    @property
+    def used(self) -> int:
+        """Bytes held: arena blocks, inline objects and inline credit (module docstring)."""
+        return self.allocator.used + self.inline_charged + self.credit
+
+    @property
+    def free(self) -> int:
+        return self.allocator.capacity - self.used
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more (counted with ``charge``) fit now (nothing always does:
+        recovered objects may have taken ``free`` below zero)."""
+        return nbytes <= 0 or nbytes <= self.free
+
+    def grant(self, nbytes: int) -> None:
+        """Set ``nbytes`` of inline credit aside (the caller checked ``fits``)."""
+        self.credit += nbytes
+
+    def revoke(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of inline credit: unused, or spent on objects (``add``)."""
+        self.credit -= nbytes
+
     def check_fits(self, sizes: list[int]) -> None:
-        total = sum(align(max(s, 1)) for s in sizes)
+        total = sum(map(charge, sizes))
         if total > self.allocator.capacity:
             raise StoreFull(
                 f"object needs {total} bytes of shared memory, the store holds {self.allocator.capacity} in all"
@@ -121,6 +160,8 @@ class ObjectTable:
             OSError: /dev/shm has no room for the pages (ENOSPC); nothing allocated.
         """
         self.check_fits(sizes)
+        if not self.fits(sum(map(charge, sizes))):  # the arena may have room that inline objects hold
+            return None
         offsets: list[int] = []
         for size in sizes:
             offset = self.allocator.alloc(size)
@@ -147,11 +188,14 @@ class ObjectTable:
         key: str | None = None, arena: str | None = None,
     ) -> StoredObject:
         """A new object: in our arena at ``offset``, inline, or (recovered after a broker
-        died, under its old ``key``) in that broker's ``arena``."""
+        died, under its old ``key``) in that broker's ``arena``. An inline object is counted
+        in ``used`` from now on: the caller checked that it ``fits``, or revoked the credit
+        it was sent on (a recovered one is taken in any case)."""
         obj = StoredObject(key or next(self._keys), size, offset, inline, refs, arena)
         self._objects[obj.key] = obj
         if inline is not None:
             self.inline_bytes += len(inline)
+            self.inline_charged += charge(len(inline))
         return obj
 
     def unref(self, key: str, n: int = 1) -> bool:
@@ -167,8 +211,14 @@ class ObjectTable:
             self.allocator.release(obj.offset)
         if obj.inline is not None:
             self.inline_bytes -= len(obj.inline)
+            self.inline_charged -= charge(len(obj.inline))
         return True
 
     def stats(self, reserved: int) -> StoreStats:
-        a = self.allocator
-        return StoreStats(a.capacity, a.used, a.free, reserved, len(self._objects), self.inline_bytes)
+        used = self.used
+        return StoreStats(self.capacity, used, max(0, self.capacity - used), reserved, len(self._objects), self.inline_bytes)
+
+
+def charge(nbytes: int) -> int:
+    """What ``nbytes`` of one object count against the capacity: an arena block's size."""
+    return align(max(nbytes, 1))
