@@ -38,6 +38,10 @@ class ReceiverEndpoint(Protocol):
     def buffered(self) -> bool:
         """Whether ``recv`` can return at once, from objects already fetched (no I/O wait)."""
 
+    def hand_out(self) -> tuple[Any, Any]:
+        """When ``buffered()``: the next fetched object, and the entry that
+        ``buffer.appendleft`` takes to put it back (it left ``buffer`` by its last step)."""
+
     def close(self, give_back_last: bool = False) -> None:
         """Leave the channel; with ``give_back_last`` the object handed out last goes back to
         the head of the queue (it never reached the user: see aio.py)."""

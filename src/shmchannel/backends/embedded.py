@@ -162,12 +162,20 @@ class _Client:
             # Shared objects are read-only whatever their size.
             header, buffers = read_blob(view.toreadonly() if shared else view)
             return deserialize(header, buffers)
-        arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
-        base = arena.array(int(item["offset"]), int(item["size"]))
-        if shared:
-            base.flags.writeable = False  # other receivers read the same memory
-        self.conn.hold()
-        weakref.finalize(base, self.conn.release, item["key"]).atexit = False
+        # The view and its hold are kept in ``item``: unpacked again after an interrupt (see
+        # EmbeddedReceiver.hand_out), it reuses them -- a second view whose first was
+        # dropped would have released the broker's one hold while the second is in use.
+        base = item.get("_base")
+        if base is None:
+            arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
+            base = arena.array(int(item["offset"]), int(item["size"]))
+            if shared:
+                base.flags.writeable = False  # other receivers read the same memory
+            item["_base"] = base
+        if not item.get("_held"):
+            item["_held"] = True  # first: cut short, a hold is kept till the connection ends, never lost
+            self.conn.hold()
+            weakref.finalize(base, self.conn.release, item["key"]).atexit = False
         header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]  # numpy exports a buffer
         return deserialize(header, buffers)
 
@@ -275,6 +283,7 @@ class EmbeddedReceiver:
         self._shard = shard_id
         self._prefetch = prefetch
         self._buffer: collections.deque[tuple[dict[str, Any], memoryview]] = collections.deque()
+        self.buffer = self._buffer  # for DataReceiver._recv_buffered's put-back
         self._shared = False
         self._last: str | None = None  # key of the object handed out last
         try:
@@ -298,7 +307,7 @@ class EmbeddedReceiver:
                 return self._client.unpack(*items[0], self._shared)
             self._buffer.extend(items)
         elif not peek:  # a reserved one: the broker counts it as queued until told
-            self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard})
+            self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard, "key": self._buffer[0][0]["key"]})
         if not peek:
             item, inline = self._buffer.popleft()
             self._last = item["key"]
@@ -306,11 +315,25 @@ class EmbeddedReceiver:
         item, inline = self._buffer[0]
         if "offset" in item:  # the view needs a hold of its own: the object may still go back
             self._client.conn.one_way({"op": "hold", "key": item["key"]})
-            return self._client.unpack(item, inline, self._shared)
+            own = {k: v for k, v in item.items() if not k.startswith("_")}  # not the recv's view (unpack)
+            return self._client.unpack(own, inline, self._shared)
         return self._client.unpack(item, aligned_copy(inline), self._shared)  # its own copy, as from the broker
 
     def buffered(self) -> bool:
         return bool(self._buffer)
+
+    def hand_out(self) -> tuple[Any, Any]:
+        """The next prefetched object, and what ``buffer.appendleft`` takes to put it back:
+        for the main thread, which takes it without the worker (see DataReceiver._recv_buffered).
+        It is removed from the buffer last, by one ``del``: an interrupt before leaves it
+        there, and the note to the broker, said again, changes nothing (``take_next``)."""
+        entry = self._buffer[0]
+        item, inline = entry
+        obj = self._client.unpack(item, inline, self._shared)
+        self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard, "key": item["key"]}, wait=False)
+        self._last = item["key"]
+        del self._buffer[0]
+        return obj, entry
 
     def _put_back(self, reply: dict[str, Any], data: memoryview) -> None:
         self._requeue([item["key"] for item in reply["items"]])

@@ -209,7 +209,8 @@ class Server(Operations):
             if not 0 <= shard < channel.num_shards:
                 raise InvalidArgument(f"shard {shard} out of range")
             if op == "next":
-                self.state.take_next(conn.client, channel, shard)
+                key = msg.get("key")
+                self.state.take_next(conn.client, channel, shard, key if isinstance(key, str) else None)
             else:
                 self.state.acknowledge(conn.client, channel, shard)
         elif op == "hold":

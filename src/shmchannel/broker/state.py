@@ -19,6 +19,8 @@ drops, goes back to the head of the queue, in order. ``peek`` adds a hold of its
 
 from __future__ import annotations
 
+import itertools
+
 from collections import deque
 from typing import Any, Callable
 
@@ -365,10 +367,14 @@ class BrokerState:
                 signal.fire()
         return objs
 
-    def take_next(self, client: Client, channel: Channel, shard: int) -> None:
-        """The client hands its next reserved object to the user (acknowledging the ones before)."""
-        self.acknowledge(client, channel, shard)
+    def take_next(self, client: Client, channel: Channel, shard: int, key: str | None = None) -> None:
+        """The client hands its next reserved object (``key``) to the user, acknowledging
+        the ones before. Said twice of one object (an interrupted recv hands it out again)
+        it changes nothing the second time."""
         lent = client.lent.get((channel.namespace, channel.name, shard))
+        if key is not None and lent is not None and key in itertools.islice(lent.keys, lent.taken):
+            return  # handed out already
+        self.acknowledge(client, channel, shard)
         if lent is None or len(lent.keys) <= lent.taken:
             return
         lent.taken += 1

@@ -67,6 +67,12 @@ class Turn:
         self._lock = threading.Lock()
         self._owner: int | None = None
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock itself, for the main thread's ``with turn.lock:`` (receiver.py:
+        ``_recv_buffered``), whose enter and exit no interrupt can come between."""
+        return self._lock
+
     def held(self, timeout: float | None) -> _Held:
         """``with turn.held(timeout) as left:`` -- the turn for the block, ``left`` what is
         left of ``timeout`` (see ``take``). A with block, so that an interrupt between taking
