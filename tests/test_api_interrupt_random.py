@@ -976,7 +976,8 @@ def test_recv_interrupted_and_called_again_gets_every_object_in_order(
     child, summary = _receiving_child(tmp_path, "recv", seed, "intr-recv", count, sizes,
                                       prefetch=prefetch, mode=mode, low=low, high=high)
     problems = _recvs_problems(summary, count) + _common_problems(summary) + _store_problems()
-    _enough(problems, summary["raised"], 30, "interrupts landed in a recv")
+    # A recv of a prefetched object takes a few microseconds: fewer interrupts land in 600.
+    _enough(problems, summary["raised"], 30 if sizes == (SMALL,) else 15, "interrupts landed in a recv")
     _assert_none(child, summary, problems)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -119,12 +120,15 @@ class Worker:
         self._name = name
         self._jobs: queue.SimpleQueue[tuple[Job, Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
         self._started = False
+        self._pid = os.getpid()
         self._ident: int | None = None
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Job:
         job = Job()
         with self._lock:
+            if self._pid != os.getpid():  # forked: the thread stayed in the parent
+                self._pid, self._started, self._jobs = os.getpid(), False, queue.SimpleQueue()
             if not self._started:
                 self._started = True
                 _thread.start_new_thread(self._run, ())

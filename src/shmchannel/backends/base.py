@@ -38,6 +38,9 @@ class ReceiverEndpoint(Protocol):
     def buffered(self) -> bool:
         """Whether ``recv`` can return at once, from objects already fetched (no I/O wait)."""
 
+    def withdraw(self, thread: int | None) -> None:
+        """End the wait of the recv ``thread`` makes (its caller gives up)."""
+
     def hand_out(self) -> tuple[Any, Any]:
         """When ``buffered()``: the next fetched object, and the entry that
         ``buffer.appendleft`` takes to put it back (it left ``buffer`` by its last step)."""

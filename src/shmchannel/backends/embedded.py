@@ -211,6 +211,9 @@ class EmbeddedSender:
     reply asks for more credit, about ``max_queue_size`` objects of the size just sent.
     """
 
+    #: Its main-thread calls are interrupt-safe as they are (see DataSender.send).
+    interrupt_safe = True
+
     def __init__(
         self, client: _Client, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
     ) -> None:
@@ -319,8 +322,29 @@ class EmbeddedReceiver:
             return self._client.unpack(own, inline, self._shared)
         return self._client.unpack(item, aligned_copy(inline), self._shared)  # its own copy, as from the broker
 
+    #: Its main-thread calls are interrupt-safe as they are (see DataReceiver.recv).
+    interrupt_safe = True
+
     def buffered(self) -> bool:
         return bool(self._buffer)
+
+    def withdraw(self, thread: int | None) -> None:
+        if thread is not None:
+            self._client.conn.withdraw(thread)
+
+    def fetch(self, timeout: float | None) -> None:
+        """Fetch up to ``prefetch`` objects into the buffer, waiting up to ``timeout`` for
+        the first. The reply lands in the buffer on the connection's reader thread: an
+        interrupt of the caller cannot lose it (its objects are the next ones handed out)."""
+        self._client.conn.request(
+            {"op": "recv", **self._ident, "shard": self._shard, "peek": False, "timeout": timeout,
+             "limit": self._prefetch},
+            on_reply=self._arrive,
+        )
+
+    def _arrive(self, reply: dict[str, Any], data: memoryview) -> None:
+        self._shared = bool(reply["shared"])
+        self._buffer.extend(_items(reply, data))
 
     def hand_out(self) -> tuple[Any, Any]:
         """The next prefetched object, and what ``buffer.appendleft`` takes to put it back:
@@ -351,13 +375,10 @@ class EmbeddedReceiver:
     def close(self, give_back_last: bool = False) -> None:
         """Leave; prefetched objects not handed out go back to the head of the queue with
         the detach (the broker knows which: ``next`` told it what was handed out, so a
-        recv of another thread racing this close cannot make one go back twice)."""
-        if give_back_last and self._last is not None and not self._client.conn.closed:
-            try:
-                self._requeue([self._last])
-            except ChannelError:
-                pass  # the broker is gone: nothing to give back to
-        self._client.conn.close({"op": "detach", **self._ident})
+        recv of another thread racing this close cannot make one go back twice), behind
+        the last one handed out with ``give_back_last`` -- in order."""
+        back = [self._last] if give_back_last and self._last is not None else []
+        self._client.conn.close({"op": "detach", **self._ident, **({"give_back": back} if back else {})})
         self._buffer.clear()
 
 
@@ -369,11 +390,19 @@ class EmbeddedDataSystem:
         deadline = None if timeout is None else time.monotonic() + timeout
         (part,), payload, _ = self._client.pack([obj], timeout, deadline)
         # An inline object waits at the broker for room, as an arena block waits in pack.
-        reply, _ = self._client.conn.request(
-            {"op": "put", "parts": [part], "timeout": _remaining(deadline), "asked": timeout}, payload,
-            on_interrupt=self._forget,
-        )
-        return str(reply["key"])
+        track: list[Any] = []
+        try:
+            reply, _ = self._client.conn.request(
+                {"op": "put", "parts": [part], "timeout": _remaining(deadline), "asked": timeout}, payload,
+                on_interrupt=self._forget, track=track,
+            )
+        except BaseException as exc:
+            # Interrupted before the broker had it: its block is still ours to free (once it
+            # had it, the broker frees it on failure, and _forget deletes what it stored).
+            if "offset" in part and not isinstance(exc, ChannelError) and self._client.conn.unsent(track):
+                self._client.conn.post({"op": "free", "offsets": [part["offset"]]}, quiet=True)
+            raise
+        return reply["key"]  # no call: nothing an interrupt could lose after it
 
     def _forget(self, reply: dict[str, Any], data: memoryview) -> None:
         """Delete what a put stored as its caller was interrupted: nobody has its key."""

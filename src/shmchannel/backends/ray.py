@@ -280,6 +280,12 @@ class RayReceiver:
     def buffered(self) -> bool:
         return False  # no prefetch on Ray: every recv is a call to the actor
 
+    def withdraw(self, thread: int | None) -> None:
+        """Nothing: an actor call cannot be withdrawn; ``close`` ends it."""
+
+    def hand_out(self) -> tuple[Any, Any]:
+        raise AssertionError("a Ray receiver never has objects fetched ahead (buffered() is False)")
+
     def _put_back(self, reply: Any) -> None:
         self._calls.actor.requeue.remote(self._token, self._shard, reply[1])
 

@@ -34,6 +34,7 @@ plain socket would.
 from __future__ import annotations
 
 import _thread
+import logging
 import collections
 import itertools
 import os
@@ -45,7 +46,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, from_wire
+from ..errors import (
+    BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, ReentrantCall, from_wire,
+)
 from . import protocol
 from .framing import FrameReader, Reply
 from .holds import Holds
@@ -54,8 +57,14 @@ from .holds import Holds
 #: returns (the reader still undoes what the reply did, whenever it comes).
 ABANDON_TIMEOUT = 5.0
 
+log = logging.getLogger(__name__)
+
 _STOP = object()  # tells the writer to stop
 _RELEASES = object()  # tells the writer releases wait: it writes them after RELEASE_DELAY
+
+#: Largest frame the main thread writes itself: Linux queues a Unix stream write of up to
+#: about 36 KiB (one skb: SKB_MAX_HEAD + 32 KiB of page fragments) whole or not at all.
+ATOMIC_FRAME = 32 * 1024
 
 #: How long the writer lets releases gather before it writes them (unless a frame written
 #: meanwhile carries them): a consumer drops one object per recv, and a wake-up of the
@@ -102,7 +111,7 @@ class _Gate:
 class _Call:
     """A request made and not yet answered: who waits for it, and its reply once read."""
 
-    __slots__ = ("rid", "thread", "reply", "answered", "written", "on_interrupt", "abandoned", "settled")
+    __slots__ = ("rid", "thread", "reply", "answered", "written", "on_interrupt", "on_reply", "abandoned", "settled")
 
     def __init__(self, rid: int, on_interrupt: OnInterrupt | None) -> None:
         self.rid = rid
@@ -111,6 +120,7 @@ class _Call:
         self.answered = _Gate()  # reply is set (or the connection failed)
         self.written = False  # the writer wrote its frame: only then may a cancel follow
         self.on_interrupt = on_interrupt
+        self.on_reply: OnInterrupt | None = None  # run by the reader on an ok reply, before its caller wakes
         self.abandoned = False  # its caller was interrupted: the reader undoes the reply
         self.settled = _Gate()  # abandoned, and the reply undone (or it was never sent)
 
@@ -155,6 +165,9 @@ class Connection:
         self._finished = False  # close() said its farewell: the last release shuts the socket
         self._stopped = False  # the writer was told to stop
         self._release_alarm = False  # the writer was told that releases wait
+        self._seqs = itertools.count(1)  # numbers of frames the main thread writes (see _write_from_main)
+        self._unsure: bytes | None = None  # a frame whose write an interrupt cut: written again next
+        self._main_writing = False  # the main thread holds the write lock
         self._posted_failure: ChannelError | None = None  # seen, not raised yet
         self._unconfirmed = False  # posted requests since the last reply
         self._writer: int | None = None  # the writer thread's id, which it sets
@@ -163,7 +176,7 @@ class Connection:
         self._sock: socket.socket = None  # type: ignore[assignment]
         self._box = box = []  # type: list[socket.socket]
         # Dropped without close(): end the threads and let the broker see us leave.
-        self._finalizer = weakref.finalize(self, _abort, box, self._wake)
+        self._finalizer = weakref.finalize(self, _abort, box, self._wake, self.pid)
         try:
             # One C call, not Thread.start (see aio.Worker); the writer starts the reader.
             _thread.start_new_thread(_write_loop, (weakref.ref(self), box, self._wake))
@@ -180,7 +193,8 @@ class Connection:
 
     def request(
         self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-        on_interrupt: OnInterrupt | None = None, *, look: bool = False,
+        on_interrupt: OnInterrupt | None = None, *, look: bool = False, on_reply: OnInterrupt | None = None,
+        track: list[Any] | None = None,
     ) -> Reply:
         """Send ``msg`` and return the broker's reply; its error code raises its class.
 
@@ -190,7 +204,10 @@ class Connection:
         ``on_interrupt`` (by the reader thread: it may only queue frames) so that, e.g., a
         received object goes back to its queue. A ``look`` (a queue listing) leaves the
         failure of an earlier post to the call that acts next: it is the poster's, not an
-        observer's.
+        observer's. ``on_reply`` takes in an ok reply on the reader thread, before the
+        caller wakes: what it does is done however the caller is interrupted. ``track``
+        gets the call first thing, for ``unsent`` to say after an interrupt whether the
+        broker can have it.
 
         Raises:
             EndpointClosed: close() was called (from another thread).
@@ -198,7 +215,7 @@ class Connection:
         """
         if not look:
             self._raise_posted_failure()
-        return self._call(msg, payload, on_interrupt)
+        return self._call(msg, payload, on_interrupt, on_reply=on_reply, track=track)
 
     def post(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"", *, quiet: bool = False) -> None:
         """Send ``msg`` without waiting: the broker answers it only if it fails, and that
@@ -209,70 +226,138 @@ class Connection:
         if not quiet:
             self._raise_posted_failure()
         self._unconfirmed = True  # before queueing: a sync at close may be one too many, never one too few
-        self._queue(_encode({**msg, "posted": True, "id": next(self._ids)}, payload))
+        self._queue({**msg, "posted": True, "id": next(self._ids)}, payload)
 
     def one_way(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"", *, wait: bool = True) -> None:
         """Send ``msg``, which the broker never answers (protocol.ONE_WAY). Without ``wait``
         it may still be queued for the writer on return: for a note whose loss, should
         this process die at once, the broker's own clean-up makes up for."""
-        self._queue(_encode(msg, payload), wait=wait)
+        self._queue(msg, payload, wait=wait)
+
+    @staticmethod
+    def unsent(track: list[Any]) -> bool:
+        """After a ``request(track=...)`` raised: whether its request never reached the
+        broker (so what it names is still the caller's to free)."""
+        return not track or not track[0].written or track[0].reply is _WITHDRAWN
 
     def withdraw(self, thread: int) -> None:
         """Withdraw the requests ``thread`` waits in (they raise ``Cancelled``): for a
         caller that stops waiting for a call another thread makes on its behalf."""
         with self._lock:
-            waiting = [call for call in self._calls.values() if call.thread == thread and not call.abandoned]
+            calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
+        waiting = [call for call in calls if call.thread == thread and not call.abandoned]
         for call in waiting:
             self._hand_over(_Cancel(call, abandon=False))
 
     def _call(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
-              on_interrupt: OnInterrupt | None, farewell: bool = False) -> Reply:
+              on_interrupt: OnInterrupt | None, farewell: bool = False, on_reply: OnInterrupt | None = None,
+              track: list[Any] | None = None) -> Reply:
         call = _Call(next(self._ids), on_interrupt)
-        frame = _encode({**msg, "id": call.rid}, payload)
+        if track is not None:
+            track.append(call)
+        call.on_reply = on_reply
         try:
             with self._lock:
                 if self._closing and not farewell:
                     raise EndpointClosed("closed by close() from another thread")
                 self._calls[call.rid] = call
-            self._queue(frame, call)
+            self._queue({**msg, "id": call.rid}, payload, call)
             answer = self._await(call, None)
+            assert answer is not None  # no deadline
+            reply, data = answer
+            if not reply.get("ok"):
+                if reply.get("error") == Cancelled.code and self._closing:
+                    raise EndpointClosed("closed by close() from another thread while waiting")
+                raise from_wire(str(reply.get("error")), str(reply.get("message")))
+            return reply, data  # (an interrupt up to here is undone: see _abandon)
         except ChannelError:
             self._forget(call)
             raise
         except BaseException:
             self._abandon(call)
             raise
-        assert answer is not None  # no deadline
-        reply, data = answer
-        if not reply.get("ok"):
-            if reply.get("error") == Cancelled.code and self._closing:
-                raise EndpointClosed("closed by close() from another thread while waiting")
-            raise from_wire(str(reply.get("error")), str(reply.get("message")))
-        return reply, data
 
-    def _queue(self, parts: list[Any], call: _Call | None = None, wait: bool = True) -> None:
+    def _queue(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
+               call: _Call | None = None, wait: bool = True) -> None:
         """Write one frame, or hand it to the writer; return once it is written (a request,
         or without ``wait``: once it is queued)."""
         self._live()
         me = threading.get_ident()
         if me == self._writer:  # undoing an interrupted call: its loop writes this next
-            self._queued.append(_Frame(parts, call))
+            self._queued.append(_Frame(_encode(msg, payload), call))
             return
-        if me != self._main and self._sock is not None:
+        if me == self._main:
+            if self._main_writing:
+                raise ReentrantCall(
+                    "a call re-entered a shmchannel connection while the main thread writes to it (from a "
+                    "signal handler?); it would wait for itself: call it from another thread, or after"
+                )
+            if len(payload) <= ATOMIC_FRAME and self._write_from_main(msg, payload, call):
+                return
+        elif self._sock is not None:
             with self._write_lock:
                 if not self._queued:  # nothing goes before it: no handover
-                    self._write_frame(parts, call)
-                    if self._failure is not None:
-                        raise self._failure
+                    self._write_unsure()
+                    if not self._write_frame(_encode(msg, payload), call) and self._failure is not None:
+                        self._raise_failure()
                     return
-        frame = _Frame(parts, call)
+        frame = _Frame(_encode(msg, payload), call)
         self._hand_over(frame)
         if call is not None or not wait:
             return
         while not frame.gone.wait(1.0) and self._failure is None:
             pass  # (a frame queued as the writer left for a failure is never gone: the failure says it)
         if not frame.written:
-            raise self._failure  # type: ignore[misc]  # set: the frame is gone unwritten
+            self._raise_failure()
+
+    def _write_from_main(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview, call: _Call | None) -> bool:
+        """Write a small frame from the main thread itself (False: it must go to the writer).
+
+        A frame of at most ATOMIC_FRAME bytes is one system call that queues all of it or
+        nothing; but an interrupt raised as ``sendall`` returns does not say which. So the
+        frame stays ``_unsure`` until that is known, and is written again before anything
+        else if an interrupt came: its sequence number makes the broker drop the copy if
+        the first one went (connection.py)."""
+        with self._write_lock:
+            self._main_writing = True
+            try:
+                if self._queued or self._sock is None or self._failure is not None:
+                    return False
+                if call is not None and call.reply is not None:
+                    return True  # withdrawn before it went: it must not go
+                self._write_unsure()
+                data = b"".join(_encode({**msg, "seq": next(self._seqs)}, payload))
+                if len(data) > ATOMIC_FRAME:
+                    return False
+                if call is not None:
+                    call.written = True
+                self._unsure = data
+                self._sock.sendall(data)
+                self._unsure = None
+            except OSError as exc:
+                self._fail(self._lost(exc))
+                self._raise_failure()
+            finally:
+                self._main_writing = False
+        return True
+
+    def _write_unsure(self) -> None:
+        """Write again the frame an interrupt cut the main thread's write of (see
+        ``_write_from_main``); the caller holds the write lock."""
+        data = self._unsure
+        if data is not None and self._failure is None:
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self._fail(self._lost(exc))
+            self._unsure = None
+
+    def _raise_failure(self) -> None:
+        """Raise the connection's failure: a new exception each time, chained to it -- the
+        same object raised again would grow its traceback by every raise."""
+        failure = self._failure
+        assert failure is not None
+        raise type(failure)(str(failure)) from failure
 
     def _hand_over(self, item: _Frame | _Cancel) -> None:
         self._queued.append(item)
@@ -288,7 +373,7 @@ class Connection:
         with self._lock:
             if call.reply is None:
                 if self._failure is not None:
-                    raise self._failure
+                    self._raise_failure()
                 return None
             self._calls.pop(call.rid, None)
             return call.reply
@@ -313,7 +398,7 @@ class Connection:
                 f"in the process that uses them (this is {os.getpid()})"
             )
         if self._failure is not None:
-            raise self._failure
+            self._raise_failure()
         if self._stopped:
             if self._closing:
                 raise EndpointClosed("closed by close() from another thread while waiting")
@@ -324,6 +409,7 @@ class Connection:
     def _drain(self, sock: socket.socket) -> None:
         """Write what is queued, in order, then the releases queued (the writer thread)."""
         with self._write_lock:
+            self._write_unsure()
             while self._queued:
                 item = self._queued[0]
                 if isinstance(item, _Cancel):
@@ -341,8 +427,8 @@ class Connection:
     def _write_frame(self, parts: list[Any], call: _Call | None) -> bool:
         """Write one frame after the releases queued (one system call, and memory back
         sooner); whether it was written. The caller holds the write lock."""
-        if self._failure is not None:
-            return False
+        if self._failure is not None or (call is not None and call.reply is not None):
+            return False  # (a call answered before its frame went was withdrawn: it must not go)
         if self._holds.pending():
             parts = self._holds.frame() + parts
         if call is not None:
@@ -396,13 +482,17 @@ class Connection:
             if call is None or call.reply is not None:
                 raise protocol.FrameError(f"reply to request {rid!r}, which is not waiting")
             call.reply = frame
-            call.answered.open()
             self._unconfirmed = False
-            if not call.abandoned:
-                return
-            del self._calls[call.rid]
-        self._undo(call, frame)
-        self._settle(call)
+            undo = call.abandoned  # else, if abandoned from now on, _write_cancel undoes it
+            if undo:
+                self._calls.pop(call.rid, None)
+        if call.on_reply is not None and msg.get("ok"):
+            call.on_reply(*frame)
+        with self._lock:
+            call.answered.open()
+        if undo:
+            self._undo(call, frame)
+            self._settle(call)
 
     def _undo(self, call: _Call, reply: Reply) -> None:
         """Undo what an abandoned call's reply did (its ``on_interrupt``); off the caller's
@@ -412,6 +502,8 @@ class Connection:
                 call.on_interrupt(*reply)
             except ChannelError:
                 pass  # the connection is lost: the broker undid it all with the connection
+            except Exception:  # never let it stop the reader or writer: every call would hang
+                log.exception("undoing an interrupted %r failed", reply[0].get("op"))
 
     def _settle(self, call: _Call) -> None:
         with self._lock:
@@ -462,23 +554,29 @@ class Connection:
         """Say ``farewell`` (a last request), then close -- at once, or while zero-copy
         objects are held, once the last is released: holding the socket keeps the broker
         from reusing memory those objects view. Requests other threads wait in are
-        withdrawn first (they raise EndpointClosed), and new ones are refused."""
+        withdrawn first (they raise EndpointClosed), and new ones are refused.
+
+        The withdrawals and the farewell are queued for the writer by one step, together
+        with the mark that close began: an interrupt cannot leave a close begun without its
+        farewell (a receiver still attached, holding its objects). A ``sync`` then waits
+        for the broker to have taken them; interrupted, they still go."""
         if os.getpid() != self.pid:
             return
+        parts = [] if farewell is None else [_encode({**farewell, "posted": True, "id": next(self._ids)})]
         with self._lock:
             if self._closing:
                 return
+            calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
+            items: list[_Frame | _Cancel] = [_Cancel(c, abandon=False) for c in calls if not c.abandoned]
+            items += [_Frame(p, None) for p in parts]
             self._closing = True
-            waiting = [call for call in self._calls.values() if not call.abandoned]
+            self._queued.extend(items)
         failure: ChannelError | None = None
         try:
-            for call in waiting:
-                self._hand_over(_Cancel(call, abandon=False))
-            # A reply comes after the failures of the requests posted before it.
-            if farewell is None and self._unconfirmed:
-                farewell = {"op": "sync"}
-            if farewell is not None:
-                self._call(farewell, b"", None, farewell=True)
+            self._wake.put(None)
+            if parts or self._unconfirmed:
+                # Its reply comes after the failures of the requests posted before it.
+                self._call({"op": "sync"}, b"", None, farewell=True)
         except ChannelError:
             pass  # the broker is gone: it has forgotten us anyway
         finally:
@@ -558,17 +656,22 @@ def _read_loop(ref: weakref.ref[Connection], sock: socket.socket) -> None:
                 conn._route(frame)
         except protocol.FrameError as exc:  # the stream cannot be resynchronized
             failure = ProtocolError(f"bad reply from the broker: {exc}")
+        except BaseException as exc:  # a bug, or MemoryError: fail every call rather than leave them waiting
+            failure = ProtocolError(f"reading the broker's replies failed: {exc!r}")
         del conn
     conn = ref()
     if conn is not None and failure is not None:
         conn._fail(failure)
 
 
-def _abort(box: list[socket.socket], wake: queue.SimpleQueue[Any]) -> None:
+def _abort(box: list[socket.socket], wake: queue.SimpleQueue[Any], pid: int | None = None) -> None:
     """End both threads of a connection and close its socket (in ``box`` once made): the
     writer stops, the reader sees EOF. Shut down first: a read in progress then returns;
     the close only frees the descriptor (the socket object forgets it, so no later call
-    can use another file's)."""
+    can use another file's). Nothing in a forked child (``pid``): shutting a socket down
+    acts on the parent's too."""
+    if pid is not None and os.getpid() != pid:
+        return
     wake.put(_STOP)
     for sock in box:
         try:

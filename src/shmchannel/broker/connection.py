@@ -55,6 +55,7 @@ class ClientConnection(asyncio.Protocol):
         # Each with its frame's size, counted in ``_backlog_bytes``.
         self.backlog: collections.deque[tuple[dict[str, Any], bytes, int]] = collections.deque()
         self._backlog_bytes = 0
+        self.last_seq = 0  # the highest frame sequence number taken: a frame at or below it is a copy
         self._writing_paused = False  # replies pile up unread: handle nothing until they drain
         self._reading_paused = False
         self._buffer = bytearray()
@@ -114,6 +115,11 @@ class ClientConnection(asyncio.Protocol):
             size = self._need
             del buffer[:size]
             self._head, self._need = None, protocol.HEAD.size
+            seq = msg.get("seq")
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                if seq <= self.last_seq:
+                    continue  # written again by a client that could not know it went (client.py: _unsure)
+                self.last_seq = seq
             op = msg.get("op")
             if (self.waiter is not None or self.backlog) and op not in protocol.ONE_WAY and op not in protocol.IMMEDIATE:
                 self.backlog.append((msg, payload, size))

@@ -229,8 +229,11 @@ class Operations:
 
     def _detach(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         channel = self.state.channels.get(_names(msg))
+        give_back = msg.get("give_back")
         if channel is not None:
-            self.state.detach(conn.client, channel)
+            self.state.detach(
+                conn.client, channel, [k for k in give_back if isinstance(k, str)] if isinstance(give_back, list) else []
+            )
         return protocol.ok(), b""
 
     def _close(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:

@@ -165,10 +165,16 @@ class BrokerState:
         client.receives_from.add((namespace, name))
         return channel
 
-    def detach(self, client: Client, channel: Channel) -> None:
-        """End this client's role (sender or receiver) on ``channel``."""
+    def detach(self, client: Client, channel: Channel, give_back: list[str] | None = None) -> None:
+        """End this client's role (sender or receiver) on ``channel``; the objects it handed
+        out named in ``give_back`` go back to the head of their queue with the ones it has
+        not handed out, in order (an object received for a call that gave up: aio.py)."""
         ident = (channel.namespace, channel.name)
         for shard in range(channel.num_shards):
+            lent = client.lent.get((channel.namespace, channel.name, shard))
+            if lent is not None and give_back:
+                handed = [k for k in itertools.islice(lent.keys, lent.taken) if k in give_back]
+                self.requeue(client, channel, shard, handed + list(itertools.islice(lent.keys, lent.taken, None)))
             self.acknowledge(client, channel, shard)
             self._give_back(client, channel, shard)  # reserved, never handed out: for the next receiver
         channel.receivers.pop(client.id, None)

@@ -110,14 +110,44 @@ class DataReceiver(ChannelEnd):
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
         if aio.in_main_thread():
-            if not self._slot and not self._main_waits and endpoint.buffered() and not self._turn.lock.locked():
-                got = self._recv_buffered(endpoint)
-                if got is not _EMPTIED:
-                    return got
-            return self._from_main(endpoint, timeout, keep=False)
+            if self._slot or not getattr(endpoint, "interrupt_safe", False):
+                return self._from_main(endpoint, timeout, keep=False)
+            return self._recv_main(endpoint, timeout, peek=False)
         if self._slot:
             return self._pending_result(endpoint, timeout, keep=False)
         return self._take(endpoint, timeout, False)
+
+    def _recv_main(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
+        """recv/peek of the main thread, where interrupts are raised, on a backend whose
+        steps are interrupt-safe (embedded): objects are fetched into the buffer by the
+        connection's reader thread, and handed out by ``_recv_buffered``. The turn is a
+        with block on its lock, whose enter and exit are C: no interrupt comes between
+        taking it and owning the block. It waits for another thread's call without
+        counting that against ``timeout``."""
+        if self._main_waits:
+            raise ReentrantCall(
+                f"a call re-entered {self!r} while the main thread is inside a recv/peek of it (from a "
+                "signal handler?); it would wait for itself: call it from another thread, or after"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = timeout  # as asked, the first time: a TimeoutError names it
+        while True:
+            if not peek and endpoint.buffered():
+                got = self._recv_buffered(endpoint)
+                if got is not _EMPTIED:
+                    return got
+            with self._turn.lock:
+                if self._endpoint is not endpoint:  # closed by another thread meanwhile
+                    raise EndpointClosed(f"{self!r} is closed")
+                self._main_waits = True
+                try:
+                    if peek:
+                        return endpoint.recv(left, True)
+                    if not endpoint.buffered():
+                        endpoint.fetch(left)
+                finally:
+                    self._main_waits = False
+            left = _left(deadline)
 
     def _recv_buffered(self, endpoint: Any) -> Any:
         """A prefetched object for the main thread (``_EMPTIED`` if another thread took the
@@ -193,9 +223,15 @@ class DataReceiver(ChannelEnd):
                         left = _left(deadline)
                         continue
                 raise
-            if not keep and self._slot and self._slot[0] is job:
+            if keep:
+                return obj
+            # Whoever takes the job out of the slot has its object (no call between the test
+            # and the del: no other thread runs in between); another caller waiting on the
+            # same job (another thread, arecv) goes round for the next.
+            if self._slot and self._slot[0] is job:
                 del self._slot[0]
-            return obj
+                return obj
+            left = _left(deadline)
 
     def _run_pending(self) -> None:
         """On the worker: run the pending recv, unless it ran (or runs) already."""
@@ -226,7 +262,9 @@ class DataReceiver(ChannelEnd):
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
         if aio.in_main_thread():
-            return self._from_main(endpoint, timeout, keep=True)
+            if self._slot or not getattr(endpoint, "interrupt_safe", False):
+                return self._from_main(endpoint, timeout, keep=True)
+            return self._recv_main(endpoint, timeout, peek=True)
         if self._slot:
             return self._pending_result(endpoint, timeout, keep=True)
         return self._take(endpoint, timeout, True)
@@ -361,6 +399,11 @@ class DataReceiver(ChannelEnd):
         if endpoint is not None:
             self._finalizer.detach()
             job = self._slot[0] if self._slot else None
+            worker = self._worker
+            if job is not None and not job.done() and worker is not None:
+                # Its reply may be in, its object on its way out: end it first, then give
+                # that object back (decided before, it would be handed out and lost).
+                aio.withdraw(job, lambda: endpoint.withdraw(worker.ident), aio.WITHDRAW_TIMEOUT)
             self._slot.clear()
             give_back = job is not None and job.done() and job.exception() is None
             del job

@@ -121,10 +121,33 @@ class DataSender(ChannelEnd):
         endpoint = self._live()
         timeout = check_timeout("timeout", timeout)
         parts = self._parts(obj)
-        if self._worker is not None or aio.in_main_thread():
+        main = aio.in_main_thread()
+        if self._worker is not None or (main and not getattr(endpoint, "interrupt_safe", False)):
             self._deliver_on_worker(endpoint, parts, timeout)
+        elif main:
+            self._deliver_main(endpoint, parts, timeout)
         else:
             self._deliver(endpoint, parts, timeout)
+
+    def _deliver_main(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
+        """A send of the main thread, where interrupts are raised, on a backend whose steps
+        are interrupt-safe (embedded: the send is withdrawn if cut short, and queued whole
+        or not at all). The turn is a with block on its lock, whose enter and exit are C:
+        no interrupt comes between taking it and owning the block. It waits for another
+        thread's send without counting that against ``timeout``."""
+        if self._main_waits:
+            raise ReentrantCall(
+                f"a call re-entered {self!r} while the main thread is inside a send of it (from a signal "
+                "handler?); it would wait for itself: call it from another thread, or after the outer call"
+            )
+        with self._turn.lock:
+            if self._endpoint is not endpoint:  # closed by another thread while this waited
+                raise EndpointClosed(f"{self!r} is closed")
+            self._main_waits = True
+            try:
+                endpoint.send(parts, timeout)
+            finally:
+                self._main_waits = False
 
     def _deliver_on_worker(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
         """Send on the worker: after the asend calls still running, in order; and for the
