@@ -1,16 +1,25 @@
 """A blocking connection to the broker, shared by the threads of one endpoint.
 
-No socket I/O runs in the main thread, the only one where an interrupt -- a
-KeyboardInterrupt, a signal handler's exception -- is raised, at any instruction. A reader
-thread reads every reply and hands it to the call it answers; the main thread's frames are
-written by a writer thread, whole and in order; other threads write their own frames when
-none is queued before them (no handover: they cannot be interrupted). So an interrupt can
-never leave half a frame in the socket, lose bytes read, or lose a reply (issue 13: a
-KeyboardInterrupt inside ``sendall`` sent half a frame, and the broker took the next
-frame's header as the object's last bytes). Every call returns only once its frame is
-written, so what a call did survives the process's death right after. An interrupted
-wait withdraws its request (``_abandon``); what the broker did meanwhile is undone by the
-call's ``on_interrupt``, run by the reader or the writer.
+Interrupts -- a KeyboardInterrupt, a signal handler's exception -- are raised only in the
+main thread, between any two instructions (issue 13: one inside ``sendall`` sent half a
+frame, and the broker took the next frame's header as an object's last bytes). So:
+
+- A reader thread reads every reply and hands it to the call it answers (``_route``): no
+  interrupt can lose bytes read or a reply.
+- Other threads write their own frames, when none is queued before them; the writer
+  thread writes the rest (``_drain``), whole and in order.
+- The main thread writes a frame of at most ``ATOMIC_FRAME`` bytes itself: Linux queues it
+  whole or not at all, but an interrupt as ``sendall`` returns does not say which, so it
+  is written again before anything else, and its sequence number (``seq``) makes the
+  broker drop the copy if the first went (``_write_from_main``). Larger ones go to the
+  writer thread.
+- Waits are on per-call locks (``_Gate``), locks are taken by ``with`` blocks: neither
+  can be left half done.
+- An interrupted wait withdraws its request (``_abandon``); what the broker did meanwhile
+  is undone by the call's ``on_interrupt``, run by the reader or the writer.
+
+Every call returns once its frame is written (a few one-way notes excepted), so what it
+did survives the process's death right after.
 
 Requests are multiplexed: each carries an id that its reply repeats (protocol.py), so a
 thread whose request the broker holds back (a send waiting for room, a recv waiting for
@@ -27,16 +36,16 @@ refuses new ones. Releases of zero-copy objects are queued by finalizers (holds.
 written in front of the next frame.
 
 The threads hold the connection only weakly: a connection dropped without ``close`` (an
-interrupt between connecting and keeping it) closes its socket when collected, as a
-plain socket would.
+interrupt between connecting and keeping it) shuts its socket when collected (not in a
+forked child: that would shut the parent's).
 """
 
 from __future__ import annotations
 
 import _thread
-import logging
 import collections
 import itertools
+import logging
 import os
 import queue
 import socket

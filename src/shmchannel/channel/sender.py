@@ -165,7 +165,7 @@ class DataSender(ChannelEnd):
             if self._worker is None:
                 self._worker = aio.Worker(f"shmchannel {self!r}")
             worker = self._worker
-            job = worker.submit(self._deliver, endpoint, parts, timeout)
+            job = worker.submit(self._deliver, endpoint, parts, timeout, True)
             try:
                 aio.result(job)
             except BaseException:
@@ -176,9 +176,11 @@ class DataSender(ChannelEnd):
             if main:
                 self._main_waits = False
 
-    def _deliver(self, endpoint: Any, parts: list[Any], timeout: float | None) -> None:
+    def _deliver(self, endpoint: Any, parts: list[Any], timeout: float | None, handed_over: bool = False) -> None:
+        """One send; ``handed_over``: run by the worker, which runs ``close`` after it -- so
+        it is sent though close() began (asend: "once handed over it is sent")."""
         with self._turn.held(timeout) as left:
-            if self._endpoint is not endpoint:  # closed by another thread while this waited
+            if self._endpoint is not endpoint and not handed_over:  # closed by another thread while this waited
                 raise EndpointClosed(f"{self!r} is closed")
             endpoint.send(parts, left)
 
@@ -232,7 +234,7 @@ class DataSender(ChannelEnd):
         parts = self._parts(obj)
         if self._worker is None:
             self._worker = aio.Worker(f"shmchannel {self!r}")
-        await aio.wait_for(self._worker.submit(self._deliver, endpoint, parts, timeout))
+        await aio.wait_for(self._worker.submit(self._deliver, endpoint, parts, timeout, True))
 
     @property
     def max_queue_size(self) -> int:
