@@ -13,7 +13,7 @@ frame, and the broker took the next frame's header as an object's last bytes). S
   is written again before anything else, and its sequence number (``seq``) makes the
   broker drop the copy if the first went (``_write_from_main``). Larger ones go to the
   writer thread.
-- Waits are on per-call locks (``_Gate``), locks are taken by ``with`` blocks: neither
+- Waits are on per-call locks (``Gate``), locks are taken by ``with`` blocks: neither
   can be left half done.
 - An interrupted wait withdraws its request (``_abandon``); what the broker did meanwhile
   is undone by the call's ``on_interrupt``, run by the reader or the writer.
@@ -45,7 +45,6 @@ from __future__ import annotations
 import _thread
 import collections
 import itertools
-import logging
 import os
 import queue
 import socket
@@ -53,119 +52,32 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import (
-    BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ProtocolError, ReentrantCall, from_wire,
+    BrokerUnavailable, Cancelled, ChannelError, EndpointClosed, ReentrantCall, from_wire,
 )
 from . import protocol
-from .framing import FrameReader, Reply
+from .calls import WITHDRAWN, Call, Cancel, Frame, OnInterrupt, encode
+from .framing import Reply
 from .holds import Holds
+from .wire import ATOMIC_FRAME, RELEASES, STOP, Wire, abort, write_loop
 
 #: How long an interrupted call waits for the broker to withdraw its request before it
 #: returns (the reader still undoes what the reply did, whenever it comes).
 ABANDON_TIMEOUT = 5.0
 
-log = logging.getLogger(__name__)
-
-_STOP = object()  # tells the writer to stop
-_RELEASES = object()  # tells the writer releases wait: it writes them after RELEASE_DELAY
-
-#: Largest frame the main thread writes itself: Linux queues a Unix stream write of up to
-#: about 36 KiB (one skb: SKB_MAX_HEAD + 32 KiB of page fragments) whole or not at all.
-ATOMIC_FRAME = 32 * 1024
-
-#: How long the writer lets releases gather before it writes them (unless a frame written
-#: meanwhile carries them): a consumer drops one object per recv, and a wake-up of the
-#: writer per object cost 10-20% of 1 MiB throughput here.
-RELEASE_DELAY = 0.001
-
-OnInterrupt = Callable[[dict[str, Any], memoryview], None]
-
-_WITHDRAWN: Reply = (
-    {"ok": False, "error": Cancelled.code, "message": "withdrawn before it was sent"}, memoryview(b"")
-)
-
-
-class _Gate:
-    """Something a thread waits for, and that stays done once done: a lock held until then.
-
-    Not a Condition: an interrupt inside ``Condition.wait`` can leave its lock released and
-    the with block around it failing with "cannot release un-acquired lock". A lock's
-    acquire is one C call: interrupted, it has either taken the lock or not."""
-
-    __slots__ = ("_lock", "done")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self.done = False
-
-    def open(self) -> None:
-        """Done (call it under the connection's lock: once)."""
-        if not self.done:
-            self.done = True
-            self._lock.release()
-
-    def wait(self, timeout: float | None) -> bool:
-        """Wait until done, at most ``timeout`` seconds; whether it is."""
-        if self.done:
-            return True
-        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            self._lock.release()  # done for every later wait too (which look at ``done`` first)
-            return True
-        return self.done
-
-
-class _Call:
-    """A request made and not yet answered: who waits for it, and its reply once read."""
-
-    __slots__ = ("rid", "thread", "reply", "answered", "written", "on_interrupt", "on_reply", "abandoned", "settled")
-
-    def __init__(self, rid: int, on_interrupt: OnInterrupt | None) -> None:
-        self.rid = rid
-        self.thread = threading.get_ident()
-        self.reply: Reply | None = None
-        self.answered = _Gate()  # reply is set (or the connection failed)
-        self.written = False  # the writer wrote its frame: only then may a cancel follow
-        self.on_interrupt = on_interrupt
-        self.on_reply: OnInterrupt | None = None  # run by the reader on an ok reply, before its caller wakes
-        self.abandoned = False  # its caller was interrupted: the reader undoes the reply
-        self.settled = _Gate()  # abandoned, and the reply undone (or it was never sent)
-
-
-class _Frame:
-    """A frame queued for the writer; ``written`` once it is (then its caller returns)."""
-
-    __slots__ = ("parts", "call", "written", "gone")
-
-    def __init__(self, parts: list[Any], call: _Call | None) -> None:
-        self.parts, self.call, self.written = parts, call, False
-        self.gone = _Gate()  # the writer is done with it: written, or the connection failed
-
-
-class _Cancel:
-    """A queued withdrawal of ``call`` (the writer decides how: see ``_write_cancel``).
-    ``abandon``: its caller stopped waiting, and a reply that raced the withdrawal is
-    undone; else (``close``, ``withdraw``) the caller still waits and gets that reply."""
-
-    __slots__ = ("call", "abandon")
-
-    def __init__(self, call: _Call, abandon: bool) -> None:
-        self.call, self.abandon = call, abandon
-
-
-class Connection:
+class Connection(Wire):
     """A client connection; ``info`` holds the broker's hello (pid, arena, capacity)."""
 
     def __init__(self, path: Path | str) -> None:
         self.pid = os.getpid()
         self.path = str(path)
         self._lock = threading.RLock()  # guards the state below; reentrant: a signal handler may call in
-        self._calls: dict[int, _Call] = {}  # by request id
+        self._calls: dict[int, Call] = {}  # by request id
         self._ids = itertools.count(1)
-        self._queued: collections.deque[_Frame | _Cancel] = collections.deque()  # the writer's; left once written
-        self._wake: queue.SimpleQueue[Any] = queue.SimpleQueue()  # the writer's alarm: None, or _STOP
+        self._queued: collections.deque[Frame | Cancel] = collections.deque()  # the writer's; left once written
+        self._wake: queue.SimpleQueue[Any] = queue.SimpleQueue()  # the writer's alarm: None, or STOP
         self._write_lock = threading.Lock()  # one writer at a time: the writer thread, or another thread
         self._main = threading.main_thread().ident
         self._holds = Holds()
@@ -185,10 +97,10 @@ class Connection:
         self._sock: socket.socket = None  # type: ignore[assignment]
         self._box = box = []  # type: list[socket.socket]
         # Dropped without close(): end the threads and let the broker see us leave.
-        self._finalizer = weakref.finalize(self, _abort, box, self._wake, self.pid)
+        self._finalizer = weakref.finalize(self, abort, box, self._wake, self.pid)
         try:
             # One C call, not Thread.start (see aio.Worker); the writer starts the reader.
-            _thread.start_new_thread(_write_loop, (weakref.ref(self), box, self._wake))
+            _thread.start_new_thread(write_loop, (weakref.ref(self), box, self._wake))
             self.info, _ = self.request({"op": "hello", "version": protocol.PROTOCOL_VERSION})
         except BaseException:
             self._shutdown()
@@ -247,7 +159,7 @@ class Connection:
     def unsent(track: list[Any]) -> bool:
         """After a ``request(track=...)`` raised: whether its request never reached the
         broker (so what it names is still the caller's to free)."""
-        return not track or not track[0].written or track[0].reply is _WITHDRAWN
+        return not track or not track[0].written or track[0].reply is WITHDRAWN
 
     def withdraw(self, thread: int) -> None:
         """Withdraw the requests ``thread`` waits in (they raise ``Cancelled``): for a
@@ -256,12 +168,12 @@ class Connection:
             calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
         waiting = [call for call in calls if call.thread == thread and not call.abandoned]
         for call in waiting:
-            self._hand_over(_Cancel(call, abandon=False))
+            self._hand_over(Cancel(call, abandon=False))
 
     def _call(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview,
               on_interrupt: OnInterrupt | None, farewell: bool = False, on_reply: OnInterrupt | None = None,
               track: list[Any] | None = None) -> Reply:
-        call = _Call(next(self._ids), on_interrupt)
+        call = Call(next(self._ids), on_interrupt)
         if track is not None:
             track.append(call)
         call.on_reply = on_reply
@@ -287,13 +199,13 @@ class Connection:
             raise
 
     def _queue(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-               call: _Call | None = None, wait: bool = True) -> None:
+               call: Call | None = None, wait: bool = True) -> None:
         """Write one frame, or hand it to the writer; return once it is written (a request,
         or without ``wait``: once it is queued)."""
         self._live()
         me = threading.get_ident()
         if me == self._writer:  # undoing an interrupted call: its loop writes this next
-            self._queued.append(_Frame(_encode(msg, payload), call))
+            self._queued.append(Frame(encode(msg, payload), call))
             return
         if me == self._main:
             if self._main_writing:
@@ -307,10 +219,10 @@ class Connection:
             with self._write_lock:
                 if not self._queued:  # nothing goes before it: no handover
                     self._write_unsure()
-                    if not self._write_frame(_encode(msg, payload), call) and self._failure is not None:
+                    if not self._write_frame(encode(msg, payload), call) and self._failure is not None:
                         self._raise_failure()
                     return
-        frame = _Frame(_encode(msg, payload), call)
+        frame = Frame(encode(msg, payload), call)
         self._hand_over(frame)
         if call is not None or not wait:
             return
@@ -319,48 +231,6 @@ class Connection:
         if not frame.written:
             self._raise_failure()
 
-    def _write_from_main(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview, call: _Call | None) -> bool:
-        """Write a small frame from the main thread itself (False: it must go to the writer).
-
-        A frame of at most ATOMIC_FRAME bytes is one system call that queues all of it or
-        nothing; but an interrupt raised as ``sendall`` returns does not say which. So the
-        frame stays ``_unsure`` until that is known, and is written again before anything
-        else if an interrupt came: its sequence number makes the broker drop the copy if
-        the first one went (connection.py)."""
-        with self._write_lock:
-            self._main_writing = True
-            try:
-                if self._queued or self._sock is None or self._failure is not None:
-                    return False
-                if call is not None and call.reply is not None:
-                    return True  # withdrawn before it went: it must not go
-                self._write_unsure()
-                data = b"".join(_encode({**msg, "seq": next(self._seqs)}, payload))
-                if len(data) > ATOMIC_FRAME:
-                    return False
-                if call is not None:
-                    call.written = True
-                self._unsure = data
-                self._sock.sendall(data)
-                self._unsure = None
-            except OSError as exc:
-                self._fail(self._lost(exc))
-                self._raise_failure()
-            finally:
-                self._main_writing = False
-        return True
-
-    def _write_unsure(self) -> None:
-        """Write again the frame an interrupt cut the main thread's write of (see
-        ``_write_from_main``); the caller holds the write lock."""
-        data = self._unsure
-        if data is not None and self._failure is None:
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                self._fail(self._lost(exc))
-            self._unsure = None
-
     def _raise_failure(self) -> None:
         """Raise the connection's failure: a new exception each time, chained to it -- the
         same object raised again would grow its traceback by every raise."""
@@ -368,15 +238,15 @@ class Connection:
         assert failure is not None
         raise type(failure)(str(failure)) from failure
 
-    def _hand_over(self, item: _Frame | _Cancel) -> None:
+    def _hand_over(self, item: Frame | Cancel) -> None:
         self._queued.append(item)
         self._wake.put(None)
 
-    def _forget(self, call: _Call) -> None:
+    def _forget(self, call: Call) -> None:
         with self._lock:
             self._calls.pop(call.rid, None)
 
-    def _await(self, call: _Call, deadline: float | None) -> Reply | None:
+    def _await(self, call: Call, deadline: float | None) -> Reply | None:
         """The reply to ``call`` (None if ``deadline`` passes first)."""
         call.answered.wait(None if deadline is None else deadline - time.monotonic())
         with self._lock:
@@ -387,11 +257,11 @@ class Connection:
             self._calls.pop(call.rid, None)
             return call.reply
 
-    def _abandon(self, call: _Call) -> None:
+    def _abandon(self, call: Call) -> None:
         """After an interrupted call: withdraw it at the broker (the reader undoes a reply
         that raced the withdrawal), and wait a little for that to be done, so that, e.g.,
         a recv's objects go back before this thread's next recv asks for more."""
-        self._hand_over(_Cancel(call, abandon=True))
+        self._hand_over(Cancel(call, abandon=True))
         call.settled.wait(ABANDON_TIMEOUT)
 
     def _raise_posted_failure(self) -> None:
@@ -415,129 +285,7 @@ class Connection:
 
     # -- the writer's side ----------------------------------------------------------------
 
-    def _drain(self, sock: socket.socket) -> None:
-        """Write what is queued, in order, then the releases queued (the writer thread)."""
-        with self._write_lock:
-            self._write_unsure()
-            while self._queued:
-                item = self._queued[0]
-                if isinstance(item, _Cancel):
-                    parts = self._write_cancel(item.call, item.abandon)
-                    if parts is not None:
-                        self._write_frame(parts, None)
-                else:
-                    item.written = self._write_frame(item.parts, item.call)
-                    with self._lock:
-                        item.gone.open()
-                self._queued.popleft()  # only now: a thread finding the queue empty writes its own
-            if self._holds.pending():
-                self._write_frame([], None)
-
-    def _write_frame(self, parts: list[Any], call: _Call | None) -> bool:
-        """Write one frame after the releases queued (one system call, and memory back
-        sooner); whether it was written. The caller holds the write lock."""
-        if self._failure is not None or (call is not None and call.reply is not None):
-            return False  # (a call answered before its frame went was withdrawn: it must not go)
-        if self._holds.pending():
-            parts = self._holds.frame() + parts
-        if call is not None:
-            call.written = True
-        try:
-            self._sock.sendall(b"".join(parts))
-        except OSError as exc:
-            self._fail(self._lost(exc))
-            return False
-        return True
-
-    def _write_cancel(self, call: _Call, abandon: bool) -> list[Any] | None:
-        """How to withdraw ``call``: a cancel frame if its request went out and is not
-        answered; else nothing to send. A call never written (it cannot be queued after
-        its cancel: the queue is in order) is answered "withdrawn"; an abandoned call's
-        reply, if it came, is undone here."""
-        with self._lock:
-            if abandon:
-                call.abandoned = True
-            if call.reply is None and call.written:
-                return _encode({"op": "cancel", "id": call.rid})
-            reply = call.reply
-            if reply is None:
-                call.reply = _WITHDRAWN
-            if not abandon:
-                call.answered.open()
-                return None
-            self._calls.pop(call.rid, None)
-        if reply is not None:
-            self._undo(call, reply)
-        self._settle(call)
-        return None
-
     # -- the reader's side (its thread only) ----------------------------------------------
-
-    def _route(self, frame: Reply) -> None:
-        """Hand a reply to the call it answers (a posted request's failure is noted)."""
-        msg = frame[0]
-        with self._lock:
-            if msg.get("posted"):  # not a reply anyone waits for: a posted request failed
-                if self._posted_failure is None:
-                    self._posted_failure = from_wire(
-                        str(msg.get("error")),
-                        f"an earlier call that returned without waiting for the broker failed: {msg.get('message')}",
-                    )
-                return
-            rid = msg.get("id")
-            if rid is None and self._calls:  # the broker refused the connection: the first call hears it
-                rid = min(self._calls)
-            call = self._calls.get(rid) if isinstance(rid, int) else None
-            if call is None or call.reply is not None:
-                raise protocol.FrameError(f"reply to request {rid!r}, which is not waiting")
-            call.reply = frame
-            self._unconfirmed = False
-            undo = call.abandoned  # else, if abandoned from now on, _write_cancel undoes it
-            if undo:
-                self._calls.pop(call.rid, None)
-        if call.on_reply is not None and msg.get("ok"):
-            call.on_reply(*frame)
-        with self._lock:
-            call.answered.open()
-        if undo:
-            self._undo(call, frame)
-            self._settle(call)
-
-    def _undo(self, call: _Call, reply: Reply) -> None:
-        """Undo what an abandoned call's reply did (its ``on_interrupt``); off the caller's
-        thread, so it completes whatever interrupts the caller."""
-        if reply[0].get("ok") and call.on_interrupt is not None:
-            try:
-                call.on_interrupt(*reply)
-            except ChannelError:
-                pass  # the connection is lost: the broker undid it all with the connection
-            except Exception:  # never let it stop the reader or writer: every call would hang
-                log.exception("undoing an interrupted %r failed", reply[0].get("op"))
-
-    def _settle(self, call: _Call) -> None:
-        with self._lock:
-            call.settled.open()
-
-    def _fail(self, failure: ChannelError) -> None:
-        """The connection is lost: every waiting call raises ``failure``, new ones too."""
-        with self._lock:
-            if self._failure is None:
-                self._failure = failure
-            for call in self._calls.values():
-                call.answered.open()
-                call.settled.open()
-            for item in self._queued:
-                if isinstance(item, _Frame):
-                    item.gone.open()
-        _abort(self._box, self._wake)
-
-    def _lost(self, exc: OSError | None) -> ChannelError:
-        """The error for a socket that failed: our own close, or the broker's."""
-        if self._closing:
-            return EndpointClosed("closed by close() from another thread while waiting")
-        if exc is None:
-            return BrokerUnavailable(f"the broker at {self.path} closed the connection (it stopped or died)")
-        return BrokerUnavailable(f"lost the broker at {self.path}: {exc}")
 
     # -- zero-copy holds -----------------------------------------------------------------
 
@@ -553,7 +301,7 @@ class Connection:
         self._holds.release(key)
         if not self._release_alarm:  # one alarm per batch of releases: they come one per object
             self._release_alarm = True
-            self._wake.put(_RELEASES)
+            self._wake.put(RELEASES)
         if self._finished and self._holds.count <= 0:
             self._shutdown()
 
@@ -571,13 +319,13 @@ class Connection:
         for the broker to have taken them; interrupted, they still go."""
         if os.getpid() != self.pid:
             return
-        parts = [] if farewell is None else [_encode({**farewell, "posted": True, "id": next(self._ids)})]
+        parts = [] if farewell is None else [encode({**farewell, "posted": True, "id": next(self._ids)})]
         with self._lock:
             if self._closing:
                 return
             calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
-            items: list[_Frame | _Cancel] = [_Cancel(c, abandon=False) for c in calls if not c.abandoned]
-            items += [_Frame(p, None) for p in parts]
+            items: list[Frame | Cancel] = [Cancel(c, abandon=False) for c in calls if not c.abandoned]
+            items += [Frame(p, None) for p in parts]
             self._closing = True
             self._queued.extend(items)
         failure: ChannelError | None = None
@@ -601,100 +349,5 @@ class Connection:
         """Stop the writer after what is queued; it then closes the socket's both ways."""
         if not self._stopped:
             self._stopped = True
-            self._wake.put(_STOP)
+            self._wake.put(STOP)
             self._finalizer.detach()
-
-
-def _write_loop(ref: weakref.ref[Connection], box: list[socket.socket], wake: queue.SimpleQueue[Any]) -> None:
-    """The writer thread: connects, starts the reader, writes what is queued at each alarm
-    until told to stop (or the connection is dropped), then what is left; then closes."""
-    conn = ref()
-    if conn is None:
-        return
-    conn._writer = threading.get_ident()
-    try:
-        box.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        box[0].connect(conn.path)
-    except OSError as exc:
-        failure = BrokerUnavailable(f"cannot connect to the broker at {conn.path}: {exc.strerror or exc}")
-        failure.__cause__ = exc
-        conn._fail(failure)
-        return
-    sock = conn._sock = box[0]
-    del conn
-    try:
-        _thread.start_new_thread(_read_loop, (ref, sock))
-        while (token := wake.get()) is not _STOP:
-            if token is _RELEASES:
-                time.sleep(RELEASE_DELAY)
-            conn = ref()
-            if conn is None:
-                return
-            if token is _RELEASES:
-                conn._release_alarm = False  # before writing them: a later release alarms again
-            conn._drain(sock)
-            del conn, token
-        conn = ref()
-        if conn is not None:
-            conn._drain(sock)
-        del conn
-    finally:
-        _abort(box, wake)
-
-
-def _read_loop(ref: weakref.ref[Connection], sock: socket.socket) -> None:
-    """The reader thread: reads and routes replies until the socket ends."""
-    frames = FrameReader()
-    failure: ChannelError | None = None
-    while failure is None:
-        try:
-            n = frames.fill(sock)
-        except OSError as exc:
-            conn = ref()
-            if conn is not None:
-                failure = conn._lost(exc)
-            break
-        conn = ref()
-        if conn is None:
-            return
-        if not n:
-            failure = conn._lost(None)
-            break
-        try:
-            while (frame := frames.next_frame()) is not None:
-                conn._route(frame)
-        except protocol.FrameError as exc:  # the stream cannot be resynchronized
-            failure = ProtocolError(f"bad reply from the broker: {exc}")
-        except BaseException as exc:  # a bug, or MemoryError: fail every call rather than leave them waiting
-            failure = ProtocolError(f"reading the broker's replies failed: {exc!r}")
-        del conn
-    conn = ref()
-    if conn is not None and failure is not None:
-        conn._fail(failure)
-
-
-def _abort(box: list[socket.socket], wake: queue.SimpleQueue[Any], pid: int | None = None) -> None:
-    """End both threads of a connection and close its socket (in ``box`` once made): the
-    writer stops, the reader sees EOF. Shut down first: a read in progress then returns;
-    the close only frees the descriptor (the socket object forgets it, so no later call
-    can use another file's). Nothing in a forked child (``pid``): shutting a socket down
-    acts on the parent's too."""
-    if pid is not None and os.getpid() != pid:
-        return
-    wake.put(_STOP)
-    for sock in box:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
-
-
-def _encode(msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[Any]:
-    """A request frame; one the broker would refuse is refused here, before anything is
-    queued, so the connection stays in step (callers keep within the bounds: this is the
-    last line)."""
-    try:
-        return protocol.encode(msg, payload)
-    except protocol.FrameError as exc:
-        raise ProtocolError(f"not sent: {exc}") from None
