@@ -126,8 +126,12 @@ def _kill_channel_actors() -> list[str]:
     left = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["name"].startswith(PREFIX):
+            try:
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            except ValueError:  # it exited between the listing and here (its last receiver left)
+                continue
             left.append(f"{entry['namespace']}/{entry['name']}")
-            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+            ray.kill(actor)
     return left
 
 

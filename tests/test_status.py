@@ -25,7 +25,7 @@ import pytest
 
 import shmchannel
 from shmchannel import ChannelClosed, DataReceiver, DataSender, InvalidArgument, cli
-from shmchannel.broker import daemon, operations, protocol, rules
+from shmchannel.broker import daemon, protocol, rules, system
 from shmchannel.broker.records import Channel
 from shmchannel.broker.rates import WINDOW, Rates
 from shmchannel.testing import join_ok, start_process, wait_until
@@ -419,8 +419,8 @@ def test_python_status_lists_3000_channels_over_several_pages(broker: int) -> No
         assert all(_reply(sock)["ok"] for _ in names)
         sock.sendall(_frame({"op": "status"}))
         first = _reply(sock)
-        assert len(first["channels"]) == operations.STATUS_PAGE_CHANNELS
-        assert first["next"] == ["pages", names[operations.STATUS_PAGE_CHANNELS - 1]]
+        assert len(first["channels"]) == system.STATUS_PAGE_CHANNELS
+        assert first["next"] == ["pages", names[system.STATUS_PAGE_CHANNELS - 1]]
         status: Any = shmchannel.status()
     assert [c["dataset_name"] for c in status["channels"]] == names
     assert "next" not in status
@@ -431,17 +431,17 @@ def test_worst_status_page_fits_a_reply() -> None:
     MAX_NAME astral characters (12 bytes of JSON each), STATUS_PAGE_SHARDS shards among
     them, every counter at 2**63 -- encodes within protocol.MAX_REPLY_JSON."""
     name = "\U0001F600" * rules.MAX_NAME
-    shards = operations.STATUS_PAGE_SHARDS // operations.STATUS_PAGE_CHANNELS
+    shards = system.STATUS_PAGE_SHARDS // system.STATUS_PAGE_CHANNELS
     channels = {}
-    for i in range(operations.STATUS_PAGE_CHANNELS + 1):
+    for i in range(system.STATUS_PAGE_CHANNELS + 1):
         channel = Channel(name, f"{i:04d}" + name[4:], shards, False, 2**63, sender=1, closed=True)
         channel.sent_objects = channel.sent_bytes = 2**63
         channel.received_objects = channel.received_bytes = [2**63] * shards
         channel.reserved = [2**63] * shards
         channel.receivers = {2**63 - n: n for n in range(shards)}
         channels[(channel.namespace, channel.name)] = channel
-    page, following = operations.status_page(channels, None)
-    assert len(page) == operations.STATUS_PAGE_CHANNELS and following is not None
+    page, following = system.status_page(channels, None)
+    assert len(page) == system.STATUS_PAGE_CHANNELS and following is not None
     body = sum(map(len, protocol.encode(protocol.ok(channels=page, next=list(following)),
                                         max_json=protocol.MAX_REPLY_JSON)))
     assert body < protocol.MAX_REPLY_JSON // 2

@@ -162,22 +162,25 @@ class _Client:
             # Shared objects are read-only whatever their size.
             header, buffers = read_blob(view.toreadonly() if shared else view)
             return deserialize(header, buffers)
-        # The view and its hold are kept in ``item``: unpacked again after an interrupt (see
-        # EmbeddedReceiver.hand_out), it reuses them -- a second view whose first was
-        # dropped would have released the broker's one hold while the second is in use.
         base = item.get("_base")
         if base is None:
-            arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
-            base = arena.array(int(item["offset"]), int(item["size"]))
-            if shared:
-                base.flags.writeable = False  # other receivers read the same memory
-            item["_base"] = base
-        if not item.get("_held"):
-            item["_held"] = True  # first: cut short, a hold is kept till the connection ends, never lost
-            self.conn.hold()
-            weakref.finalize(base, self.conn.release, item["key"]).atexit = False
-        header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]  # numpy exports a buffer
+            base = self.view(item, shared)
+        header, buffers = read_blob(memoryview(base))
         return deserialize(header, buffers)
+
+    def view(self, item: dict[str, Any], shared: bool) -> Any:
+        """The array viewing an arena item's block, with this process's hold on it, released
+        when the array goes (a finalizer). Made for prefetched items as they arrive, on the
+        connection's reader thread, and kept in the item (``_base``): no interrupt can come
+        between counting the hold and arming its release, and an item unpacked again after
+        an interrupt (EmbeddedReceiver.hand_out) reuses it."""
+        arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
+        base = arena.array(int(item["offset"]), int(item["size"]))
+        if shared:
+            base.flags.writeable = False  # other receivers read the same memory
+        self.conn.hold()
+        weakref.finalize(base, self.conn.release, item["key"]).atexit = False
+        return base
 
     def unhold(self, reply: dict[str, Any], data: memoryview) -> None:
         """Undo the holds of a reply that raced an interrupt and was never used."""
@@ -244,8 +247,8 @@ class EmbeddedSender:
         spent = min(self._credit, need)
         self._credit -= spent  # the broker spends the same credit first, in the same order
         if self._room > 0 and spent == need:
+            self._room -= 1  # first: an interrupt after the post must not leave room counted twice
             self._client.conn.post(msg, payload)
-            self._room -= 1
         else:
             if need:
                 msg["credit"] = need * self._max_queue_size  # the broker bounds it
@@ -258,8 +261,7 @@ class EmbeddedSender:
         return _queue(reply["queue"])
 
     def withdraw(self, thread: int | None) -> None:
-        if thread is not None:
-            self._client.conn.withdraw(thread)
+        self._client.conn.withdraw(thread)
 
     def close(self, end_of_stream: bool) -> None:
         self._client.conn.close({"op": "close", **self._ident} if end_of_stream else None)
@@ -287,6 +289,7 @@ class EmbeddedReceiver:
         self._prefetch = prefetch
         self._buffer: collections.deque[tuple[dict[str, Any], memoryview]] = collections.deque()
         self.buffer = self._buffer  # for DataReceiver._recv_buffered's put-back
+        self.handing: tuple[dict[str, Any], memoryview] | None = None  # see hand_out
         self._shared = False
         self._last: str | None = None  # key of the object handed out last
         try:
@@ -304,11 +307,9 @@ class EmbeddedReceiver:
                  "limit": 1 if peek else self._prefetch},
                 on_interrupt=self._client.unhold if peek else self._put_back,
             )
-            self._shared = bool(reply["shared"])
-            items = _items(reply, data)
             if peek:
-                return self._client.unpack(*items[0], self._shared)
-            self._buffer.extend(items)
+                return self._client.unpack(*_items(reply, data)[0], bool(reply["shared"]))
+            self._arrive(reply, data)
         elif not peek:  # a reserved one: the broker counts it as queued until told
             self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard, "key": self._buffer[0][0]["key"]})
         if not peek:
@@ -329,8 +330,7 @@ class EmbeddedReceiver:
         return bool(self._buffer)
 
     def withdraw(self, thread: int | None) -> None:
-        if thread is not None:
-            self._client.conn.withdraw(thread)
+        self._client.conn.withdraw(thread)
 
     def fetch(self, timeout: float | None) -> None:
         """Fetch up to ``prefetch`` objects into the buffer, waiting up to ``timeout`` for
@@ -343,15 +343,24 @@ class EmbeddedReceiver:
         )
 
     def _arrive(self, reply: dict[str, Any], data: memoryview) -> None:
-        self._shared = bool(reply["shared"])
-        self._buffer.extend(_items(reply, data))
+        """Take a recv reply's objects into the buffer, each arena one with its view and
+        hold (``_Client.view``)."""
+        self._shared = shared = bool(reply["shared"])
+        items = _items(reply, data)
+        for item, _ in items:
+            if "offset" in item:
+                item["_base"] = self._client.view(item, shared)
+        self._buffer.extend(items)
 
     def hand_out(self) -> tuple[Any, Any]:
         """The next prefetched object, and what ``buffer.appendleft`` takes to put it back:
         for the main thread, which takes it without the worker (see DataReceiver._recv_buffered).
         It is removed from the buffer last, by one ``del``: an interrupt before leaves it
-        there, and the note to the broker, said again, changes nothing (``take_next``)."""
+        there, and the note to the broker, said again, changes nothing (``take_next``).
+        ``handing`` names it from before the ``del`` until the caller has it: an interrupt
+        in between (at any instruction on Python 3.10) finds it there to put back."""
         entry = self._buffer[0]
+        self.handing = entry
         item, inline = entry
         obj = self._client.unpack(item, inline, self._shared)
         self._client.conn.one_way({"op": "next", **self._ident, "shard": self._shard, "key": item["key"]}, wait=False)
@@ -370,14 +379,19 @@ class EmbeddedReceiver:
         return _queue(reply["queue"])
 
     def ack(self) -> None:
-        self._client.conn.one_way({"op": "ack", **self._ident, "shard": self._shard})
+        # Not what is still in the buffer: an object whose note went, then put back by an
+        # interrupt (DataReceiver._recv_buffered), was never the user's.
+        keep = [item["key"] for item, _ in list(self._buffer)]
+        self._client.conn.one_way({"op": "ack", **self._ident, "shard": self._shard, **({"keep": keep} if keep else {})})
 
     def close(self, give_back_last: bool = False) -> None:
         """Leave; prefetched objects not handed out go back to the head of the queue with
         the detach (the broker knows which: ``next`` told it what was handed out, so a
         recv of another thread racing this close cannot make one go back twice), behind
         the last one handed out with ``give_back_last`` -- in order."""
-        back = [self._last] if give_back_last and self._last is not None else []
+        back = ([self._last] if give_back_last and self._last is not None else []) + [
+            item["key"] for item, _ in list(self._buffer)  # (ones noted, then put back: see ack)
+        ]
         self._client.conn.close({"op": "detach", **self._ident, **({"give_back": back} if back else {})})
         self._buffer.clear()
 

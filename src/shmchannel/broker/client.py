@@ -86,12 +86,14 @@ class Connection(Wire):
         self._finished = False  # close() said its farewell: the last release shuts the socket
         self._stopped = False  # the writer was told to stop
         self._release_alarm = False  # the writer was told that releases wait
+        self._leaving = False  # withdraw(None): the endpoint closes, its waiting calls end with EndpointClosed
         self._seqs = itertools.count(1)  # numbers of frames the main thread writes (see _write_from_main)
         self._unsure: bytes | None = None  # a frame whose write an interrupt cut: written again next
         self._main_writing = False  # the main thread holds the write lock
         self._posted_failure: ChannelError | None = None  # seen, not raised yet
         self._unconfirmed = False  # posted requests since the last reply
         self._writer: int | None = None  # the writer thread's id, which it sets
+        self._reader: int | None = None  # the reader thread's id, which it sets
         # The writer makes and connects the socket: made here, an interrupt could leave it
         # half made, and unclosed. Until the hello is answered only the writer uses it.
         self._sock: socket.socket = None  # type: ignore[assignment]
@@ -161,12 +163,16 @@ class Connection(Wire):
         broker (so what it names is still the caller's to free)."""
         return not track or not track[0].written or track[0].reply is WITHDRAWN
 
-    def withdraw(self, thread: int) -> None:
+    def withdraw(self, thread: int | None) -> None:
         """Withdraw the requests ``thread`` waits in (they raise ``Cancelled``): for a
-        caller that stops waiting for a call another thread makes on its behalf."""
+        caller that stops waiting for a call another thread makes on its behalf. None: the
+        requests of every other thread, which raise ``EndpointClosed`` (a close begins)."""
+        me = threading.get_ident()
         with self._lock:
             calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
-        waiting = [call for call in calls if call.thread == thread and not call.abandoned]
+            if thread is None:
+                self._leaving = True
+        waiting = [c for c in calls if (c.thread == thread or thread is None and c.thread != me) and not c.abandoned]
         for call in waiting:
             self._hand_over(Cancel(call, abandon=False))
 
@@ -187,7 +193,7 @@ class Connection(Wire):
             assert answer is not None  # no deadline
             reply, data = answer
             if not reply.get("ok"):
-                if reply.get("error") == Cancelled.code and self._closing:
+                if reply.get("error") == Cancelled.code and (self._closing or self._leaving):
                     raise EndpointClosed("closed by close() from another thread while waiting")
                 raise from_wire(str(reply.get("error")), str(reply.get("message")))
             return reply, data  # (an interrupt up to here is undone: see _abandon)
@@ -206,6 +212,9 @@ class Connection(Wire):
         me = threading.get_ident()
         if me == self._writer:  # undoing an interrupted call: its loop writes this next
             self._queued.append(Frame(encode(msg, payload), call))
+            return
+        if me == self._reader:  # undoing one too: it must never wait for the writer (who may
+            self._hand_over(Frame(encode(msg, payload), call))  # wait for the broker, who waits for it)
             return
         if me == self._main:
             if self._main_writing:
@@ -320,16 +329,17 @@ class Connection(Wire):
         if os.getpid() != self.pid:
             return
         parts = [] if farewell is None else [encode({**farewell, "posted": True, "id": next(self._ids)})]
-        with self._lock:
-            if self._closing:
-                return
-            calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
-            items: list[Frame | Cancel] = [Cancel(c, abandon=False) for c in calls if not c.abandoned]
-            items += [Frame(p, None) for p in parts]
-            self._closing = True
-            self._queued.extend(items)
+        began = False
         failure: ChannelError | None = None
         try:
+            with self._lock:
+                if self._closing:
+                    return
+                calls = list(self._calls.values())  # one C step: a signal handler's request cannot change it midway
+                items: list[Frame | Cancel] = [Cancel(c, abandon=False) for c in calls if not c.abandoned]
+                items += [Frame(p, None) for p in parts]
+                self._closing = began = True
+                self._queued.extend(items)
             self._wake.put(None)
             if parts or self._unconfirmed:
                 # Its reply comes after the failures of the requests posted before it.
@@ -337,11 +347,12 @@ class Connection(Wire):
         except ChannelError:
             pass  # the broker is gone: it has forgotten us anyway
         finally:
-            with self._lock:
+            if began:  # (also if interrupted: what close queued must go, and the socket end)
+                self._wake.put(None)
+                self._finished = True
+                if self._holds.count <= 0:
+                    self._shutdown()
                 failure, self._posted_failure = self._posted_failure, None
-            self._finished = True
-            if self._holds.count <= 0:
-                self._shutdown()
         if failure is not None:
             raise failure
 

@@ -152,7 +152,7 @@ def stop(timeout: float = 10.0) -> int | None:
 
 def status() -> dict[str, Any] | None:
     """The broker's status (pid, store, channels), or None if no broker runs. The channels
-    come in pages (``operations.status_page``); the other figures are the first page's."""
+    come in pages (``system.status_page``); the other figures are the first page's."""
     try:
         conn = connect()
     except BrokerUnavailable:

@@ -23,7 +23,7 @@ MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20
 #: A reply's JSON may be larger than a request's: a queue listing names up to
 #: ``rules.MAX_QUEUED`` keys (about 26 bytes each), a status page up to 29 MB
-#: (``operations.STATUS_PAGE_CHANNELS``). The broker is our own code; the bound only
+#: (``system.STATUS_PAGE_CHANNELS``). The broker is our own code; the bound only
 #: catches a stream out of step before it allocates without limit.
 MAX_REPLY_JSON = 64 << 20
 

@@ -1,6 +1,6 @@
 """What the broker's state is made of: channels (per-shard queues of keys, their
 counters and the signals their waiters wait on) and clients (what each holds, has lent
-and is allocating). Plain records; the decisions about them are in state.py."""
+and is allocating). Plain records; the decisions about them are in state.py and accounts.py."""
 
 from __future__ import annotations
 
@@ -151,4 +151,4 @@ class Client:
     sends_to: set[tuple[str, str]] = field(default_factory=set)
     receives_from: set[tuple[str, str]] = field(default_factory=set)
     datasystem: bool = False
-    credit: int = 0  # inline bytes set aside for its next sends (state.BrokerState.grant_credit)
+    credit: int = 0  # inline bytes set aside for its next sends (accounts.Accounts.grant_credit)

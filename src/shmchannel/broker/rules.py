@@ -1,6 +1,6 @@
-"""The channel rules both brokers apply -- the embedded one (state.py, operations.py) and
-the Ray actor (backends/ray_actor.py) -- and the errors they answer with, written once so
-the two backends refuse the same things with the same words.
+"""The channel rules both brokers apply -- the embedded one (state.py, accounts.py,
+operations.py) and the Ray actor (backends/ray_actor.py) -- and the errors they answer
+with, written once so the two backends refuse the same things with the same words.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The broker's asyncio server on its Unix socket: accepts clients, routes their frames to
-the operations (operations.py), answers, and exits when told or idle.
+the operations (operations.py, system.py), answers, and exits when told or idle.
 
 One reader per client handles every frame as it arrives, so one-way messages (release,
 cancel) are handled even while that client's blocking request waits; a waiting request is
@@ -20,13 +20,14 @@ from ..errors import Cancelled, ChannelError, InvalidArgument
 from ..store.arena import ArenaFile
 from . import protocol
 from .connection import ClientConnection
-from .operations import Operations, Reply, Waiter, request_field
+from .operations import Reply, Waiter, request_field
 from .state import BrokerState
+from .system import SystemOperations
 
 log = logging.getLogger("shmchannel.broker")
 
 
-class Server(Operations):
+class Server(SystemOperations):
     #: Requests that only look: a client sending nothing else (``shmchannel status --watch``)
     #: does not put off the idle exit.
     OBSERVING = frozenset({"hello", "status", "stats", "sync"})
@@ -212,7 +213,10 @@ class Server(Operations):
                 key = msg.get("key")
                 self.state.take_next(conn.client, channel, shard, key if isinstance(key, str) else None)
             else:
-                self.state.acknowledge(conn.client, channel, shard)
+                keep = msg.get("keep")
+                self.state.acknowledge(
+                    conn.client, channel, shard, {k for k in keep if isinstance(k, str)} if isinstance(keep, list) else ()
+                )
         elif op == "hold":
             self.state.hold(conn.client, request_field(msg, "key", str))
         if self.state.idle():

@@ -1,5 +1,9 @@
 """The broker's state and every decision about it; no I/O, no waiting.
 
+``BrokerState`` decides about channels, clients and the delivery of objects between them;
+what they take of the store -- allocations, inline credit, holds, the DataSystem's
+objects -- is accounted by its base, ``Accounts`` (accounts.py).
+
 Each operation either completes, raises the error its caller gets, or returns ``WAIT``
 when it cannot proceed yet (queue full, queue empty, store full, channel missing). The
 server then waits on the ``Signal`` (records.py) named for that case and asks again: the
@@ -22,50 +26,32 @@ from __future__ import annotations
 import itertools
 
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Collection
 
 from ..errors import EndpointClosed, InvalidArgument
-from ..store.table import ObjectTable, StoredObject, charge, describe_all, inline_span
+from ..store.table import ObjectTable, StoredObject, describe_all, inline_span
 from . import rules
+from .accounts import WAIT, Accounts
 from .journal import Journal
 from .records import Channel, Client, Lent, Part, Signal
 
-WAIT: Any = object()
-"""Returned by an operation that must wait for a signal before it is tried again."""
 
-#: Most inline credit one client keeps (``grant_credit``), and at most a sixteenth of the
-#: store: room set aside, like a sender's spare blocks, that others cannot use meanwhile.
-MAX_CREDIT = 2 << 20
-
-
-class BrokerState:
+class BrokerState(Accounts):
     """Channels, clients and the objects between them (see the module docstring)."""
 
     def __init__(self, table: ObjectTable, journal: Journal | None = None) -> None:
-        self.table = table
+        super().__init__(table)
         self.journal = journal
         self.channels: dict[tuple[str, str], Channel] = {}
         self.clients: dict[int, Client] = {}
         self.channel_created = Signal()
-        self.store_freed = Signal()
-        self.pinned: set[str] = set()  # DataSystem keys
         self._next_client = 0
-        self.foreign: dict[str, int] = {}  # dead brokers' arenas -> objects of ours still in them
-        self.on_foreign_empty: Callable[[str], None] = lambda name: None
-        table.on_foreign_freed = self._foreign_freed
 
     # -- the journal (see journal.py and recovery.py) --------------------------------------
 
     def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
         if self.journal is not None:
             self.journal.record(msg, payload)
-
-    def _foreign_freed(self, obj: StoredObject) -> None:
-        assert obj.arena is not None
-        self.foreign[obj.arena] -= 1
-        if not self.foreign[obj.arena]:
-            del self.foreign[obj.arena]
-            self.on_foreign_empty(obj.arena)
 
     # -- clients -------------------------------------------------------------------------
 
@@ -83,16 +69,7 @@ class BrokerState:
             if channel is not None:  # delivered, never acknowledged: the next receiver gets it
                 self._give_back(client, channel, shard)
         client.lent.clear()
-        freed = bool(client.allocations)
-        for offset in client.allocations:
-            self.table.free_allocation(offset)
-        client.allocations.clear()
-        if client.credit:
-            self.table.revoke(client.credit)
-            client.credit, freed = 0, True
-        for key, count in client.holds.items():
-            freed |= self.table.unref(key, count)
-        client.holds.clear()
+        freed = self._settle(client)
         for ident in list(client.sends_to):
             channel = self.channels.get(ident)
             if channel is not None and channel.sender == client.id:
@@ -211,88 +188,6 @@ class BrokerState:
         if channel.receivers.get(client.id) != shard:
             raise EndpointClosed(f"this client is not a receiver of shard {shard} of channel {channel.label}: open it first")
 
-    # -- memory --------------------------------------------------------------------------
-
-    def try_allocate(self, client: Client, sizes: list[int], spares: int = 0) -> Any:
-        """Offsets for blobs of ``sizes`` (all or none), then as many as fit of up to
-        ``spares`` more such sets, which never wait: (offsets, spare sets). WAIT while the
-        store is too full for the first set."""
-        offsets = self.table.allocate(sizes)
-        if offsets is None:
-            return WAIT
-        sets = [offsets]
-        for _ in range(spares):
-            try:
-                spare = self.table.allocate(sizes)
-            except OSError:
-                spare = None
-            if spare is None:
-                break
-            sets.append(spare)
-        for block in sets:
-            for offset, size in zip(block, sizes):
-                client.allocations[offset] = size
-        return offsets, sets[1:]
-
-    def free_allocations(self, client: Client, offsets: list[int]) -> None:
-        for offset in offsets:
-            if client.allocations.pop(offset, None) is not None:
-                self.table.free_allocation(offset)
-        self.store_freed.fire()
-
-    def _claim(self, client: Client, parts: list[Part]) -> None:
-        """Check that every arena part is an allocation of this client, large enough, named
-        once: a block named twice would be stored once and then fail the send half done,
-        leaving an object in no queue (issue 13)."""
-        offsets = [part.offset for part in parts if part.inline is None]
-        if len(set(offsets)) < len(offsets):
-            twice = next(offset for offset in offsets if offsets.count(offset) > 1)
-            raise InvalidArgument(f"offset {twice} is named by more than one part of one send")
-        for part in parts:
-            if part.inline is None:
-                allocated = client.allocations.get(part.offset)
-                if allocated is None or part.size > allocated:
-                    raise InvalidArgument(f"offset {part.offset} is not an allocation of {part.size} bytes of this client")
-
-    def _spend_credit(self, client: Client, parts: list[Part]) -> bool:
-        """Count the inline parts against the store (``table.charge``): from the client's
-        credit first, the rest from free room; False, with nothing counted, if the store is
-        too full: the caller waits for ``store_freed`` (issue 13: inline bytes were not
-        bounded at all).
-
-        Raises:
-            StoreFull: they could never fit, even in an empty store.
-        """
-        sizes = [len(part.inline) for part in parts if part.inline is not None]
-        if not sizes:
-            return True
-        need = sum(map(charge, sizes))
-        spent = min(client.credit, need)
-        if not self.table.fits(need - spent):
-            self.table.check_fits(sizes)
-            return False
-        client.credit -= spent
-        self.table.revoke(spent)  # the objects count from now on (``table.add``)
-        return True
-
-    def grant_credit(self, client: Client, want: int) -> int:
-        """Top the client's inline credit up towards ``want`` bytes with room free now (at
-        most MAX_CREDIT, and a sixteenth of the store), never waiting; its credit. A sender
-        posts inline sends its credit covers without waiting for their replies, as it posts
-        sends into arena blocks it was given: a posted send never waits for memory."""
-        more = min(want, MAX_CREDIT, self.table.capacity // 16) - client.credit
-        more = min(more, self.table.free)
-        if more > 0:
-            self.table.grant(more)
-            client.credit += more
-        return client.credit
-
-    def _store(self, client: Client, part: Part, refs: int) -> StoredObject:
-        if part.inline is None:
-            del client.allocations[part.offset]
-            return self.table.add(part.size, offset=part.offset, refs=refs)
-        return self.table.add(part.size, inline=part.inline, refs=refs)
-
     # -- sending and receiving -----------------------------------------------------------
 
     def try_send(self, client: Client, channel: Channel, parts: list[Part]) -> Any:
@@ -387,30 +282,24 @@ class BrokerState:
         channel.reserved[shard] -= 1
         channel.space.fire()
 
-    def _hold(self, client: Client, obj: StoredObject) -> None:
-        """A reference for the client's zero-copy views (inline bytes travel: nothing to hold)."""
-        if obj.inline is None:
-            obj.refs += 1
-            client.holds[obj.key] += 1
-
-    def hold(self, client: Client, key: str) -> None:
-        """One more hold on an object the client already holds (it views it once more)."""
-        obj = self.table.get(key)
-        if obj is not None and client.holds.get(key, 0) > 0:
-            self._hold(client, obj)
-
-    def acknowledge(self, client: Client, channel: Channel, shard: int) -> None:
-        """The objects handed out from ``shard`` to ``client`` are consumed: drop their references."""
+    def acknowledge(self, client: Client, channel: Channel, shard: int, keep: Collection[str] = ()) -> None:
+        """The objects handed out from ``shard`` to ``client`` are consumed: drop their
+        references -- but those in ``keep``, which the client still has unused (its note
+        went, then an interrupt put the object back in its buffer)."""
         ident = (channel.namespace, channel.name, shard)
         lent = client.lent.get(ident)
         if lent is None or not lent.taken:
             return
         freed = False
         taken = [lent.keys.popleft() for _ in range(lent.taken)]
+        kept = [key for key in taken if key in keep]
+        if kept:
+            taken = [key for key in taken if key not in keep]
+            lent.keys.extendleft(reversed(kept))
+        lent.taken = len(kept)
         self._log({"r": "ack", "ns": channel.namespace, "name": channel.name, "shard": shard, "keys": taken})
         for key in taken:
             freed |= self.table.unref(key)
-        lent.taken = 0
         if not lent.keys:
             del client.lent[ident]
         if freed:
@@ -455,18 +344,6 @@ class BrokerState:
             channel.queues[shard].extendleft(reversed(back))
             channel.data[shard].fire()
 
-    def release(self, client: Client, keys: list[str]) -> None:
-        freed = False
-        for key in keys:
-            if client.holds.get(key, 0) <= 0:
-                continue
-            client.holds[key] -= 1
-            if not client.holds[key]:
-                del client.holds[key]
-            freed |= self.table.unref(key)
-        if freed:
-            self.store_freed.fire()
-
     def queue(self, channel: Channel, shard: int | None, lent: bool = False) -> Any:
         """Keys not handed to a user yet, oldest first: reserved by receivers, then queued
         (with ``lent``: also those handed out and not acknowledged, first)."""
@@ -478,31 +355,3 @@ class BrokerState:
             if record is not None:
                 out += list(record.keys) if lent else record.reserved
         return out + list(channel.queues[shard])
-
-    # -- data system ---------------------------------------------------------------------
-
-    def try_put(self, client: Client, part: Part) -> Any:
-        """Store a DataSystem object; its key. WAIT while the store has no room for its
-        inline bytes (its arena block was allocated before)."""
-        self._claim(client, [part])
-        if not self._spend_credit(client, [part]):
-            return WAIT
-        key = self._store(client, part, refs=1).key
-        self.pinned.add(key)
-        return key
-
-    def get(self, client: Client, key: str) -> StoredObject:
-        obj = self.table.get(key)
-        if obj is None or key not in self.pinned:
-            raise rules.no_such_key(key)
-        if obj.inline is None:
-            obj.refs += 1
-            client.holds[key] += 1
-        return obj
-
-    def delete(self, key: str) -> None:
-        if key not in self.pinned:
-            raise rules.no_such_key(key)
-        self.pinned.discard(key)
-        if self.table.unref(key):
-            self.store_freed.fire()

@@ -61,6 +61,7 @@ class Wire:
     _unconfirmed: bool
     _release_alarm: bool
     _writer: int | None
+    _reader: int | None
 
     def _raise_failure(self) -> None:
         raise NotImplementedError
@@ -239,6 +240,9 @@ def write_loop(ref: weakref.ref[Connection], box: list[socket.socket], wake: que
     conn._writer = threading.get_ident()
     try:
         box.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        # Linux cuts a stream write into chunks of up to half the send buffer: at least
+        # 2 * ATOMIC_FRAME, for the main thread's frames to go whole or not at all.
+        box[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * ATOMIC_FRAME)
         box[0].connect(conn.path)
     except OSError as exc:
         failure = BrokerUnavailable(f"cannot connect to the broker at {conn.path}: {exc.strerror or exc}")
@@ -269,6 +273,10 @@ def write_loop(ref: weakref.ref[Connection], box: list[socket.socket], wake: que
 
 def read_loop(ref: weakref.ref[Connection], sock: socket.socket) -> None:
     """The reader thread: reads and routes replies until the socket ends."""
+    conn = ref()
+    if conn is not None:
+        conn._reader = threading.get_ident()
+    del conn
     frames = FrameReader()
     failure: ChannelError | None = None
     while failure is None:

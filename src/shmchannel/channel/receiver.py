@@ -157,7 +157,6 @@ class DataReceiver(ChannelEnd):
         interrupt cannot come between taking the lock and owning the block); the object
         leaves the buffer by the last step of ``hand_out``; and an interrupt raised after
         that -- at the with block's exit, the one call left -- puts it back."""
-        entry = None
         try:
             with self._turn.lock:
                 if self._endpoint is not endpoint:  # closed by another thread meanwhile
@@ -166,12 +165,14 @@ class DataReceiver(ChannelEnd):
                 try:
                     if not endpoint.buffered():
                         return _EMPTIED
-                    obj, entry = endpoint.hand_out()
+                    obj, _ = endpoint.hand_out()
                 finally:
                     self._main_waits = False
+            endpoint.handing = None
             return obj
         except BaseException:
-            if entry is not None:
+            entry, endpoint.handing = endpoint.handing, None
+            if entry is not None and not (endpoint.buffer and endpoint.buffer[0] is entry):
                 endpoint.buffer.appendleft(entry)  # handed out again next; its note again is a no-op
             raise
 
@@ -407,7 +408,14 @@ class DataReceiver(ChannelEnd):
             self._slot.clear()
             give_back = job is not None and job.done() and job.exception() is None
             del job
-            endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
+            if getattr(endpoint, "interrupt_safe", False):
+                # What is in the buffer goes back by name (receiver.close says why): no other
+                # thread may take from it meanwhile, so end their waits and take the turn.
+                endpoint.withdraw(None)
+                with self._turn.lock:
+                    endpoint.close(give_back_last=give_back)
+            else:
+                endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
             if self._worker is not None:
                 self._worker.stop()
 
