@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from shmchannel import DataReceiver, DataSender, DataSystem, StoreFull, StoreFullTimeout
-from shmchannel.backends import embedded
+from shmchannel.backends import arena_client
 from shmchannel.store.arena import ArenaMap
 from shmchannel.testing import wait_until
 
@@ -23,8 +23,8 @@ MIB = 1 << 20
 
 def _arena() -> ArenaMap:
     """This process's mapping of the broker's arena (made by the first endpoint)."""
-    assert embedded._arena is not None, "no arena mapped in this process"
-    return embedded._arena[2]
+    assert arena_client._arena is not None, "no arena mapped in this process"
+    return arena_client._arena[2]
 
 
 def _inside_arena(array: np.ndarray) -> bool:

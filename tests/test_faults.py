@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from shmchannel import DataReceiver, DataSender, DataSystem, StoreFull, StoreFullTimeout
-from shmchannel.backends import embedded
+from shmchannel.backends import arena_client
 from shmchannel import config
 from shmchannel.broker import daemon
 from shmchannel.testing import start_process, wait_until
@@ -102,7 +102,7 @@ def small_tmpfs(_isolated: str) -> Iterator[str]:
         yield path
     finally:
         daemon.stop()
-        embedded._arena = None  # this process's mapping of the arena keeps the tmpfs busy
+        arena_client._arena = None  # this process's mapping of the arena keeps the tmpfs busy
         gc.collect()
         left = os.listdir(path)
         if saved is None:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pytest
 
 from shmchannel import DataReceiver, DataSender, DataSystem, InvalidArgument, UnsupportedType
-from shmchannel.backends import embedded
+from shmchannel.backends import arena_client
 from shmchannel.testing import join_ok, start_process, wait_until
 
 from .conftest import ADDRESS
@@ -126,8 +126,8 @@ def _difference(got: Any, expected: Any) -> str:
 
 
 def _inside_arena(address: int, nbytes: int) -> bool:
-    assert embedded._arena is not None, "no arena mapped in this process"
-    start, end = embedded._arena[2].address_range
+    assert arena_client._arena is not None, "no arena mapped in this process"
+    start, end = arena_client._arena[2].address_range
     return start <= address and address + nbytes <= end
 
 
@@ -297,8 +297,8 @@ def test_received_tensor_writes_reach_the_shared_memory_it_views(broker: int) ->
     with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
         sender.send(torch.zeros(ROWS))
         got = receiver.recv(timeout=10)
-        assert embedded._arena is not None
-        arena = embedded._arena[2]
+        assert arena_client._arena is not None
+        arena = arena_client._arena[2]
         raw = arena.array(got.data_ptr() - arena.address_range[0], ROWS * 4).view(np.float32)
         got[10] = 7.0
         assert raw[10] == 7.0

@@ -1,0 +1,187 @@
+"""The embedded backend's side of the arena: this process's mapping of it, and a broker
+connection that packs objects into blobs (inline, or in arena blocks it allocates) and
+unpacks replies into objects that view the arena (zero-copy, each view holding its block
+until dropped). The endpoints (embedded.py) say what to send and receive."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from ..broker import daemon, protocol
+from ..serialization import deserialize, serialize
+from ..store.arena import ArenaMap
+from ..store.blob import plan_blob, read_blob, write_blob
+
+#: Blobs up to this many bytes travel inline with their key instead of through the arena:
+#: below it a socket copy is cheaper than an arena block's extra round trip and release.
+INLINE_THRESHOLD = 64 * 1024
+
+#: Most inline bytes one request carries, whatever ``inline_threshold`` says: the frame's
+#: payload bound (``protocol.MAX_PAYLOAD``, 256 MiB). Parts past it go through the arena.
+INLINE_BUDGET = protocol.MAX_PAYLOAD
+
+#: Most spare block sets a sender keeps for its next objects (see ``_Client.pack``), and
+#: the largest object that gets them: above it the copy dwarfs a round trip (100 us is 5%
+#: of copying 2 MiB here), and spares of large objects would hold much of the store.
+MAX_SPARES = 3
+SPARE_LIMIT = 2 << 20
+
+_arena_lock = threading.Lock()
+_arena: tuple[int, str, ArenaMap] | None = None  # (pid, path, map) of the current broker
+
+
+def _arena_for(info: dict[str, Any]) -> ArenaMap:
+    """This process's mapping of the broker's arena (one per process and broker)."""
+    global _arena
+    with _arena_lock:
+        if _arena is None or _arena[0] != os.getpid() or _arena[1] != info["arena"]:
+            # Dropping an old broker's map unmaps it once no view of it is left.
+            _arena = (os.getpid(), info["arena"], ArenaMap(info["arena"], int(info["capacity"])))
+        return _arena[2]
+
+
+_foreign: dict[tuple[int, str], ArenaMap] = {}  # (pid, path) -> map of a dead broker's arena
+
+
+def _foreign_arena(path: str) -> ArenaMap:
+    """This process's mapping of a dead broker's arena, whose objects a new broker recovered.
+    Kept for the life of the process: a mapping outlives the file's removal, and objects
+    received from it may still be viewed."""
+    with _arena_lock:
+        key = (os.getpid(), path)
+        if key not in _foreign:
+            _foreign[key] = ArenaMap(path, os.stat(path).st_size)
+        return _foreign[key]
+
+
+def remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class ArenaClient:
+    """A connection plus the arena: packs objects into blobs and unpacks replies."""
+
+    def __init__(self, inline_threshold: int) -> None:
+        self.inline_threshold = inline_threshold
+        self._spares: dict[tuple[int, ...], list[list[int]]] = {}  # allocated, unused blocks by sizes
+        self.conn = daemon.ensure_running()
+        try:
+            self.arena = _arena_for(self.conn.info)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def pack(
+        self, objs: list[Any], timeout: float | None, deadline: float | None,
+        ident: dict[str, Any] | None = None, spares: int = 0,
+    ) -> tuple[list[dict[str, Any]], bytearray, int | None]:
+        """Write ``objs`` as blobs: (part descriptions, inline payload, the room of channel
+        ``ident`` if the broker was asked for memory). Frees on failure.
+
+        Arena blocks come from a spare set of the same sizes if one is left, else from the
+        broker, asking for up to ``spares`` more sets for the next calls: a stream of
+        same-sized objects then costs one allocation round trip per ``spares + 1`` objects.
+        Blobs go inline up to ``inline_threshold`` bytes each and ``INLINE_BUDGET`` in all.
+        """
+        serialized = [serialize(obj) for obj in objs]
+        plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
+        inline, budget = [], INLINE_BUDGET
+        for plan in plans:
+            inline.append(plan.size <= min(self.inline_threshold, budget))
+            budget -= plan.size if inline[-1] else 0
+        big = [p.size for p, small in zip(plans, inline) if not small]
+        offsets: list[int] = []
+        room = None
+        if big:
+            pool = self._spares.get(tuple(big))
+            if pool:
+                offsets = pool.pop()
+            else:
+                self.drop_spares()  # other sizes now: give their memory back
+                reply, _ = self.conn.request(
+                    {"op": "alloc", **(ident or {}), "sizes": big, "spares": spares if sum(big) <= SPARE_LIMIT else 0,
+                     "timeout": remaining(deadline), "asked": timeout},
+                    on_interrupt=self._free_granted,
+                )
+                offsets, room = reply["offsets"], reply.get("room")
+                if reply.get("spares"):
+                    self._spares[tuple(big)] = reply["spares"]
+        try:
+            payload = bytearray(INLINE_BUDGET - budget)
+            inline_view = memoryview(payload)
+            parts: list[dict[str, Any]] = []
+            pos, arena_offsets = 0, iter(offsets)
+            for s, plan, small in zip(serialized, plans, inline):
+                if small:
+                    write_blob(inline_view[pos : pos + plan.size], plan, s.header, s.buffers)
+                    parts.append({"inline": [pos, plan.size]})
+                    pos += plan.size
+                else:
+                    offset = next(arena_offsets)
+                    write_blob(self.arena.view(offset, plan.size), plan, s.header, s.buffers)
+                    parts.append({"offset": offset, "size": plan.size})
+        except BaseException:
+            if offsets and not self.conn.closed:
+                self.conn.request({"op": "free", "offsets": offsets})
+            raise
+        return parts, payload, room
+
+    def _free_granted(self, reply: dict[str, Any], data: memoryview) -> None:
+        """Free the blocks of an alloc whose caller was interrupted as they came."""
+        offsets = list(reply.get("offsets", [])) + [o for block in reply.get("spares") or [] for o in block]
+        if offsets:
+            self.conn.post({"op": "free", "offsets": offsets}, quiet=True)
+
+    def drop_spares(self) -> None:
+        offsets = [o for pool in self._spares.values() for block in pool for o in block]
+        self._spares.clear()
+        if offsets:
+            self.conn.post({"op": "free", "offsets": offsets})
+
+    def unpack(self, item: dict[str, Any], data: memoryview, shared: bool) -> Any:
+        """The object a reply item names; arena data is viewed, not copied."""
+        if "offset" not in item:
+            view = memoryview(data)
+            # Shared objects are read-only whatever their size.
+            header, buffers = read_blob(view.toreadonly() if shared else view)
+            return deserialize(header, buffers)
+        base = item.get("_base")
+        if base is None:
+            base = self.view(item, shared)
+        header, buffers = read_blob(memoryview(base))
+        return deserialize(header, buffers)
+
+    def view(self, item: dict[str, Any], shared: bool) -> Any:
+        """The array viewing an arena item's block, with this process's hold on it, released
+        when the array goes (a finalizer). Made for prefetched items as they arrive, on the
+        connection's reader thread, and kept in the item (``_base``): no interrupt can come
+        between counting the hold and arming its release, and an item unpacked again after
+        an interrupt (EmbeddedReceiver.hand_out) reuses it."""
+        arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
+        base = arena.array(int(item["offset"]), int(item["size"]))
+        if shared:
+            base.flags.writeable = False  # other receivers read the same memory
+        self.conn.hold()
+        weakref.finalize(base, self.conn.release, item["key"]).atexit = False
+        return base
+
+    def unhold(self, reply: dict[str, Any], data: memoryview) -> None:
+        """Undo the holds of a reply that raced an interrupt and was never used."""
+        for item in reply.get("items", [reply]):
+            if "offset" in item:
+                self.conn.hold()
+                self.conn.release(item["key"])
+
+
+def items_of(reply: dict[str, Any], data: memoryview) -> list[tuple[dict[str, Any], memoryview]]:
+    """A recv reply's items, each with its inline bytes (a view of ``data``)."""
+    view = memoryview(data)
+    out = []
+    for item in reply["items"]:
+        start, length = item.get("inline", (0, 0))
+        out.append((item, view[start : start + length]))
+    return out
