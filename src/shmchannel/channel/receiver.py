@@ -113,7 +113,18 @@ class DataReceiver(WorkerRecv):
         if aio.in_main_thread():
             if self._slot or not getattr(endpoint, "interrupt_safe", False):
                 return self._from_main(endpoint, timeout, keep=False)
-            return self._recv_main(endpoint, timeout, peek=False)
+            # The object being handed out (hand_out's ``handing``) is the caller's only once
+            # this, the outermost frame, returns: an interrupt anywhere before -- also at the
+            # return of an inner call, a check point on Python 3.10 -- puts it back.
+            try:
+                obj = self._recv_main(endpoint, timeout, peek=False)
+                endpoint.handing = None
+                return obj
+            except BaseException:
+                entry, endpoint.handing = endpoint.handing, None
+                if entry is not None and not (endpoint.buffer and endpoint.buffer[0] is entry):
+                    endpoint.buffer.appendleft(entry)  # handed out again next; its note again is a no-op
+                raise
         if self._slot:
             return self._pending_result(endpoint, timeout, keep=False)
         return self._take(endpoint, timeout, False)
@@ -156,26 +167,20 @@ class DataReceiver(WorkerRecv):
         such a recv). Interrupt-safe by its order of steps:
         the turn is taken by a with block on a lock (its enter and exit are C, so an
         interrupt cannot come between taking the lock and owning the block); the object
-        leaves the buffer by the last step of ``hand_out``; and an interrupt raised after
-        that -- at the with block's exit, the one call left -- puts it back."""
-        try:
-            with self._turn.lock:
-                if self._endpoint is not endpoint:  # closed by another thread meanwhile
-                    raise EndpointClosed(f"{self!r} is closed")
-                self._main_waits = True  # a signal handler calling in raises ReentrantCall, not deadlock
-                try:
-                    if not endpoint.buffered():
-                        return _EMPTIED
-                    obj, _ = endpoint.hand_out()
-                finally:
-                    self._main_waits = False
-            endpoint.handing = None
-            return obj
-        except BaseException:
-            entry, endpoint.handing = endpoint.handing, None
-            if entry is not None and not (endpoint.buffer and endpoint.buffer[0] is entry):
-                endpoint.buffer.appendleft(entry)  # handed out again next; its note again is a no-op
-            raise
+        leaves the buffer by the last step of ``hand_out``, which names it (``handing``)
+        until ``recv`` returns it; an interrupt raised after that step -- at the with
+        block's exit, or at any return on the way out -- makes ``recv`` put it back."""
+        with self._turn.lock:
+            if self._endpoint is not endpoint:  # closed by another thread meanwhile
+                raise EndpointClosed(f"{self!r} is closed")
+            self._main_waits = True  # a signal handler calling in raises ReentrantCall, not deadlock
+            try:
+                if not endpoint.buffered():
+                    return _EMPTIED
+                obj, _ = endpoint.hand_out()
+            finally:
+                self._main_waits = False
+        return obj
 
     def _take(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
         with self._turn.held(timeout) as left:
