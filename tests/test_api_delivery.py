@@ -44,8 +44,8 @@ def test_prefetched_objects_still_count_as_queued(broker: int) -> None:
         keys = sender.get_queue(0)
         assert receiver.recv(timeout=10) == [0]
         assert receiver.get_queue(0) == keys[1:]
-        # The receiver's note that it handed [0] out is written by its connection's writer
-        # thread, in order on that connection; another connection sees it a moment later.
+        # The receiver's note that it handed [0] out goes on its own connection, without a
+        # reply to wait for; another connection's look may reach the broker first.
         wait_until(lambda: sender.get_queue(0) == keys[1:], 10, "the sender to see [0] handed out")
         assert _depths(name) == [5]
         sender.send([6], timeout=5)  # the one handed out made room for exactly one

@@ -9,9 +9,7 @@ where the blob layout promises (issue 11: a bytearray starts where malloc puts i
 
 from __future__ import annotations
 
-import select
 import socket
-import time
 from typing import Any
 
 from ..serialization.arrays import aligned_copy
@@ -61,14 +59,3 @@ class FrameReader:
             data = _EMPTY
         del self._buf[:end]
         return msg, data
-
-
-def wait_readable(sock: socket.socket, deadline: float) -> bool:
-    """Wait until ``sock`` has data or ``deadline`` (time.monotonic) passes; whether it has.
-    select, not a socket timeout: that would also cut short another thread's write."""
-    left = max(0.0, deadline - time.monotonic())
-    try:
-        ready, _, _ = select.select([sock], [], [], left)
-    except (OSError, ValueError):  # closed under us: the read says how
-        return True
-    return bool(ready)

@@ -39,6 +39,16 @@ class Endpoint:
 class ChannelEnd(Endpoint):
     _namespace: str
     _dataset_name: str
+    _main_waits: bool  # the main thread is inside a send/recv/peek of this end
+
+    def _refuse_reentry(self, what: str, why: str = "it would wait for itself") -> None:
+        """Raise ReentrantCall if the main thread is inside ``what`` of this end: this call
+        comes from a signal handler run in the middle of it."""
+        if self._main_waits:
+            raise ReentrantCall(
+                f"a call re-entered {self!r} while the main thread is inside {what} of it (from a signal "
+                f"handler?); {why}: call it from another thread, or after the outer call"
+            )
 
     @property
     def namespace(self) -> str:

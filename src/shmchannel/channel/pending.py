@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 from .. import aio
 from ..broker import rules
-from ..errors import ChannelClosed, ChannelTimeout, ReentrantCall
+from ..errors import ChannelClosed, ChannelTimeout
 from .checks import check_timeout
 from .endpoint import ChannelEnd, Turn
 
@@ -34,11 +34,7 @@ class WorkerRecv(ChannelEnd):
         """recv/peek of the main thread, run on the worker: an interrupt ends only the wait.
         An interrupted recv stays pending, and its object is the next recv's; an
         interrupted peek took nothing."""
-        if self._main_waits:
-            raise ReentrantCall(
-                f"a call re-entered {self!r} while the main thread waits in a recv/peek of it (from a signal "
-                "handler?); it would take that call's object: call it from another thread, or after"
-            )
+        self._refuse_reentry("a recv/peek", "it would take that call's object")
         try:
             self._main_waits = True
             if keep and not self._slot:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed, ReentrantCall
+from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import Turn
 from .pending import WorkerRecv, Pending, left_of
@@ -136,11 +136,7 @@ class DataReceiver(WorkerRecv):
         with block on its lock, whose enter and exit are C: no interrupt comes between
         taking it and owning the block. It waits for another thread's call without
         counting that against ``timeout``."""
-        if self._main_waits:
-            raise ReentrantCall(
-                f"a call re-entered {self!r} while the main thread is inside a recv/peek of it (from a "
-                "signal handler?); it would wait for itself: call it from another thread, or after"
-            )
+        self._refuse_reentry("a recv/peek")
         deadline = None if timeout is None else time.monotonic() + timeout
         left = timeout  # as asked, the first time: a TimeoutError names it
         while True:

@@ -9,7 +9,7 @@ from typing import Any
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
-from ..errors import EndpointClosed, InvalidArgument, ReentrantCall
+from ..errors import EndpointClosed, InvalidArgument
 from ..serialization import row_count, split, splittable
 from .checks import check_int, check_name, check_timeout, warn_unclosed
 from .endpoint import ChannelEnd, Turn
@@ -135,11 +135,7 @@ class DataSender(ChannelEnd):
         or not at all). The turn is a with block on its lock, whose enter and exit are C:
         no interrupt comes between taking it and owning the block. It waits for another
         thread's send without counting that against ``timeout``."""
-        if self._main_waits:
-            raise ReentrantCall(
-                f"a call re-entered {self!r} while the main thread is inside a send of it (from a signal "
-                "handler?); it would wait for itself: call it from another thread, or after the outer call"
-            )
+        self._refuse_reentry("a send")
         with self._turn.lock:
             if self._endpoint is not endpoint:  # closed by another thread while this waited
                 raise EndpointClosed(f"{self!r} is closed")
@@ -154,11 +150,8 @@ class DataSender(ChannelEnd):
         main thread, so that an interrupt ends only the wait (aio.py). The send is then
         withdrawn: queued whole if the broker took it first, else not at all."""
         main = aio.in_main_thread()
-        if main and self._main_waits:
-            raise ReentrantCall(
-                f"a call re-entered {self!r} while the main thread waits in a send of it (from a signal "
-                "handler?); it would wait for itself: call it from another thread, or after the outer call"
-            )
+        if main:
+            self._refuse_reentry("a send")
         try:
             if main:
                 self._main_waits = True
