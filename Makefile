@@ -9,6 +9,9 @@ MATRIX_STAMP := $(VENV)/.installed-matrix
 # torch pinned to a CPU build: this machine's pip finds its wheel locally (find-links), and an
 # open range would pull a CUDA build of several GB.
 TORCH := torch==2.13.0
+# What the editable install builds (the native core, in place): an edit of either
+# reinstalls, so the .so is rebuilt before the next demo or test.
+NATIVE := setup.py src/shmchannel/_native.c
 
 .PHONY: demo example test test-matrix bench install clean
 
@@ -16,11 +19,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml $(NATIVE)
 	$(PY) -m pip install -q '$(TORCH)' -e '.[pandas,arrow,polars,torch,ray,cli,test]'
 	touch $(STAMP)
 
-$(BENCH_STAMP): $(PY) pyproject.toml
+$(BENCH_STAMP): $(PY) pyproject.toml $(NATIVE)
 	$(PY) -m pip install -q -e '.[pandas,arrow,ray,bench]'
 	touch $(BENCH_STAMP)
 
@@ -37,7 +40,7 @@ test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest
 
-$(MATRIX_STAMP): $(PY) pyproject.toml
+$(MATRIX_STAMP): $(PY) pyproject.toml $(NATIVE)
 	$(PY) -m pip install -q -e '.[matrix]'
 	touch $(MATRIX_STAMP)
 
@@ -54,4 +57,4 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .nox build src/*.egg-info
+	rm -rf $(VENV) .nox build dist src/*.egg-info src/shmchannel/*.so

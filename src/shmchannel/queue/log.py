@@ -1,0 +1,183 @@
+"""A process's claim log: every object its receivers took and have not finished with.
+
+Each receiving process owns one log, in shared memory the broker placed (it knows where,
+and its identity is the log's number, the *claimer* id written into the slots it claims).
+An entry goes::
+
+    FREE -> CLAIMED     taken from a queue (the receiver holds it; not consumed yet)
+    CLAIMED -> ACKED    acknowledged: consumed, never to be delivered again
+    ACKED -> RELEASING  acknowledged and no view of its memory is left in this process
+    RELEASING -> FREE   its shard's reference on the block was dropped (idempotent)
+    CLAIMED -> RETURNED the broker put it back in its queue (the receiver left without it)
+
+Each step is one atomic operation on the entry's state word, so whatever instant the
+process dies at, the broker reads an unambiguous entry: CLAIMED goes back to its queue,
+ACKED and RELEASING drop their block reference (RELEASING's drop may have happened:
+dropping is idempotent, see store/block.py), FREE and RETURNED are nothing. The state word
+also counts the process's live views of the entry's memory (``VIEW`` units): an
+acknowledged object's block is kept until its last view is gone.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Iterator
+
+from ..errors import ProtocolError
+from .._native import Region
+
+ENTRY = 64
+#: Sleep marks: one word per thread of the process asleep in a channel wait, holding the
+#: offset (+ 1) of the waiter count its native wait raised (see ``_native.c: wait``).
+MARKS = 64
+LOG_HEADER = 64 + MARKS * 8
+LOG_MAGIC = 0x474F4C53  # "SLOG"
+
+FREE, CLAIMED, ACKED, RELEASING, RETURNED = 0, 1, 2, 3, 4
+STATUS = 0xF
+VIEW = 1 << 8
+MAX_VIEWS = (1 << 24) - 1
+
+# entry words: state u64, channel u64, shard u32 + receiver u32, pos u64, offset u64, size u64,
+# ref u64 (which reference bit of the block this claim owns: store/block.py)
+_FIELDS = struct.Struct("<QIIQQQQ")  # from byte 8 of the entry
+
+
+class LogFull(Exception):
+    """Every entry is taken: the process holds that many objects (claimed, or viewed)."""
+
+
+class ClaimLog:
+    """This process's log at ``base`` of the shared memory, ``capacity`` entries.
+
+    ``release(offset, ref)`` drops a finished entry's reference ``ref`` on its block at
+    ``offset``; it must be idempotent (a process interrupted inside it calls it again)."""
+
+    def __init__(
+        self, region: Region, view: memoryview, base: int, capacity: int, claimer: int,
+        release: Callable[[int, int], None],
+    ) -> None:
+        if base < 0 or base % 64 or base + LOG_HEADER + capacity * ENTRY > len(view):
+            raise ProtocolError(f"claim log at offset {base} ({capacity} entries) lies outside the shared memory")
+        self.region, self.view, self.base, self.capacity, self.claimer = region, view, base, capacity, claimer
+        self._release = release
+        self._free: list[int] = []
+        self._marks = list(range(MARKS - 1, -1, -1))
+        self._rescan()
+
+    @staticmethod
+    def size_for(capacity: int) -> int:
+        return LOG_HEADER + capacity * ENTRY
+
+    @staticmethod
+    def format(view: memoryview, base: int, capacity: int) -> None:
+        struct.pack_into("<IIQ", view, base, LOG_MAGIC, 1, capacity)
+
+    def take_mark(self) -> int:
+        """A sleep mark's offset for a wait about to start (-1 if every mark is in use:
+        that wait then goes unmarked, and a death during it leaves a count one high, which
+        costs wake-ups, never a missed one)."""
+        try:
+            return self.base + 64 + 8 * self._marks.pop()
+        except IndexError:
+            return -1
+
+    def give_mark(self, mark: int) -> None:
+        if mark >= 0:
+            self._marks.append((mark - self.base - 64) // 8)
+
+    def marks(self) -> Iterator[int]:
+        """Offsets of every sleep mark (for the broker, once the process is gone)."""
+        return (self.base + 64 + 8 * i for i in range(MARKS))
+
+    def state_at(self, index: int) -> int:
+        return self.base + LOG_HEADER + index * ENTRY
+
+    def _rescan(self) -> None:
+        """Rebuild the list of reusable entries from the log itself (FREE or RETURNED):
+        the log, not this process's memory, is what counts (an interrupt may have cut a
+        list operation)."""
+        load = self.region.load
+        self._free = [i for i in range(self.capacity - 1, -1, -1) if load(self.state_at(i)) & STATUS in (FREE, RETURNED)]
+
+    def claim_entry(self, channel: int, shard: int, receiver: int, pos: int, offset: int, size: int, ref: int) -> int:
+        """Record a claim (CLAIMED); returns the entry's index.
+
+        Raises:
+            LogFull: no entry is free.
+        """
+        if not self._free:
+            self._rescan()
+            if not self._free:
+                raise LogFull(f"the claim log holds {self.capacity} objects of this process")
+        index = self._free[-1]
+        at = self.state_at(index)
+        _FIELDS.pack_into(self.view, at + 8, channel, shard, receiver, pos, offset, size, ref)
+        self.region.store(at, CLAIMED)
+        # Popped after the entry is CLAIMED: an interrupt before leaves it on the list,
+        # FREE; after, it is off the list and recorded.
+        self._free.pop()
+        return index
+
+    def fields(self, index: int) -> tuple[int, int, int, int, int, int, int]:
+        """(channel, shard, receiver, pos, offset, size, ref) of an entry."""
+        return _FIELDS.unpack_from(self.view, self.state_at(index) + 8)
+
+    def status(self, index: int) -> int:
+        return self.region.load(self.state_at(index)) & STATUS
+
+    def add_view(self, index: int) -> None:
+        """A view of the entry's memory now exists in this process (``drop_view`` when gone)."""
+        self.region.add(self.state_at(index), VIEW)
+
+    def drop_view(self, index: int) -> None:
+        at = self.state_at(index)
+        state = self.region.add(at, -VIEW) - VIEW
+        if state & STATUS == ACKED and state >> 8 == 0:
+            self._finish(index, at, state)
+
+    def ack(self, index: int, channel: int | None = None, pos: int | None = None) -> None:
+        """The entry's object is consumed (CLAIMED -> ACKED); its block goes once no view is
+        left. With ``channel`` and ``pos``, only if the entry still names that object (an
+        ack said again after an interrupt must not hit the entry's next claim)."""
+        at = self.state_at(index)
+        if pos is not None and (self.fields(index)[0], self.fields(index)[3]) != (channel, pos):
+            return
+        cas = self.region.cas
+        state = self.region.load(at)
+        while state & STATUS == CLAIMED:
+            found = cas(at, state, state - CLAIMED + ACKED)
+            if found == state:
+                state = state - CLAIMED + ACKED
+                break
+            state = found
+        if state & STATUS == ACKED and state >> 8 == 0:
+            self._finish(index, at, state)
+
+    def finish_releasing(self) -> None:
+        """Complete releases an interrupt cut short (RELEASING entries): dropping a
+        reference twice is harmless, never dropping it leaks the block."""
+        load = self.region.load
+        for index in range(self.capacity):
+            if load(self.state_at(index)) & STATUS == RELEASING:
+                self._complete(index, self.state_at(index))
+
+    def _finish(self, index: int, at: int, state: int) -> None:
+        # One of ack and the last drop_view (maybe on different threads) wins this CAS.
+        if self.region.cas(at, state, RELEASING) != state:
+            return
+        self._complete(index, at)
+
+    def _complete(self, index: int, at: int) -> None:
+        offset, ref = self.fields(index)[4::2]
+        self._release(offset, ref)
+        self.region.store(at, FREE)
+        self._free.append(index)
+
+    def entries(self) -> Iterator[tuple[int, int]]:
+        """(index, state) of every entry not FREE."""
+        load = self.region.load
+        for index in range(self.capacity):
+            state = load(self.state_at(index))
+            if state & STATUS != FREE:
+                yield index, state

@@ -1,0 +1,349 @@
+"""Publishing into a channel's shard rings and claiming from them, without any process between.
+
+The sender (one per channel; the threads of its process take turns) publishes object
+number ``p`` by writing slot ``p % R`` of every shard -- one part per shard, or the same
+block for all with ``full_batch`` -- and then storing ``tail = p + 1``: that one store is
+the commit point of all shards at once, so a sender that dies before it leaves the object
+on no shard, after it on all.
+
+Receivers claim the oldest claimable slot of their shard with one CAS on its state
+(READY -> CLAIMED by their claim log's number), record it in their claim log (log.py), and
+free the slot for the sender's next lap. The shard's ``head`` only helps them find the
+oldest: anyone who sees the slot at ``head`` taken advances it. Objects the broker returns
+from a dead receiver wait in the shard's *returned* list and are claimed first: they are
+older than anything in the ring.
+
+Room: a shard holds ``tail - head`` objects not yet claimed; the sender publishes while
+that is below ``max_queue_size`` for every shard. Objects a receiver has claimed are its
+own (in its claim log), so they no longer count.
+
+Waking: a publisher bumps the channel's ``data`` futex word after each commit and wakes
+sleepers only if the waiter count says there are any; a claimer does the same with the
+``space`` word. The order that makes this miss no wake-up is in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from . import layout as L
+from .._native import Region
+from .log import ACKED, CLAIMED, RELEASING, STATUS, ClaimLog
+
+Stop = Callable[[], bool]
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Queues:
+    """A process's view of one channel's queues at ``base`` (the layout read and checked)."""
+
+    def __init__(self, region: Region, view: memoryview, base: int) -> None:
+        self.region, self.view, self.base = region, view, base
+        self.layout = L.read_header(view, base)
+
+    def at(self, offset: int) -> int:
+        return self.base + offset
+
+    @property
+    def tail(self) -> int:
+        return self.region.load(self.base + L.H_TAIL)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.region.load(self.base + L.H_CLOSED))
+
+    def queued(self, shard: int) -> int:
+        """Objects of ``shard`` not yet claimed (the returned ones included)."""
+        load, sb = self.region.load, self.base + self.layout.shard(shard)
+        ring = self.tail - load(sb + L.S_HEAD)
+        return max(0, ring) + max(0, load(sb + L.S_RET_TAIL) - load(sb + L.S_RET_HEAD))
+
+    def pending(self, shard: int) -> int:
+        """Claims of a dead receiver the broker has yet to return to ``shard``."""
+        return self.region.load(self.base + self.layout.shard(shard) + L.S_PENDING)
+
+    def received(self, shard: int) -> tuple[int, int]:
+        """(objects, bytes) of ``shard`` claimed by receivers, less what went back."""
+        load, sb = self.region.load, self.base + self.layout.shard(shard)
+        return (load(sb + L.S_HEAD) + load(sb + L.S_RET_HEAD) - load(sb + L.S_RET_TAIL) - load(sb + L.S_PENDING),
+                load(sb + L.S_RECV_BYTES))
+
+    def sent(self) -> tuple[int, int]:
+        """(objects, bytes) published."""
+        return self.tail, self.region.load(self.base + L.H_SENT_BYTES)
+
+    def keys(self, shard: int) -> list[str]:
+        """Names of the objects of ``shard`` not yet claimed, oldest first: returned ones,
+        then the ring's (``"<position>"``; a snapshot, others claim meanwhile)."""
+        region, view, lay, sb = self.region, self.view, self.layout, self.base + self.layout.shard(shard)
+        out = []
+        for head_at, end, slot_of in ((sb + L.S_RET_HEAD, region.load(sb + L.S_RET_TAIL), lay.returned_slot),
+                                      (sb + L.S_HEAD, self.tail, lay.slot)):
+            for h in range(region.load(head_at), end):
+                at = self.base + slot_of(shard, h)
+                if region.load(at) == L.ready(h):
+                    out.append(str(L.read_slot(view, at)[2]))
+        return out
+
+    def drained(self, shard: int) -> bool:
+        """Closed, and nothing of ``shard`` is left to claim or to be returned."""
+        if not self.closed:
+            return False
+        load, sb = self.region.load, self.base + self.layout.shard(shard)
+        return (load(sb + L.S_HEAD) >= self.tail and load(sb + L.S_RET_HEAD) >= load(sb + L.S_RET_TAIL)
+                and load(sb + L.S_PENDING) == 0)
+
+    def wake_all(self) -> None:
+        """Wake every sleeper of the channel (they re-check their condition)."""
+        region, base = self.region, self.base
+        region.add32(base + L.H_DATA_SEQ, 1)
+        region.wake(base + L.H_DATA_SEQ, -1)
+        region.add32(base + L.H_SPACE_SEQ, 1)
+        region.wake(base + L.H_SPACE_SEQ, -1)
+
+    def _sleep(self, seq: int, waiters: int, expected: int, deadline: float | None, mark: int) -> bool:
+        """Sleep on futex word ``seq`` while it holds ``expected`` (False: the deadline
+        passed). The waiter count is raised and lowered inside the one native call, and
+        ``mark`` (a word of the caller's claim log, or -1) names it meanwhile, so that the
+        broker can lower it for a process that dies asleep."""
+        timeout = _remaining(deadline)
+        if timeout == 0.0:
+            return False
+        return self.region.wait(self.base + seq, expected, timeout, self.base + waiters, mark)
+
+
+class Publisher(Queues):
+    """The sender's side: publish one object (one part per shard) at a time."""
+
+    def __init__(self, region: Region, view: memoryview, base: int) -> None:
+        super().__init__(region, view, base)
+        self._room = 0  # objects every shard is sure to take (room only grows behind our back)
+
+    def room(self) -> int:
+        lay, load, tail = self.layout, self.region.load, self.tail
+        return min(lay.max_queue_size - (tail - load(self.base + lay.shard(s) + L.S_HEAD)) for s in range(lay.num_shards))
+
+    def try_publish(self, parts: list[tuple[int, int]]) -> int | None:
+        """Publish ``parts`` [(offset, size) per shard] as the next object; its number, or
+        None without a trace if a shard has no room.
+
+        Interrupt-safe: until the commit store nothing is visible, and slots written for
+        an object that was not committed are written again by the next try (``tail`` is
+        read from shared memory each time, never cached: after an interrupt that came
+        right after the commit, the next object goes to the next position)."""
+        region, view, base, lay = self.region, self.view, self.base, self.layout
+        load, store = region.load, region.store
+        p = load(base + L.H_TAIL)
+        if self._room <= 0:
+            self._room = self.room()
+            if self._room <= 0:
+                return None
+        mine = L.ready(p)  # our own, uncommitted write of p (an interrupted try)
+        slots = [base + lay.slot(s, p) for s in range(lay.num_shards)]
+        for at in slots:
+            state = load(at)
+            if state != L.FREE and state != mine:
+                return None  # a claim still holds the slot, or a dead claimer's (the broker returns it)
+        if len(parts) == 1 and len(slots) > 1:
+            parts = parts * len(slots)
+        for at, (offset, size) in zip(slots, parts):
+            L.write_slot(view, at, offset, size, p)
+            store(at, mine)
+        store(base + L.H_TAIL, p + 1)  # the commit point
+        self._room -= 1
+        region.add(base + L.H_SENT_BYTES, sum(size for _, size in parts))
+        region.add32(base + L.H_DATA_SEQ, 1)
+        if region.load32(base + L.H_DATA_WAITERS):
+            region.wake(base + L.H_DATA_SEQ, -1)
+        return p
+
+    def publish(self, parts: list[tuple[int, int]], deadline: float | None, stop: Stop | None = None, mark: int = -1) -> int | None:
+        """Publish, sleeping while a shard is full; the object's number, or None if the
+        deadline passed (or ``stop()`` became true) first, with nothing published."""
+        region, seq_at = self.region, self.base + L.H_SPACE_SEQ
+        while True:
+            seq = region.load32(seq_at)
+            p = self.try_publish(parts)
+            if p is not None:
+                return p
+            if stop is not None and stop():
+                return None
+            if not self._sleep(L.H_SPACE_SEQ, L.H_SPACE_WAITERS, seq, deadline, mark):
+                return None
+
+    def committed(self, p: int) -> bool:
+        """Whether object ``p`` was published (for a caller an interrupt left unsure)."""
+        return self.tail > p
+
+    def recover(self) -> None:
+        """A new sender's first step: forget what a dead one wrote and never committed."""
+        tail, lay = self.tail, self.layout
+        for s in range(lay.num_shards):
+            at = self.base + lay.slot(s, tail)
+            if self.region.load(at) == L.ready(tail):
+                self.region.store(at, L.FREE)
+
+    def close(self) -> None:
+        """End of stream: receivers drain what is queued, then are told it ended."""
+        self.region.store(self.base + L.H_CLOSED, 1)
+        self.wake_all()
+
+
+class Claim:
+    """One object taken from a shard: its block and number, and its claim-log entry."""
+
+    __slots__ = ("entry", "offset", "size", "pos", "returned")
+
+    def __init__(self, entry: int, offset: int, size: int, pos: int, returned: bool = False) -> None:
+        self.entry, self.offset, self.size, self.pos = entry, offset, size, pos
+        self.returned = returned  # from the returned list: a dead receiver's, older than the ring's
+
+    def __repr__(self) -> str:
+        return f"Claim(pos={self.pos}, offset={self.offset}, size={self.size}, entry={self.entry}, returned={self.returned})"
+
+
+class Claimer(Queues):
+    """A receiver's side: claim the oldest object of ``shard`` into ``log``."""
+
+    def __init__(self, region: Region, view: memoryview, base: int, shard: int, log: ClaimLog, receiver: int) -> None:
+        super().__init__(region, view, base)
+        if not 0 <= shard < self.layout.num_shards:
+            raise ValueError(f"shard {shard} of a channel with {self.layout.num_shards} shards")
+        self.shard, self.log, self.receiver = shard, log, receiver
+        self._sb = base + self.layout.shard(shard)
+        # The reference bit of a block this shard owns: its own, or its shard's in a block
+        # every shard shares (full_batch; store/block.py).
+        self.ref = shard if self.layout.full_batch else 0
+
+    def try_claim(self) -> Claim | None:
+        """The oldest claimable object of the shard, now recorded CLAIMED in our log; None
+        if there is none. Returned objects (older) come first."""
+        sb = self._sb
+        got = self._take(sb + L.S_RET_HEAD, self.region.load(sb + L.S_RET_TAIL), self.layout.returned_slot)
+        if got is None:
+            got = self._take(sb + L.S_HEAD, self.region.load(self.base + L.H_TAIL), self.layout.slot)
+        return got
+
+    def _take(self, head_at: int, end: int, slot_of: Callable[[int, int], int]) -> Claim | None:
+        region, base, shard = self.region, self.base, self.shard
+        load, cas, me = region.load, region.cas, self.log.claimer
+        h = load(head_at)
+        while h < end:
+            at = base + slot_of(shard, h)
+            state = load(at)
+            if state == L.ready(h) and cas(at, state, L.claimed(h, me)) == state:
+                offset, size, pos = L.read_slot(self.view, at)
+                entry = self.log.claim_entry(base, shard, self.receiver, pos, offset, size, self.ref)
+                region.store(at, L.FREE)
+                cas(head_at, h, h + 1)
+                region.add(self._sb + L.S_RECV_BYTES, size)
+                if region.load32(base + L.H_SPACE_WAITERS):
+                    region.add32(base + L.H_SPACE_SEQ, 1)
+                    region.wake(base + L.H_SPACE_SEQ, -1)
+                return Claim(entry, offset, size, pos, head_at == self._sb + L.S_RET_HEAD)
+            if state == L.ready(h):
+                continue  # lost the CAS to another claimer: look again
+            cas(head_at, h, h + 1)  # taken already: help the head past it
+            h = load(head_at)
+        return None
+
+    def claim(self, deadline: float | None, stop: Stop | None = None, mark: int = -1) -> Claim | None:
+        """Claim, sleeping while the shard is empty; None if the deadline passed or
+        ``stop()`` became true first.
+
+        Raises:
+            EOFError: the stream ended and the shard is drained.
+        """
+        region, seq_at = self.region, self.base + L.H_DATA_SEQ
+        while True:
+            seq = region.load32(seq_at)
+            got = self.try_claim()
+            if got is not None:
+                return got
+            if self.drained(self.shard):
+                raise EOFError
+            if stop is not None and stop():
+                return None
+            if not self._sleep(L.H_DATA_SEQ, L.H_DATA_WAITERS, seq, deadline, mark):
+                return None
+
+    def peek(self, copy: Callable[[int, int], object], deadline: float | None, stop: Stop | None = None,
+             mark: int = -1) -> object:
+        """``copy(offset, size)`` of the oldest object, which stays in the shard: it is
+        claimed for the copy and then made claimable again, at the head. None if the
+        deadline passed or ``stop()`` became true first.
+
+        Raises:
+            EOFError: the stream ended and the shard is drained.
+        """
+        region, seq_at, sb = self.region, self.base + L.H_DATA_SEQ, self._sb
+        while True:
+            seq = region.load32(seq_at)
+            got = self._look(sb + L.S_RET_HEAD, region.load(sb + L.S_RET_TAIL), self.layout.returned_slot, copy)
+            if got is None:
+                got = self._look(sb + L.S_HEAD, region.load(self.base + L.H_TAIL), self.layout.slot, copy)
+            if got is not None:
+                return got[0]
+            if self.drained(self.shard):
+                raise EOFError
+            if stop is not None and stop():
+                return None
+            if not self._sleep(L.H_DATA_SEQ, L.H_DATA_WAITERS, seq, deadline, mark):
+                return None
+
+    def _look(self, head_at: int, end: int, slot_of: Callable[[int, int], int],
+              copy: Callable[[int, int], object]) -> tuple[object] | None:
+        region, base = self.region, self.base
+        load, cas, me = region.load, region.cas, self.log.claimer
+        h = load(head_at)
+        while h < end:
+            at = base + slot_of(self.shard, h)
+            state = load(at)
+            if state == L.ready(h) and cas(at, state, L.claimed(h, me)) == state:
+                # Claimed by us without a log entry: an interrupt here leaves the slot for
+                # ``repair``, which takes it as an ordinary claim (the next recv's object).
+                offset, size, _ = L.read_slot(self.view, at)
+                try:
+                    got = copy(offset, size)
+                finally:
+                    region.store(at, state)  # claimable again ...
+                    cur = load(head_at)
+                    while cur > h:  # ... from the head, which others may have moved past it
+                        found = cas(head_at, cur, h)
+                        if found == cur:
+                            break
+                        cur = found
+                    region.add32(base + L.H_DATA_SEQ, 1)
+                    if region.load32(base + L.H_DATA_WAITERS):
+                        region.wake(base + L.H_DATA_SEQ, -1)
+                return (got,)
+            if state == L.ready(h):
+                continue
+            cas(head_at, h, h + 1)
+            h = load(head_at)
+        return None
+
+    def repair(self) -> None:
+        """Finish claims an interrupt cut short: a slot of our shard still CLAIMED by us is
+        recorded in the log (unless it is there already) and freed; releases left half
+        done are completed. Call with the receiver's turn held, before its next claim."""
+        region, base, lay, log = self.region, self.base, self.layout, self.log
+        held = set()
+        for i, state in log.entries():
+            channel, shard, _, pos, _, _, _ = log.fields(i)
+            if state & STATUS in (CLAIMED, ACKED, RELEASING):
+                held.add((channel, shard, pos))
+        for slot_of in (lay.slot, lay.returned_slot):
+            for i in range(lay.ring):
+                at = base + slot_of(self.shard, i)
+                state = region.load(at)
+                if L.code_of(state) == L.CLAIMED and L.claimer_of(state) == log.claimer:
+                    offset, size, pos = L.read_slot(self.view, at)
+                    if (base, self.shard, pos) not in held:
+                        log.claim_entry(base, self.shard, self.receiver, pos, offset, size, self.ref)
+                    region.store(at, L.FREE)
+        log.finish_releasing()

@@ -1,0 +1,112 @@
+"""A sender's memory: slabs of the arena the broker granted it, carved into blocks here.
+
+Allocation is the sender's own business, with no message to anyone: a block comes from a
+slab by first fit (``Allocator``, which keeps reusing the same touched pages), and goes back
+to it when its receivers have cleared every reference bit (block.py) -- which the sender
+sees by looking, when it needs memory (``reclaim``), not by being told. Only a new slab
+costs a round trip to the broker.
+
+A slab starts with a 64-byte header holding its *freed* futex word: whoever frees one of
+its blocks bumps it, so a sender that waits for memory sleeps on it instead of polling.
+When the sender leaves, it hands its slabs back with the blocks still in use
+(``outstanding``); the broker frees each slab once they are (broker/slabs.py).
+"""
+
+from __future__ import annotations
+
+from .._native import Region
+from . import block
+from .allocator import Allocator, align
+
+SLAB_HEADER = 64
+FREED = 0  # u32 futex word in the slab header: bumped when one of its blocks is freed
+FREED_WAITERS = 4  # u32: senders asleep on it
+
+#: Smallest slab asked for: enough for a stream of small objects to go for thousands of
+#: sends between requests, little enough to matter in a store of 1 GiB.
+MIN_SLAB = 8 << 20
+#: Slabs are asked for in multiples of this (pages come in 2 MiB chunks, see arena.py).
+SLAB_STEP = 2 << 20
+
+
+def slab_size_for(block_size: int) -> int:
+    """The slab to ask for when a block of ``block_size`` bytes fits nowhere: room for a
+    few such blocks (several objects in flight), at least MIN_SLAB."""
+    return max(MIN_SLAB, align(SLAB_HEADER + 4 * block_size, SLAB_STEP))
+
+
+class Slabs:
+    """The slabs of one sender and the blocks it carved from them that are still in use."""
+
+    def __init__(self, region: Region, view: memoryview) -> None:
+        self.region, self.view = region, view
+        self._slabs: dict[int, Allocator] = {}  # slab offset -> allocator of its bytes after the header
+        self._sizes: dict[int, int] = {}
+        self._out: dict[int, tuple[int, int]] = {}  # block offset -> (slab offset, refs)
+
+    def add(self, offset: int, size: int) -> None:
+        """A slab the broker granted: ``[offset, offset + size)`` of the arena."""
+        self.view[offset : offset + SLAB_HEADER] = bytes(SLAB_HEADER)
+        self._slabs[offset] = Allocator(size - SLAB_HEADER)
+        self._sizes[offset] = size
+
+    @property
+    def slabs(self) -> dict[int, int]:
+        return dict(self._sizes)
+
+    def alloc(self, blob_size: int, refs: int) -> tuple[int, int] | None:
+        """A new block for a blob of ``blob_size`` bytes with ``refs`` references:
+        (block offset, blob offset); None if no slab has room, even after ``reclaim``."""
+        size = block.block_size(blob_size, refs)
+        found = self._alloc(size)
+        if found is None and self.reclaim():
+            found = self._alloc(size)
+        if found is None:
+            return None
+        slab, start = found
+        offset = slab + SLAB_HEADER + start
+        self._out[offset] = (slab, refs)
+        return offset, block.write_header(self.region, self.view, offset, size, refs, owner=slab + FREED)
+
+    def _alloc(self, size: int) -> tuple[int, int] | None:
+        for slab, allocator in self._slabs.items():
+            start = allocator.alloc(size)
+            if start is not None:
+                return slab, start
+        return None
+
+    def free(self, offset: int) -> None:
+        """Give back a block that was never published (its send failed)."""
+        slab, _ = self._out.pop(offset)
+        self._slabs[slab].release(offset - slab - SLAB_HEADER)
+
+    def reclaim(self) -> int:
+        """Take back every block whose receivers are all done with it; how many."""
+        freed = 0
+        for offset, (slab, refs) in list(self._out.items()):
+            if block.is_free(self.region, offset, refs):
+                del self._out[offset]
+                self._slabs[slab].release(offset - slab - SLAB_HEADER)
+                freed += 1
+        return freed
+
+    def freed_word(self) -> tuple[int, int] | None:
+        """(futex word, waiter count) of a slab with blocks in use -- what a sender out of
+        memory sleeps on -- or None if no block is in use (waiting would be for nothing)."""
+        for slab, _ in self._out.values():
+            return slab + FREED, slab + FREED_WAITERS
+        return None
+
+    def outstanding(self) -> list[int]:
+        """Offsets of the blocks still in use (published, not yet freed by all receivers)."""
+        self.reclaim()
+        return list(self._out)
+
+    def idle(self) -> list[int]:
+        """Slabs none of whose blocks is in use (they can go back to the broker)."""
+        used = {slab for slab, _ in self._out.values()}
+        return [slab for slab in self._slabs if slab not in used]
+
+    def drop(self, slab: int) -> None:
+        """Forget a slab (given back to the broker); it must have no block in use."""
+        del self._slabs[slab], self._sizes[slab]

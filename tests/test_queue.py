@@ -1,0 +1,453 @@
+"""The shared-memory queues (layer 3) on their own: publish, claim, peek, returned claims,
+repair after an interrupt, and reaping a dead claimer -- real shared memory, and for the
+stress test real processes killed at random, with this test process in the broker's role.
+
+Block offsets here are made up (``offset = OFF + pos``): what a slot carries must come out
+exactly as published, whatever dies when.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import signal
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from shmchannel.errors import ProtocolError
+from shmchannel.queue import layout as L
+from shmchannel.queue import reap
+from shmchannel._native import Region
+from shmchannel.queue.log import ACKED, CLAIMED, FREE, RETURNED, STATUS, ClaimLog, LogFull
+from shmchannel.queue.ring import Claimer, Publisher
+
+OFF = 1 << 30
+LOGS = 1 << 20  # where claim logs start in the test's memory
+LOG_CAPACITY = 64
+
+
+class Memory:
+    """Anonymous shared memory (inherited by forked children) laid out as one channel at 0
+    and claim logs from LOGS on, one per claimer number."""
+
+    def __init__(self, num_shards: int = 1, max_queue_size: int = 8, full_batch: bool = False, size: int = 4 << 20) -> None:
+        self.mmap = mmap.mmap(-1, size)
+        self.view = memoryview(self.mmap)
+        self.region = Region(self.mmap)
+        self.layout = L.plan(num_shards, max_queue_size, full_batch)
+        L.write_header(self.view, 0, self.layout)
+        self.released: list[tuple[int, int]] = []
+
+    def log(self, claimer: int, fresh: bool = True) -> ClaimLog:
+        base = LOGS + claimer * ClaimLog.size_for(LOG_CAPACITY)
+        if fresh:
+            self.view[base : base + ClaimLog.size_for(LOG_CAPACITY)] = bytes(ClaimLog.size_for(LOG_CAPACITY))
+            ClaimLog.format(self.view, base, LOG_CAPACITY)
+        return ClaimLog(self.region, self.view, base, LOG_CAPACITY, claimer, lambda *a: self.released.append(a))
+
+    def publisher(self) -> Publisher:
+        return Publisher(self.region, self.view, 0)
+
+    def claimer(self, claimer: int, shard: int = 0, receiver: int = 1, log: ClaimLog | None = None) -> Claimer:
+        return Claimer(self.region, self.view, 0, shard, log or self.log(claimer), receiver)
+
+
+def parts(pos: int, shards: int = 1) -> list[tuple[int, int]]:
+    return [(OFF + pos, 100 + s) for s in range(shards)]
+
+
+def drain(claimer: Claimer) -> list[int]:
+    """Positions of everything claimable now, each acknowledged at once."""
+    positions = []
+    while (claim := claimer.try_claim()) is not None:
+        positions.append(claim.pos)
+        claimer.log.ack(claim.entry)
+    return positions
+
+
+def test_objects_come_out_in_order_with_their_descriptors() -> None:
+    mem = Memory(num_shards=2, max_queue_size=4)
+    pub, c0, c1 = mem.publisher(), mem.claimer(1, 0), mem.claimer(2, 1)
+    for pos in range(3):
+        assert pub.try_publish(parts(pos, 2)) == pos
+    got0 = [c0.try_claim() for _ in range(3)]
+    got1 = [c1.try_claim() for _ in range(3)]
+    assert [(c.pos, c.offset, c.size) for c in got0 if c] == [(p, OFF + p, 100) for p in range(3)]
+    assert [(c.pos, c.offset, c.size) for c in got1 if c] == [(p, OFF + p, 101) for p in range(3)]
+    assert c0.try_claim() is None and c1.try_claim() is None
+
+
+def test_full_batch_puts_one_block_on_every_shard() -> None:
+    mem = Memory(num_shards=3, full_batch=True)
+    pub = mem.publisher()
+    assert pub.try_publish([(OFF, 64)]) == 0
+    for shard in range(3):
+        claim = mem.claimer(1 + shard, shard).try_claim()
+        assert claim is not None and (claim.offset, claim.size) == (OFF, 64)
+
+
+def test_a_full_shard_stops_the_sender_until_one_is_claimed() -> None:
+    mem = Memory(num_shards=2, max_queue_size=2)
+    pub, c0, c1 = mem.publisher(), mem.claimer(1, 0), mem.claimer(2, 1)
+    assert pub.try_publish(parts(0, 2)) == 0 and pub.try_publish(parts(1, 2)) == 1
+    assert pub.try_publish(parts(2, 2)) is None
+    assert pub.publish(parts(2, 2), deadline=time.monotonic() + 0.05) is None  # times out, nothing published
+    assert pub.tail == 2
+    c0.try_claim()
+    assert pub.try_publish(parts(2, 2)) is None  # shard 1 is still full: the slowest shard decides
+    c1.try_claim()
+    assert pub.try_publish(parts(2, 2)) == 2
+    assert c0.queued(0) == 2 and c1.queued(1) == 2
+
+
+def test_a_claimed_object_no_longer_counts_as_queued_but_stays_in_the_log() -> None:
+    mem = Memory()
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    claim = claimer.try_claim()
+    assert claim is not None and claimer.queued(0) == 0
+    assert claimer.log.status(claim.entry) == CLAIMED
+
+
+def test_ack_and_views_release_the_block_once_both_are_done() -> None:
+    mem = Memory()
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    pub.try_publish(parts(1))
+    a, b = claimer.try_claim(), claimer.try_claim()
+    assert a and b
+    claimer.log.add_view(a.entry)
+    claimer.log.ack(a.entry)
+    assert mem.released == []  # a view is left
+    claimer.log.drop_view(a.entry)
+    assert mem.released == [(OFF + 0, 0)]
+    claimer.log.ack(b.entry)  # no view: released at the ack
+    assert mem.released[-1] == (OFF + 1, 0)
+    assert claimer.log.status(a.entry) == FREE and claimer.log.status(b.entry) == FREE
+
+
+def test_peek_leaves_the_object_at_the_head() -> None:
+    mem = Memory(max_queue_size=2)
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    pub.try_publish(parts(1))
+    assert claimer.peek(lambda offset, size: (offset, size), None) == (OFF, 100)
+    assert claimer.peek(lambda offset, size: offset, None) == OFF
+    claim = claimer.try_claim()
+    assert claim is not None and claim.pos == 0
+    assert list(claimer.log.entries()) == [(claim.entry, CLAIMED)]  # peek wrote nothing to the log
+
+
+def test_peek_and_claim_of_an_empty_shard_time_out_and_see_the_end() -> None:
+    mem = Memory()
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    start = time.monotonic()
+    assert claimer.claim(time.monotonic() + 0.05) is None
+    assert claimer.peek(lambda o, s: o, time.monotonic() + 0.05) is None
+    assert time.monotonic() - start >= 0.1
+    pub.try_publish(parts(0))
+    pub.close()
+    assert not claimer.drained(0)
+    assert claimer.claim(None) is not None
+    with pytest.raises(EOFError):
+        claimer.claim(None)
+    with pytest.raises(EOFError):
+        claimer.peek(lambda o, s: o, None)
+
+
+def test_claims_of_a_dead_claimer_go_back_in_order_before_newer_objects() -> None:
+    mem = Memory(max_queue_size=8)
+    pub, dead, live = mem.publisher(), mem.claimer(1), mem.claimer(2)
+    for pos in range(6):
+        pub.try_publish(parts(pos))
+    first = [dead.try_claim() for _ in range(3)]  # 0, 1, 2
+    assert [c.pos for c in first if c] == [0, 1, 2]
+    dead.log.ack(first[0].entry)  # type: ignore[union-attr]  # 0 consumed; 1, 2 held
+    # It died half-way through claiming 3: the slot names it, its log does not.
+    at = mem.layout.slot(0, 3)
+    assert mem.region.cas(at, L.ready(3), L.claimed(3, 1)) == L.ready(3)
+    mem.region.cas(L.HEADER + L.S_HEAD, 3, 4)
+    backlog = reap.collect(dead.log, dead, 0, receiver=None)
+    assert [item.pos for item in backlog.items] == [1, 2, 3]
+    assert not dead.drained(0) and mem.region.load(L.HEADER + L.S_PENDING) == 3
+    assert reap.give_back(backlog)
+    assert mem.region.load(L.HEADER + L.S_PENDING) == 0
+    assert reap.release_acknowledged(dead.log) == 0  # 0 was released at its ack already
+    assert [(c.pos, c.offset) for c in (live.try_claim() for _ in range(5)) if c] == [
+        (p, OFF + p) for p in (1, 2, 3, 4, 5)
+    ]
+    assert all(state & STATUS == RETURNED for _, state in dead.log.entries())
+
+
+def test_a_claim_in_slot_and_log_both_goes_back_once() -> None:
+    mem = Memory()
+    pub, dead = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    claim = dead.try_claim()
+    assert claim is not None
+    mem.region.store(mem.layout.slot(0, 0), L.claimed(0, 1))  # died before freeing the slot
+    backlog = reap.collect(dead.log, dead, 0, receiver=None)
+    assert [(i.pos, i.entry >= 0, i.slot >= 0) for i in backlog.items] == [(0, True, True)]
+
+
+def test_acknowledged_but_viewed_objects_of_a_dead_process_are_released() -> None:
+    mem = Memory()
+    pub, dead = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    claim = dead.try_claim()
+    assert claim is not None
+    dead.log.add_view(claim.entry)
+    dead.log.ack(claim.entry)
+    assert mem.released == []
+    assert reap.release_acknowledged(mem.log(1, fresh=False)) == 1
+    assert mem.released == [(OFF, 0)]
+
+
+def test_a_full_returned_list_keeps_the_rest_for_later() -> None:
+    mem = Memory(max_queue_size=1)  # rings (and returned lists) of 65 slots
+    ring = mem.layout.ring
+    pub, first, second, live = mem.publisher(), mem.claimer(1), mem.claimer(2), mem.claimer(3)
+    for pos in range(70):
+        assert pub.try_publish(parts(pos)) == pos
+        assert (first if pos < 60 else second).try_claim() is not None
+    assert reap.give_back(reap.collect(first.log, first, 0, receiver=None))  # 60 of 65 taken
+    backlog = reap.collect(second.log, second, 0, receiver=None)
+    assert not reap.give_back(backlog)
+    assert [item.pos for item in backlog.items] == [65, 66, 67, 68, 69]  # kept, in order
+    assert mem.region.load(L.HEADER + L.S_PENDING) == 5 and not live.drained(0)
+    assert [c.pos for c in (live.try_claim() for _ in range(3)) if c] == [0, 1, 2]
+    assert not reap.give_back(backlog) and len(backlog.items) == 2
+    positions = drain(live)
+    assert reap.give_back(backlog)
+    positions += drain(live)
+    assert positions == list(range(3, 70)) and ring == 65
+    assert mem.region.load(L.HEADER + L.S_PENDING) == 0
+
+
+def test_repair_finishes_a_claim_an_interrupt_cut() -> None:
+    mem = Memory()
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    pub.try_publish(parts(1))
+    # Interrupted right after its CAS: slot CLAIMED by it, no log entry.
+    mem.region.cas(mem.layout.slot(0, 0), L.ready(0), L.claimed(0, 1))
+    assert claimer.try_claim().pos == 1  # type: ignore[union-attr]
+    claimer.repair()
+    held = sorted(claimer.log.fields(i)[3] for i, _ in claimer.log.entries())
+    assert held == [0, 1]
+    assert mem.region.load(mem.layout.slot(0, 0)) == L.FREE
+    claimer.repair()  # twice changes nothing
+    assert sorted(claimer.log.fields(i)[3] for i, _ in claimer.log.entries()) == [0, 1]
+
+
+def test_an_uncommitted_object_of_a_dead_sender_is_never_seen() -> None:
+    mem = Memory(num_shards=2)
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    # A sender that died after writing shard 0's slot of object 0, before its commit.
+    L.write_slot(mem.view, mem.layout.slot(0, 0), 999, 999, 0)
+    mem.region.store(mem.layout.slot(0, 0), L.ready(0))
+    assert claimer.try_claim() is None
+    fresh = mem.publisher()
+    fresh.recover()
+    assert fresh.try_publish(parts(0, 2)) == 0
+    claim = claimer.try_claim()
+    assert claim is not None and (claim.offset, claim.size) == (OFF, 100)
+    assert pub.tail == 1
+
+
+def test_the_log_refuses_when_full_and_reuses_what_was_released() -> None:
+    mem = Memory(max_queue_size=LOG_CAPACITY + 1)
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    for pos in range(LOG_CAPACITY + 1):
+        pub.try_publish(parts(pos))
+    claims = [claimer.try_claim() for _ in range(LOG_CAPACITY)]
+    with pytest.raises(LogFull):
+        claimer.try_claim()
+    # The refused claim left its slot CLAIMED by us: repair, once there is room, records it.
+    claimer.log.ack(claims[0].entry)  # type: ignore[union-attr]
+    claimer.repair()
+    assert sorted(claimer.log.fields(i)[3] for i, _ in claimer.log.entries())[-1] == LOG_CAPACITY
+
+
+@pytest.mark.parametrize("corrupt", ["magic", "shape", "size", "base"])
+def test_a_corrupt_header_is_refused_with_a_clear_error(corrupt: str) -> None:
+    mem = Memory()
+    base = 0
+    if corrupt == "magic":
+        struct.pack_into("<I", mem.view, 0, 0xDEAD)
+    elif corrupt == "shape":
+        struct.pack_into("<I", mem.view, 12, 3)
+    elif corrupt == "size":
+        struct.pack_into("<IIQ", mem.view, 8, 1 << 20, L.ring_size(8), 8)
+    else:
+        base = 8
+    with pytest.raises(ProtocolError, match="offset"):
+        Publisher(mem.region, mem.view, base)
+
+
+def test_a_log_outside_the_memory_is_refused() -> None:
+    mem = Memory()
+    with pytest.raises(ProtocolError, match="outside"):
+        ClaimLog(mem.region, mem.view, len(mem.view) - 64, 4, 1, lambda *a: None)
+
+
+@pytest.mark.timeout(30)
+def test_a_claimer_killed_asleep_has_its_waiter_count_lowered() -> None:
+    mem = Memory()
+    log = mem.log(1)
+    pid = _spawn(lambda: mem.claimer(1, log=log).claim(None, mark=log.take_mark()))
+    deadline = time.monotonic() + 10
+    while mem.region.load32(L.H_DATA_WAITERS) != 1:
+        assert time.monotonic() < deadline, "the child never went to sleep"
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert mem.region.load32(L.H_DATA_WAITERS) == 1
+    reap.release_acknowledged(mem.log(1, fresh=False))
+    assert mem.region.load32(L.H_DATA_WAITERS) == 0
+    assert all(mem.region.load(m) == 0 for m in log.marks())
+
+
+def test_an_interrupted_wait_leaves_no_waiter_counted() -> None:
+    mem = Memory()
+    claimer = mem.claimer(1)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            claimer.claim(None, mark=claimer.log.take_mark())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert mem.region.load32(L.H_DATA_WAITERS) == 0
+    assert all(mem.region.load(m) == 0 for m in claimer.log.marks())
+
+
+# -- many processes, killed at random -------------------------------------------------------
+
+N_OBJECTS = 20000
+CLAIMERS = 8
+COUNTS = 2 << 20  # a u32 per position: how often it was consumed
+
+
+def _claimer_main(mem: Memory, claimer: int) -> None:
+    log = mem.log(claimer)
+    c = mem.claimer(claimer, log=log)
+    last = -1
+    mark = log.take_mark()
+    try:
+        while True:
+            try:
+                claim = c.claim(time.monotonic() + 20, mark=mark)
+            except EOFError:
+                os._exit(0)
+            if claim is None:
+                os._exit(3)
+            if (claim.offset, claim.size) != (OFF + claim.pos, 100):
+                os._exit(4)  # a descriptor that is not what was published
+            mem.region.add32(COUNTS + 4 * claim.pos, 1)
+            if not claim.returned:
+                if claim.pos <= last:
+                    os._exit(5)  # the ring handed out an object older than one before it
+                last = claim.pos
+            log.ack(claim.entry)  # after counting: a death between counts it twice, never zero times
+    except BaseException:
+        os._exit(6)
+
+
+def _sender_main(mem: Memory) -> None:
+    pub = mem.publisher()  # (unmarked: a sender killed asleep leaves the space count high, harmless)
+    pub.recover()
+    try:
+        while True:
+            pos = pub.tail
+            if pos >= N_OBJECTS:
+                pub.close()
+                os._exit(0)
+            if pub.publish(parts(pos), time.monotonic() + 20) is None:
+                os._exit(3)
+    except BaseException:
+        os._exit(6)
+
+
+def _spawn(target: Any, *args: Any) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            target(*args)
+        finally:
+            os._exit(7)
+    return pid
+
+
+@pytest.mark.timeout(120)
+def test_one_sender_eight_claimers_random_kills_lose_nothing() -> None:
+    mem = Memory(max_queue_size=16, size=COUNTS + 4 * N_OBJECTS + 4096)
+    assert COUNTS > LOGS + 64 * ClaimLog.size_for(LOG_CAPACITY)
+    rng = random.Random(14)
+    claimers: dict[int, int] = {}  # pid -> claimer number
+    next_claimer = 1
+    for _ in range(CLAIMERS):
+        claimers[_spawn(_claimer_main, mem, next_claimer)] = next_claimer
+        next_claimer += 1
+    sender = _spawn(_sender_main, mem)
+    kills = {"claimer": 0, "sender": 0}
+    dead_logs: list[ClaimLog] = []
+    backlogs: list[reap.Backlog] = []
+    deadline = time.monotonic() + 100
+    queues = mem.claimer(0, log=mem.log(63))  # the "broker's" view
+    try:
+        while claimers and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.001, 0.01))
+            if mem.region.load(L.H_TAIL) < N_OBJECTS * 0.9 and rng.random() < 0.5:
+                if rng.random() < 0.2 and sender:
+                    os.kill(sender, signal.SIGKILL)
+                    os.waitpid(sender, 0)
+                    kills["sender"] += 1
+                    sender = _spawn(_sender_main, mem)
+                else:
+                    victim = rng.choice(list(claimers))
+                    os.kill(victim, signal.SIGKILL)
+                    kills["claimer"] += 1
+            for pid in list(claimers):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+                number = claimers.pop(pid)
+                if os.WIFEXITED(status):
+                    assert os.WEXITSTATUS(status) == 0, f"claimer {number} failed with {os.WEXITSTATUS(status)}"
+                    continue
+                # The broker's part: give back what it held, release what it acknowledged.
+                log = mem.log(number, fresh=False)
+                backlogs.append(reap.collect(log, queues, 0, receiver=None))
+                reap.release_acknowledged(log)
+                dead_logs.append(log)
+                claimers[_spawn(_claimer_main, mem, next_claimer)] = next_claimer
+                next_claimer += 1
+                assert next_claimer < 60
+            backlogs = [b for b in backlogs if not reap.give_back(b)]
+            if sender:
+                done, status = os.waitpid(sender, os.WNOHANG)
+                if done:
+                    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+                    sender = 0
+        assert not claimers, "claimers still running after 100 s"
+    finally:
+        for pid in list(claimers) + ([sender] if sender else []):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert mem.region.load32(L.H_DATA_WAITERS) == 0  # dead sleepers' counts were lowered by the reaping
+    counts = struct.unpack_from(f"<{N_OBJECTS}I", mem.view, COUNTS)
+    lost = [pos for pos, n in enumerate(counts) if n == 0]
+    assert not lost, f"{len(lost)} objects never consumed, e.g. {lost[:10]} (kills: {kills})"
+    extra = sum(n - 1 for n in counts)
+    assert extra <= kills["claimer"], f"{extra} duplicates for {kills['claimer']} killed claimers"
+    assert kills["claimer"] > 5 and kills["sender"] >= 1, kills
