@@ -9,6 +9,10 @@ spawn), runs every repetition in them, and returns one ``Rep`` per repetition:
     per repetition:  open endpoints -> barrier -> producer sends, consumers receive and check
                      -> consumers report -> barrier (the producer outlives its data: Ray)
 
+A ``lockstep`` workload ("unloaded") keeps one message in flight: after each send the
+producer waits on a semaphore that each consumer releases once it has checked the message
+(outside the timed send -> receive span, so the ack's own cost is not in the latency).
+
 Throughput is timed on the consumer side, from the start barrier to the last message
 checked; latency is receive time minus the send time carried in each message.
 """
@@ -55,6 +59,11 @@ class Rep:
     @property
     def gb_per_s(self) -> float:
         return self.messages * self.payload / self.elapsed / 1e9
+
+
+class PeerUnavailable(RuntimeError):
+    """Raised by a peer's ``session`` when it cannot run here (e.g. its package is missing):
+    the driver skips the peer with this message instead of failing the run."""
 
 
 class Peer:
@@ -148,7 +157,7 @@ def split_rows(obj: Any, n: int) -> list[Any]:
 # -- children ------------------------------------------------------------------------------
 
 
-def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, out: Any) -> None:
+def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, ack: Any, out: Any) -> None:
     try:
         peer.child_init()
         template = w.template()
@@ -161,11 +170,15 @@ def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, 
             sent = 0
             for seq in range(count):
                 obj = pool[seq % len(pool)]
-                if w.latency_only:
+                if w.latency_only and not w.lockstep:
                     time.sleep(peer.wake_gap)
                 w.stamp(obj, seq, time.perf_counter())
                 tx.send(obj)
                 sent += 1
+                if w.lockstep:  # one in flight: wait until every consumer has checked it
+                    for _ in range(w.consumers):
+                        if not ack.acquire(timeout=RECV_TIMEOUT):
+                            raise TimeoutError(f"no ack for message {seq} within {RECV_TIMEOUT} s")
                 if time.perf_counter() - start > cfg.cap:
                     break
             tx.close()
@@ -177,7 +190,8 @@ def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, 
         raise
 
 
-def _consumer(peer: Peer, handles: Any, w: Workload, cfg: Config, shard: int, barrier: Any, out: Any) -> None:
+def _consumer(peer: Peer, handles: Any, w: Workload, cfg: Config, shard: int, barrier: Any, ack: Any,
+              out: Any) -> None:
     try:
         peer.child_init()
         expected = w.expected()[shard]
@@ -196,6 +210,8 @@ def _consumer(peer: Peer, handles: Any, w: Workload, cfg: Config, shard: int, ba
                 seqs.append(seq)
                 del part
                 rx.release()
+                if w.lockstep:
+                    ack.release()
             end = time.perf_counter()
             rx.close()
             ok = seqs == list(range(len(seqs)))
@@ -218,11 +234,12 @@ def run_processes(peer: Peer, w: Workload, cfg: Config, progress: Callable[[str]
     ctx = mp.get_context("spawn")
     n = w.consumers
     barrier, out = ctx.Barrier(n + 1), ctx.Queue()
+    ack = ctx.Semaphore(0)  # lockstep workloads only
     handles = peer.setup(w)
     procs = []
     try:
-        procs.append(ctx.Process(target=_producer, args=(peer, handles, w, cfg, barrier, out), daemon=True))
-        procs += [ctx.Process(target=_consumer, args=(peer, handles, w, cfg, k, barrier, out), daemon=True)
+        procs.append(ctx.Process(target=_producer, args=(peer, handles, w, cfg, barrier, ack, out), daemon=True))
+        procs += [ctx.Process(target=_consumer, args=(peer, handles, w, cfg, k, barrier, ack, out), daemon=True)
                   for k in range(n)]
         for p in procs:
             p.start()

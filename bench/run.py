@@ -9,6 +9,11 @@ and the process scaffolding: bench/peers/, bench/workloads.py, bench/harness.py.
 It uses its own shmchannel broker (isolated runtime directory) and its own local Ray
 cluster, and removes both, plus anything left in /dev/shm by the hand-off peer, at the end,
 also after an error or Ctrl-C.
+
+With shmchannel among the peers it also runs bench/streams.py (the broker's CPU per object
+over a 20,000-object stream, and 8 channels at once against one; --no-streams skips it) and
+bench/memory.py (--no-memory skips it), and judges issue 14's targets from this run's
+medians (the "Targets" table; report.targets).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import harness  # noqa: E402
 import memory  # noqa: E402
 import raycluster  # noqa: E402
 import report  # noqa: E402
+import streams  # noqa: E402
 from peers import PEERS  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
@@ -48,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results.png go")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory measurement (bench/memory.py; runs when shmchannel is among the peers)")
+    parser.add_argument("--no-streams", action="store_true",
+                        help="skip the broker-CPU and 8-channel measurement (bench/streams.py; runs when shmchannel "
+                             "is among the peers)")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     args.cap = args.cap or (1.5 if args.quick else 4.0)
@@ -92,6 +101,21 @@ def run_memory(messages: int) -> dict[str, Any]:
     return result
 
 
+def run_streams(reps: int) -> dict[str, Any]:
+    """bench/streams.py's measurement (1 and 8 channels); ``{"error": ...}`` if it fails."""
+    print(f"\nstreams: {streams.COUNT:,} 1 KiB objects through 1 channel, then through "
+          f"{streams.SCALE_CHANNELS} at once, {reps} repetition(s) (bench/streams.py) ...", flush=True)
+    try:
+        result: dict[str, Any] = streams.measure(streams.COUNT, reps, progress=lambda m: print(f"streams: {m}", flush=True))
+    except Exception as exc:
+        print(f"streams: FAILED: {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "count": streams.COUNT, "reps": reps}
+    for line in streams.summary(result):
+        print(f"streams: {line}", flush=True)
+    return result
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(f"terminated by signal {signum}")
 
@@ -105,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(len(peers) * len(workloads))
     summaries: dict[tuple[str, str], report.Summary] = {}
     mem_result: dict[str, Any] | None = None
+    streams_result: dict[str, Any] | None = None
+    skipped: dict[str, str] = {}
     t0 = time.monotonic()
     print(f"shmchannel bench: {len(peers)} peers x {len(workloads)} workloads, {cfg.reps} repetition(s), "
           f"time cap {cfg.cap} s per repetition", flush=True)
@@ -113,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.ExitStack() as stack:
                 try:
                     stack.enter_context(peer.session())
+                except harness.PeerUnavailable as exc:  # e.g. its package is missing: skip, not a failure
+                    skipped[peer.name] = str(exc)
+                    progress.done += len(workloads)
+                    print(f"{peer.name}: SKIPPED: {exc}", flush=True)
+                    continue
                 except Exception as exc:  # e.g. Ray will not start: report, go on with the others
                     for w in workloads:
                         summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, None, f"session: {exc}")
@@ -128,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         progress.step(f"FAILED: {exc}")
                         summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, None, str(exc))
                     progress.finish()
+            if peer.name == "shmchannel" and not args.no_streams:  # before the Ray cluster starts (last peers)
+                streams_result = run_streams(cfg.reps)
         if "shmchannel" in args.peers and not args.no_memory:
             mem_result = run_memory(2_000 if args.quick else 10_000)
     finally:
@@ -141,14 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table(ordered))
     print()
     print(report.LEGEND)
+    if streams_result is not None and "error" not in streams_result and streams_result["configs"]:
+        print()
+        print(report.streams_text(streams_result))
+    target_list = report.targets(ordered, streams_result, skipped) if "shmchannel" in args.peers else []
+    if target_list:
+        print(f"\nTargets (issue 14), from this run's medians ({cfg.reps} repetition(s)):\n")
+        print(report.targets_text(target_list))
+        print()
+        print(report.TARGETS_NOTE)
+    for name, why in skipped.items():
+        print(f"\nskipped: {name}: {why}")
     args.out.mkdir(parents=True, exist_ok=True)
     chart = args.out / "results.png"
     report.write_chart(chart, ordered)
     info = {"command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "duration": duration, "quick": args.quick}
-    report.write_markdown(args.out / "RESULTS.md", ordered, info, chart.name, mem_result)
+    report.write_markdown(args.out / "RESULTS.md", ordered, info, chart.name, mem_result, target_list,
+                          streams_result, skipped)
     print(f"\n{duration:.0f} s; wrote {args.out / 'RESULTS.md'} and {chart}")
-    return 1 if any(s.error for s in ordered) or (mem_result is not None and "error" in mem_result) else 0
+    failed = (any(s.error for s in ordered) or any(r is not None and "error" in r for r in (mem_result, streams_result))
+              or bool(streams_result and streams_result.get("errors")))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ class Workload:
     count: int                # messages per repetition (full run)
     quick_count: int          # messages per repetition with --quick
     latency_only: bool = False  # "wake": an idle receiver, one send every GAP seconds
+    lockstep: bool = False    # "unloaded": one message in flight, the next sent once the receiver
+                              # has checked the previous one (no gap, no queueing); latency only
     description: str = ""
 
     # -- the data -------------------------------------------------------------------------
@@ -106,6 +108,9 @@ WORKLOADS: dict[str, Workload] = {
                  description="16 MiB float32 arrays split row-wise over 4 receivers"),
         Workload("wake", "array", (4, 64), 1, 200, 50, latency_only=True,
                  description="idle receiver blocked in recv, then one 1 KiB send (every 5 ms; 20 ms for the Ray-based peers)"),
+        Workload("unloaded", "array", (4, 64), 1, 2_000, 300, latency_only=True, lockstep=True,
+                 description="1 KiB float32 arrays, 1->1, one in flight: the producer sends the next as soon as "
+                             "the receiver has checked the previous one (unloaded latency: no queueing, no idle gap)"),
     )
 }
 

@@ -156,9 +156,11 @@ def test_new_shape_is_refused_while_a_receiver_holds_an_object(address: str) -> 
 
 
 def test_new_shape_is_refused_while_a_receiver_has_prefetched_objects(broker: int) -> None:
-    """A 2-shard channel whose shard-0 receiver prefetched what was queued, its sender gone:
-    3 shards are refused; a sender of the same shape goes on, and the queue bounds hold
-    throughout (no negative depth, none past max_queue_size)."""
+    """A 2-shard channel whose shard-0 receiver holds an object, its sender gone: 3 shards
+    are refused, naming what is queued and what the receiver holds (on the embedded
+    backend a receiver claims one object at a time, whatever its ``prefetch``); a sender of
+    the same shape goes on, and the queue bounds hold throughout (no negative depth, none
+    past max_queue_size)."""
     name = _name("prefetched")
     with _leaving(ADDRESS, name, num_shards=2, max_queue_size=4) as sender:
         for i in range(4):
@@ -168,7 +170,7 @@ def test_new_shape_is_refused_while_a_receiver_has_prefetched_objects(broker: in
     assert _entry(ADDRESS, name)["depths"] == [3, 4]  # type: ignore[index]
     refusal = _refusal(
         name, _shape(2, max_queue_size=4),
-        f"4 objects queued, receiver pid {os.getpid()} of shard 0 holds 4 objects not acknowledged",
+        f"7 objects queued, receiver pid {os.getpid()} of shard 0 holds 1 object not acknowledged",
         _shape(3, max_queue_size=4),
     )
     with pytest.raises(InvalidArgument, match=exact(refusal)):
@@ -271,47 +273,23 @@ def _closed_channel_with_one_object(name: str) -> str:
     return str(key)
 
 
-@pytest.mark.parametrize("peek", [False, True], ids=["recv", "peek"])
-def test_recv_without_open_is_refused(broker: int, peek: bool) -> None:
-    """A raw recv (or peek) of a client that never opened the channel gets an error reply,
-    and takes and holds nothing: the object is there for a receiver."""
-    name = _name("unopened")
-    key = _closed_channel_with_one_object(name)
-    ident = {"namespace": "default", "dataset_name": name}
-    with _raw() as sock:
-        sock.sendall(_frame({"op": "recv", **ident, "shard": 0, "peek": peek, "timeout": 0}))
-        (reply,) = _replies(sock, 1)
-    assert reply == {
-        "ok": False, "error": "endpoint_closed",
-        "message": f"this client is not a receiver of shard 0 of channel default/{name}: open it first",
-    }
-    with DataReceiver(ADDRESS, dataset_name=name) as receiver:
-        assert receiver.get_queue(0) == [key]
-        assert receiver.recv(timeout=30).shape == (1 << 16,)
-        with pytest.raises(ChannelClosed):
-            receiver.recv(timeout=30)
-    with DataSystem(ADDRESS) as ds:
-        _assert_clean(ds, name)
-
-
 def test_requests_without_open_touch_nothing_and_the_broker_idles_out(quick_idle: int) -> None:
-    """Every request naming a channel a client never opened -- recv, peek, ack, next,
-    requeue, detach, queue -- leaves it as it was; once a receiver drains it, the channel
-    is collected and the broker exits when idle (issue 13: a channel drained by a client
-    that never opened it stayed for good, and the broker with it)."""
+    """Requests naming a channel a client never opened -- a detach (also one naming a claim
+    log and receiver), a queue listing -- leave it as it was; once a receiver drains it,
+    the channel is collected and the broker exits when idle (issue 13: a channel drained
+    by a client that never opened it stayed for good, and the broker with it)."""
     name = _name("untouched")
     ds = DataSystem(ADDRESS)
     key = _closed_channel_with_one_object(name)
     ident = {"namespace": "default", "dataset_name": name, "shard": 0}
     with _raw() as sock:
         sock.sendall(b"".join(_frame(msg) for msg in [
-            {"op": "recv", **ident, "timeout": 0}, {"op": "recv", **ident, "peek": True, "timeout": 0},
-            {"op": "ack", **ident}, {"op": "next", **ident}, {"op": "requeue", **ident, "keys": [key]},
-            {"op": "queue", **ident}, {"op": "detach", **ident}, {"op": "queue", **ident},
+            {"op": "queue", **ident}, {"op": "detach", **ident}, {"op": "detach", **ident, "claimer": 1, "receiver": 1},
+            {"op": "queue", **ident},
         ]))
-        replies = list(_replies(sock, 5))
-    assert [r.get("error") for r in replies[:2]] == ["endpoint_closed", "endpoint_closed"], replies
-    assert replies[2:] == [{"ok": True, "queue": [key]}, {"ok": True}, {"ok": True, "queue": [key]}]
+        replies = list(_replies(sock, 4))
+    refused = {"ok": False, "error": "invalid", "message": "claim log 1 is not one of this process's"}
+    assert replies == [{"ok": True, "queue": [key]}, {"ok": True}, refused, {"ok": True, "queue": [key]}]
     with DataReceiver(ADDRESS, dataset_name=name) as receiver:
         assert receiver.recv(timeout=30).shape == (1 << 16,)
         with pytest.raises(ChannelClosed):
@@ -326,7 +304,9 @@ def test_requests_without_open_touch_nothing_and_the_broker_idles_out(quick_idle
 def test_a_channel_holding_nothing_is_not_restored(broker: int) -> None:
     """A broker SIGKILLed with a channel that holds nothing (its objects all consumed) and
     one with an object queued: the next broker restores only the latter, with its shape,
-    and exits when idle once that is consumed."""
+    and exits when idle once that is consumed. The latter's sender closed after the
+    broker died: its end of stream stands (it is in shared memory), so a new sender is
+    refused until the channel is drained."""
     empty, full = _name("empty"), _name("full")
     with DataSender(ADDRESS, dataset_name=empty) as sender, DataSender(
         ADDRESS, dataset_name=full, num_shards=2
@@ -341,12 +321,14 @@ def test_a_channel_holding_nothing_is_not_restored(broker: int) -> None:
     os.environ["SHMCHANNEL_IDLE_TIMEOUT"] = str(QUICK_IDLE)  # the _isolated fixture restores it
     ds = DataSystem(ADDRESS)  # starts the next broker, which recovers
     assert [c["dataset_name"] for c in (shmchannel.status(ADDRESS) or {})["channels"]] == [full]  # type: ignore[index]
-    refusal = _refusal(full, _shape(2), "2 objects queued", _shape(1))
+    refusal = f"dataset_name {full!r} in namespace 'default' was closed and is still being drained"
     with pytest.raises(InvalidArgument, match=exact(refusal)):
         DataSender(ADDRESS, dataset_name=full, num_shards=1)
     for shard in range(2):
         with DataReceiver(ADDRESS, dataset_name=full, shard_id=shard) as receiver:
             assert receiver.recv(timeout=30).tolist() == [[shard]]
+            with pytest.raises(ChannelClosed):
+                receiver.recv(timeout=30)
     _assert_clean(ds, full)
     _exits_when_idle(ds)
 

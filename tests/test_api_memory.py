@@ -38,6 +38,12 @@ def _used() -> int:
         return ds.stats().used
 
 
+def _objects() -> int:
+    """Objects in use anywhere: queued, claimed, or viewed (a sender's freed block is not)."""
+    with DataSystem(ADDRESS) as ds:
+        return ds.stats().objects
+
+
 def _store_empty() -> bool:
     with DataSystem(ADDRESS) as ds:
         stats = ds.stats()
@@ -79,25 +85,25 @@ def test_received_dataframe_numeric_columns_are_views_of_arena(broker: int) -> N
 
 
 def test_memory_returns_after_received_array_dropped(broker: int) -> None:
-    """Store memory stays used while a received array is held or unacknowledged, and returns to 0
-    once it is both acknowledged and dropped."""
+    """A received object's block stays in use while the array is held or unacknowledged,
+    and is free once it is both acknowledged and dropped (its sender then reuses it); the
+    store itself gets the memory back when the sender leaves."""
     name = f"drop-{os.getpid()}"
     with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
         assert _used() == 0
         sender.send(np.ones(MIB, dtype=np.float64))
         got = receiver.recv(timeout=10)
-        receiver.get_queue(0)  # a round trip on the receiver's connection: anything it sent is handled
-        assert _used() >= 8 * MIB
+        assert _objects() == 1 and _used() >= 8 * MIB
         del got
         gc.collect()
-        receiver.get_queue(0)
-        assert _used() >= 8 * MIB, "dropped before it was acknowledged: the broker must keep it (at-least-once)"
+        assert _objects() == 1, "dropped before it was acknowledged: it must be kept (at-least-once)"
         receiver.ack()
-        wait_until(lambda: _used() == 0, 10, "store memory to return after the array was acknowledged and dropped")
+        assert _objects() == 0
+    wait_until(lambda: _used() == 0, 10, "store memory to return once the sender left")
 
 
 def test_slice_of_received_array_keeps_memory_until_dropped(broker: int) -> None:
-    """A slice outliving its received array keeps the store memory; dropping the slice releases it."""
+    """A slice outliving its received array keeps its block; dropping the slice frees it."""
     name = f"slice-{os.getpid()}"
     with DataSender(ADDRESS, dataset_name=name) as sender, DataReceiver(ADDRESS, dataset_name=name) as receiver:
         sender.send(np.arange(MIB, dtype=np.float64))
@@ -106,27 +112,28 @@ def test_slice_of_received_array_keeps_memory_until_dropped(broker: int) -> None
         part = got[1000:1010]
         del got
         gc.collect()
-        receiver.get_queue(0)  # flush: a release sent for the dropped array would be handled by now
-        assert _used() >= 8 * MIB
+        assert _objects() == 1
         np.testing.assert_array_equal(part, np.arange(1000, 1010, dtype=np.float64))
         del part
         gc.collect()
-        wait_until(lambda: _used() == 0, 10, "store memory to return after the slice was dropped")
+        assert _objects() == 0
 
 
 def test_received_object_valid_after_receiver_close(broker: int) -> None:
-    """An object received before close() keeps its values, and its memory is freed once dropped."""
+    """An object received before close() keeps its values, and its block is freed once
+    dropped; with its sender gone too, the store is empty."""
     name = f"after-close-{os.getpid()}"
     with DataSender(ADDRESS, dataset_name=name) as sender:
         with DataReceiver(ADDRESS, dataset_name=name) as receiver:
             sender.send(np.arange(MIB, dtype=np.float64))
             got = receiver.recv(timeout=10)
         assert receiver.closed
-        assert _used() >= 8 * MIB
-        np.testing.assert_array_equal(got, np.arange(MIB, dtype=np.float64))
-        del got
-        gc.collect()
-        wait_until(lambda: _used() == 0, 10, "store memory to return after the array was dropped")
+        assert _objects() == 1
+    np.testing.assert_array_equal(got, np.arange(MIB, dtype=np.float64))
+    assert _used() >= 8 * MIB  # the sender's slab, orphaned until the block in it is free
+    del got
+    gc.collect()
+    wait_until(_store_empty, 10, "the store to be empty after the array was dropped")
 
 
 # -- DataSystem ---------------------------------------------------------------------------
@@ -306,6 +313,7 @@ def test_memory_stays_flat_over_a_long_stream(broker: int) -> None:
     from shmchannel import config
     from shmchannel.broker.journal import COMPACT_AT
     from shmchannel.store.arena import RESERVE_STEP
+    from shmchannel.store.slabs import slab_size_for
     from shmchannel.testing import join_ok, start_process
 
     name = f"long-{os.getpid()}"
@@ -326,8 +334,8 @@ def test_memory_stays_flat_over_a_long_stream(broker: int) -> None:
     join_ok(proc, 60)
     rss = [s[0] for s in samples.values()]
     assert rss[-1] - rss[1] < 4 * MIB, f"receiver RSS grew from {rss[1]} to {rss[-1]} bytes"
-    # In use at any sample: at most the queue (10), the prefetched (8) and the held objects.
-    assert all(s[1] <= 20 * (STREAM_BIG + 4096) for s in samples.values()), samples
+    # The sender's one slab, reused all along (store/slabs.py).
+    assert all(s[1] <= slab_size_for(STREAM_BIG + 4096, 10) for s in samples.values()), samples
     # One reservation step of arena, and a journal kept short by rewriting it.
     assert max(s[2] for s in samples.values()) <= RESERVE_STEP + 2 * COMPACT_AT, samples
     wait_until(_store_empty, 10, "the store to be empty after the stream")

@@ -70,13 +70,12 @@ def test_broker_takes_a_raw_timeout_past_any_float_as_no_limit(broker: int) -> N
 
 @pytest.mark.parametrize("value", [b'"soon"', b"true", b"[1]"])
 def test_broker_answers_a_malformed_raw_timeout_with_an_error(broker: int, value: bytes) -> None:
-    """A recv whose timeout is no number gets an 'invalid' error reply naming the field, and
-    the connection goes on."""
+    """A request that would wait (an open of a channel not there yet) whose timeout is no
+    number gets an 'invalid' error reply naming the field, and the connection goes on."""
     ident = b'"namespace": "default", "dataset_name": "raw"'
+    missing = b'"namespace": "default", "dataset_name": "not-yet"'
     with DataSender(ADDRESS, dataset_name="raw"), _raw() as sock:
-        _raw_request(sock, b'{"op": "open", ' + ident + b', "shard": 0}')
-        assert _reply(sock)["ok"]
-        _raw_request(sock, b'{"op": "recv", ' + ident + b', "shard": 0, "timeout": ' + value + b"}")
+        _raw_request(sock, b'{"op": "open", ' + missing + b', "shard": 0, "timeout": ' + value + b"}")
         reply = _reply(sock)
         assert (reply["ok"], reply["error"]) == (False, "invalid") and "'timeout'" in reply["message"]
         _raw_request(sock, b'{"op": "queue", ' + ident + b', "shard": 0}')

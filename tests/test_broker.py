@@ -81,88 +81,76 @@ def _request(sock: socket.socket, msg: dict, payload: bytes = b"") -> None:
 
 
 def test_posted_request_is_answered_only_when_it_fails(broker: int) -> None:
-    """A posted send that succeeds gets no reply; one that fails gets an error marked posted;
-    the next plain request's reply follows both."""
+    """A posted request that succeeds gets no reply; one that fails gets an error marked
+    posted; the next plain request's reply follows both."""
     ident = {"namespace": "default", "dataset_name": "posted"}
     with _raw() as sock:
-        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 4})
-        assert _reply(sock)["room"] == 4
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 3]}], "posted": True}, b"abc")
-        _request(sock, {"op": "send", **ident, "parts": [], "posted": True})
+        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 4, "posted": True})
+        _request(sock, {"op": "create", **ident, "num_shards": 0, "max_queue_size": 4, "posted": True})
         _request(sock, {"op": "queue", **ident, "shard": 0})
         failure = _reply(sock)
         assert failure["ok"] is False and failure["posted"] is True
-        assert failure["message"] == "send to default/posted needs 1 parts, got 0"
-        assert len(_reply(sock)["queue"]) == 1
+        assert failure["message"] == "num_shards must be an int from 1 to 4096, got 0"
+        assert _reply(sock) == {"ok": True, "queue": []}
+
+
+def _open_missing(sock: socket.socket, name: str, rid: int) -> None:
+    """An open of a channel no one made yet: it waits, for ``create`` (or its timeout)."""
+    _request(sock, {"op": "open", "namespace": "default", "dataset_name": name, "shard": 0, "timeout": 30, "id": rid})
+
+
+def _create(sock: socket.socket, name: str) -> None:
+    _request(sock, {"op": "create", "namespace": "default", "dataset_name": name, "num_shards": 1, "max_queue_size": 4})
+    assert _reply(sock)["ok"]
 
 
 def test_requests_behind_a_waiting_one_are_handled_in_order(broker: int) -> None:
-    """Requests that arrive while an earlier request of the same client waits (here a send to
-    a full queue) wait behind it and are answered in order once it completes."""
-    ident = {"namespace": "default", "dataset_name": "behind"}
+    """Requests that arrive while an earlier request of the same client waits (here an open
+    of a channel not made yet) wait behind it and are answered in order once it completes."""
     with _raw() as sock, _raw() as other:
-        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 1})
-        _reply(sock)
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"a")
-        assert _reply(sock) == {"ok": True, "room": 0}
-        # b waits for room; c and the sync queue up behind it, not beside it.
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 2}, b"b")
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "posted": True, "id": 3}, b"c")
+        _open_missing(sock, "behind", 2)
+        _request(sock, {"op": "create", "namespace": "default", "dataset_name": "after", "num_shards": 1,
+                        "max_queue_size": 4, "posted": True, "id": 3})
         _request(sock, {"op": "sync", "id": 4})
-        _request(other, {"op": "open", **ident, "shard": 0})
-        _reply(other)
-        for expected in (b"a", b"b", b"c"):
-            _request(other, {"op": "recv", **ident, "shard": 0, "timeout": 10})
-            json_len, payload_len = protocol.parse_head(_exactly(other, protocol.HEAD.size))
-            assert protocol.parse_body(_exactly(other, json_len), request=False)["ok"]
-            assert _exactly(other, payload_len).endswith(expected)
-        assert _reply(sock) == {"ok": True, "room": 0, "id": 2}  # b's reply, after a was received
-        assert _reply(sock) == {"ok": True, "id": 4}  # after c was queued: its order was kept
+        _request(other, {"op": "status"})
+        assert [c["dataset_name"] for c in _reply(other)["channels"]] == []  # the create waits its turn
+        _create(other, "behind")
+        assert _reply(sock)["id"] == 2  # the open, once the channel was made
+        assert _reply(sock) == {"ok": True, "id": 4}  # after the create: its order was kept
+        _request(other, {"op": "status"})
+        assert sorted(c["dataset_name"] for c in _reply(other)["channels"]) == ["after", "behind"]
 
 
 def test_a_look_is_answered_while_an_earlier_request_of_its_connection_waits(broker: int) -> None:
-    """A queue listing sent behind a send that waits for room is answered at once, with its
-    own id, and the waiting send is answered later with its id (issue 11: a monitoring
-    thread's get_queue hung behind its producer thread's blocked send)."""
-    ident = {"namespace": "default", "dataset_name": "look"}
+    """A queue listing sent behind an open that waits is answered at once, with its own id,
+    and the waiting open is answered later with its id (issue 11: a monitoring thread's
+    get_queue hung behind its producer thread's blocked call)."""
     with _raw() as sock, _raw() as other:
-        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 1})
-        _reply(sock)
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 1}, b"a")
-        assert _reply(sock) == {"ok": True, "room": 0, "id": 1}
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 2}, b"b")  # waits
-        _request(sock, {"op": "queue", **ident, "shard": 0, "id": 3})
+        _create(other, "look")
+        _open_missing(sock, "not-yet", 2)
+        _request(sock, {"op": "queue", "namespace": "default", "dataset_name": "look", "shard": 0, "id": 3})
         look = _reply(sock)
-        assert look["id"] == 3 and len(look["queue"]) == 1
-        _request(other, {"op": "open", **ident, "shard": 0})
-        _reply(other)
-        _request(other, {"op": "recv", **ident, "shard": 0, "timeout": 10})
-        assert _reply(other)["ok"]
-        assert _reply(sock) == {"ok": True, "room": 0, "id": 2}
+        assert look == {"ok": True, "queue": [], "id": 3}
+        _create(other, "not-yet")
+        assert _reply(sock)["id"] == 2
 
 
 def test_cancel_withdraws_only_the_request_it_names(broker: int) -> None:
     """A cancel naming a request that waits behind another withdraws that one (answered
     Cancelled with its id) and leaves the waiting one waiting."""
-    ident = {"namespace": "default", "dataset_name": "withdraw"}
     with _raw() as sock, _raw() as other:
-        _request(sock, {"op": "create", **ident, "num_shards": 1, "max_queue_size": 1})
-        _reply(sock)
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}]}, b"a")
-        _reply(sock)
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 2}, b"b")  # waits
-        _request(sock, {"op": "send", **ident, "parts": [{"inline": [0, 1]}], "id": 3}, b"c")  # behind it
+        _open_missing(sock, "first", 2)  # waits
+        _open_missing(sock, "second", 3)  # behind it
         _request(sock, {"op": "cancel", "id": 3})
         withdrawn = _reply(sock)
         assert (withdrawn["ok"], withdrawn["error"], withdrawn["id"]) == (False, "cancelled", 3)
         _request(sock, {"op": "cancel", "id": 99})  # names nothing: changes nothing
-        _request(other, {"op": "open", **ident, "shard": 0})
-        _reply(other)
-        _request(other, {"op": "recv", **ident, "shard": 0, "timeout": 10})
-        _reply(other)
-        assert _reply(sock) == {"ok": True, "room": 0, "id": 2}
-        _request(sock, {"op": "queue", **ident, "shard": 0, "id": 4})
-        assert len(_reply(sock)["queue"]) == 1  # b only: c was withdrawn
+        _create(other, "second")
+        _create(other, "first")
+        assert _reply(sock)["id"] == 2
+        _request(other, {"op": "status"})
+        receivers = {c["dataset_name"]: c["receivers"] for c in _reply(other)["channels"]}
+        assert receivers == {"first": 1, "second": 0}  # the withdrawn open attached nothing
 
 
 @pytest.mark.parametrize("field", ["namespace", "dataset_name"])
@@ -179,26 +167,6 @@ def test_raw_name_over_the_bound_is_refused_and_status_stays_readable(broker: in
         assert reply["message"].startswith(f"request field '{field}' must be 1 to {rules.MAX_NAME} characters without NUL")
         _request(sock, {"op": "status"})
         assert _reply(sock)["channels"] == []
-
-
-def test_send_naming_one_block_twice_is_refused_and_stores_nothing(broker: int) -> None:
-    """A send whose two parts name the same allocated block is refused whole: no object is
-    stored (it was left in no queue, holding its block for good), and the block returns to
-    the store when the client leaves."""
-    ident = {"namespace": "default", "dataset_name": "twice"}
-    with _raw() as sock:
-        _request(sock, {"op": "create", **ident, "num_shards": 2, "max_queue_size": 4})
-        assert _reply(sock)["ok"]
-        _request(sock, {"op": "alloc", "sizes": [4096]})
-        (offset,) = _reply(sock)["offsets"]
-        part = {"offset": offset, "size": 4096}
-        _request(sock, {"op": "send", **ident, "parts": [part, part]})
-        reply = _reply(sock)
-        assert (reply["ok"], reply["error"], reply["message"]) == (False, "invalid", f"offset {offset} is named by more than one part of one send")
-        _request(sock, {"op": "stats"})
-        assert _reply(sock)["objects"] == 0
-    with DataSystem(ADDRESS) as ds:
-        wait_until(lambda: ds.stats().used == 0, 10, "the client's block to return to the store")
 
 
 def test_shards_of_all_channels_are_bounded_and_listed_over_pages(broker: int) -> None:

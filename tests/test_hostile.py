@@ -209,14 +209,12 @@ FUZZ_IDENT = {"namespace": "fuzz", "dataset_name": "fz"}
 FUZZ_CORPUS: list[tuple[dict[str, Any], bytes]] = [
     ({"op": "hello", "version": protocol.PROTOCOL_VERSION}, b""),
     ({"op": "create", **FUZZ_IDENT, "num_shards": 2, "max_queue_size": 3}, b""),
-    ({"op": "send", **FUZZ_IDENT, "parts": [{"inline": [0, 3]}, {"inline": [3, 3]}]}, b"abcdef"),
+    ({"op": "slab", "size": 1 << 20, "need": 4096, "timeout": 0.2}, b""),
+    ({"op": "unslab", "offsets": [0]}, b""),
     ({"op": "alloc", "sizes": [100], "spares": 1}, b""),
     ({"op": "free", "offsets": [0]}, b""),
+    ({"op": "log"}, b""),
     ({"op": "open", **FUZZ_IDENT, "shard": 1}, b""),
-    ({"op": "recv", **FUZZ_IDENT, "shard": 1, "timeout": 0.2, "limit": 2}, b""),
-    ({"op": "next", **FUZZ_IDENT, "shard": 1}, b""),
-    ({"op": "ack", **FUZZ_IDENT, "shard": 1}, b""),
-    ({"op": "requeue", **FUZZ_IDENT, "shard": 0, "keys": ["k"]}, b""),
     ({"op": "queue", **FUZZ_IDENT}, b""),
     ({"op": "put", "parts": [{"inline": [0, 4]}]}, b"data"),
     ({"op": "get", "key": "k"}, b""),
@@ -227,6 +225,7 @@ FUZZ_CORPUS: list[tuple[dict[str, Any], bytes]] = [
     ({"op": "cancel"}, b""),
     ({"op": "stats"}, b""),
     ({"op": "detach", **FUZZ_IDENT}, b""),
+    ({"op": "detach", **FUZZ_IDENT, "claimer": 1, "receiver": 1, "shard": 1}, b""),
     ({"op": "close", **FUZZ_IDENT}, b""),
 ]
 FUZZ_SEED = 20240605
@@ -403,22 +402,26 @@ BAD_REQUESTS: list[tuple[dict[str, Any], bytes, str, str]] = [
     ({"op": "_dispatch"}, b"", "invalid", "unknown operation '_dispatch'"),
     ({"op": "__init__"}, b"", "invalid", "unknown operation '__init__'"),
     ({"op": "hello", "version": "2"}, b"", "invalid", "client speaks protocol 2"),
-    ({"op": "recv", **TARGET, "shard": "x"}, b"", "invalid", "'shard'"),
-    ({"op": "recv", **TARGET, "shard": 1.5}, b"", "invalid", "'shard'"),
-    ({"op": "recv", **TARGET, "shard": True}, b"", "invalid", "'shard'"),
-    ({"op": "recv", **TARGET, "shard": 2}, b"", "invalid", "shard_id must be less than num_shards (2)"),
     ({"op": "open", **TARGET, "shard": "x"}, b"", "invalid", "'shard'"),
+    ({"op": "open", **TARGET, "shard": 1.5}, b"", "invalid", "'shard'"),
+    ({"op": "open", **TARGET, "shard": True}, b"", "invalid", "'shard'"),
+    ({"op": "open", **TARGET, "shard": 2}, b"", "invalid", "shard_id must be less than num_shards (2)"),
     ({"op": "queue", **TARGET, "shard": "0"}, b"", "invalid", "'shard'"),
-    ({"op": "recv", "namespace": 5, "dataset_name": "t", "shard": 0}, b"", "invalid", "'namespace'"),
+    ({"op": "open", "namespace": 5, "dataset_name": "t", "shard": 0}, b"", "invalid", "'namespace'"),
+    ({"op": "detach", **TARGET, "claimer": "x"}, b"", "invalid", "'claimer'"),
+    ({"op": "detach", **TARGET, "shard": 0, "claimer": 7, "receiver": 1}, b"", "invalid",
+     "claim log 7 is not one of this process's"),
+    ({"op": "slab", "size": "big"}, b"", "invalid", "'size'"),
+    ({"op": "slab", "size": 100}, b"", "invalid", "positive multiples of 64"),
+    ({"op": "slab", "size": 64, "need": 128}, b"", "invalid", "positive multiples of 64"),
+    ({"op": "slab", "size": 1 << 40}, b"", "store_full", "the store holds"),
+    ({"op": "unslab", "offsets": "no"}, b"", "invalid", "'offsets'"),
     ({"op": "create", "namespace": "n", "dataset_name": ["x"], "num_shards": 1, "max_queue_size": 1}, b"", "invalid",
      "'dataset_name'"),
     ({"op": "create", "namespace": "n", "dataset_name": "x", "num_shards": "x", "max_queue_size": 1}, b"", "invalid",
      "'num_shards'"),
     ({"op": "create", **TARGET, "num_shards": 2, "max_queue_size": 1}, b"", "name_in_use", "already used by a sender"),
     ({"op": "close", **TARGET}, b"", "endpoint_closed", "not the sender of channel target/t"),
-    ({"op": "send", **TARGET, "parts": [{"inline": [0, 1]}, {"inline": [0, 1]}]}, b"x", "endpoint_closed",
-     "not the sender of channel target/t"),
-    ({"op": "send", **TARGET, "parts": "no"}, b"", "invalid", "'parts'"),
     ({"op": "alloc", "sizes": 5}, b"", "invalid", "'sizes'"),
     ({"op": "alloc", "sizes": ["x"]}, b"", "invalid", "'sizes' must be an int >= 0, got 'x'"),
     ({"op": "alloc", "sizes": [-1]}, b"", "invalid", "'sizes' must be an int >= 0"),
@@ -445,15 +448,6 @@ MALFORMED = [pytest.param(*case, id=f"{case[0]['op'] or 'no-op'}-{i}") for i, ca
 BAD_ONE_WAY: list[tuple[dict[str, Any], str | None]] = [
     ({"op": "release", "keys": 5}, "release failed: InvalidArgument(\"request field 'keys'"),
     ({"op": "release", "keys": [5, None, {"a": 1}, "no-such-key"]}, None),
-    ({"op": "requeue", **TARGET, "shard": "x", "keys": ["k"]}, "requeue failed: InvalidArgument(\"request field 'shard'"),
-    ({"op": "requeue", **TARGET, "shard": 0, "keys": "no"}, "requeue failed: InvalidArgument(\"request field 'keys'"),
-    ({"op": "requeue", **TARGET, "shard": 7, "keys": []}, "requeue failed: InvalidArgument('shard 7 out of range')"),
-    ({"op": "requeue", **TARGET, "shard": 0, "keys": ["<queued>"]}, None),
-    ({"op": "next", **TARGET, "shard": "x"}, "next failed: InvalidArgument(\"request field 'shard'"),
-    ({"op": "next", "shard": 0}, "next failed: InvalidArgument(\"request field 'namespace'"),
-    ({"op": "next", **TARGET, "shard": 0}, None),
-    ({"op": "ack", **TARGET, "shard": -1}, "ack failed: InvalidArgument('shard -1 out of range')"),
-    ({"op": "ack", "namespace": 5, "dataset_name": "t", "shard": 0}, "ack failed: InvalidArgument(\"request field 'namespace'"),
     ({"op": "hold", "key": [1]}, "hold failed: InvalidArgument(\"request field 'key'"),
     ({"op": "hold", "key": "<queued>"}, None),
     ({"op": "cancel", "junk": {"a": [1]}}, None),
@@ -492,7 +486,7 @@ def test_malformed_request_gets_an_error_reply(
 
 @pytest.mark.parametrize(("request_", "warning"), [pytest.param(*c, id=f"{c[0]['op']}-{i}") for i, c in enumerate(BAD_ONE_WAY)])
 def test_malformed_one_way_request_gets_no_reply(broker: int, request_: dict[str, Any], warning: str | None) -> None:
-    """A one-way operation (release, requeue, next, ack, hold, cancel) with bad fields, or
+    """A one-way operation (release, hold, cancel) with bad fields, or
     naming another client's objects, gets no reply and has no effect: the next request's
     reply is the first to come, the named channel is unchanged, and the broker logs the
     failure where the fields were bad."""

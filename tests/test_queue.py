@@ -40,7 +40,7 @@ class Memory:
         self.region = Region(self.mmap)
         self.layout = L.plan(num_shards, max_queue_size, full_batch)
         L.write_header(self.view, 0, self.layout)
-        self.released: list[tuple[int, int]] = []
+        self.released: list[tuple[int, int, int]] = []
 
     def log(self, claimer: int, fresh: bool = True) -> ClaimLog:
         base = LOGS + claimer * ClaimLog.size_for(LOG_CAPACITY)
@@ -124,9 +124,9 @@ def test_ack_and_views_release_the_block_once_both_are_done() -> None:
     claimer.log.ack(a.entry)
     assert mem.released == []  # a view is left
     claimer.log.drop_view(a.entry)
-    assert mem.released == [(OFF + 0, 0)]
+    assert mem.released == [(OFF + 0, 0, 0)]
     claimer.log.ack(b.entry)  # no view: released at the ack
-    assert mem.released[-1] == (OFF + 1, 0)
+    assert mem.released[-1] == (OFF + 1, 0, 1)
     assert claimer.log.status(a.entry) == FREE and claimer.log.status(b.entry) == FREE
 
 
@@ -204,7 +204,7 @@ def test_acknowledged_but_viewed_objects_of_a_dead_process_are_released() -> Non
     dead.log.ack(claim.entry)
     assert mem.released == []
     assert reap.release_acknowledged(mem.log(1, fresh=False)) == 1
-    assert mem.released == [(OFF, 0)]
+    assert mem.released == [(OFF, 0, 0)]
 
 
 def test_a_full_returned_list_keeps_the_rest_for_later() -> None:
@@ -233,15 +233,39 @@ def test_repair_finishes_a_claim_an_interrupt_cut() -> None:
     pub, claimer = mem.publisher(), mem.claimer(1)
     pub.try_publish(parts(0))
     pub.try_publish(parts(1))
-    # Interrupted right after its CAS: slot CLAIMED by it, no log entry.
-    mem.region.cas(mem.layout.slot(0, 0), L.ready(0), L.claimed(0, 1))
+    # Interrupted right after its CAS: the slot names it (and ``claiming`` the slot), no log entry.
+    at = mem.layout.slot(0, 0)
+    claimer.claiming = at
+    assert mem.region.cas(at, L.ready(0), L.claimed(0, 1)) == L.ready(0)
+    got = claimer.repair()
+    assert got is not None and (got.pos, got.offset) == (0, OFF)
+    assert [claimer.log.fields(i)[3] for i, _ in claimer.log.entries()] == [0]
+    assert mem.region.load(at) == L.FREE
+    assert claimer.repair() is None  # twice changes nothing
     assert claimer.try_claim().pos == 1  # type: ignore[union-attr]
-    claimer.repair()
-    held = sorted(claimer.log.fields(i)[3] for i, _ in claimer.log.entries())
-    assert held == [0, 1]
+
+
+def test_repair_after_the_log_entry_records_no_second_one() -> None:
+    mem = Memory()
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    at = mem.layout.slot(0, 0)
+    claimer.claiming = at
+    mem.region.cas(at, L.ready(0), L.claimed(0, 1))
+    claimer.log.claim_entry(0, 0, 1, 0, OFF, 100, 0)  # interrupted after the entry, before freeing the slot
+    got = claimer.repair()
+    assert got is not None and got.entry == claimer.log.last
+    assert len(list(claimer.log.entries())) == 1 and mem.region.load(at) == L.FREE
+
+
+def test_a_full_repair_finds_a_claim_nobody_recorded() -> None:
+    mem = Memory()
+    pub, claimer = mem.publisher(), mem.claimer(1)
+    pub.try_publish(parts(0))
+    mem.region.cas(mem.layout.slot(0, 0), L.ready(0), L.claimed(0, 1))
+    claimer.repair(full=True)
+    assert [claimer.log.fields(i)[3] for i, _ in claimer.log.entries()] == [0]
     assert mem.region.load(mem.layout.slot(0, 0)) == L.FREE
-    claimer.repair()  # twice changes nothing
-    assert sorted(claimer.log.fields(i)[3] for i, _ in claimer.log.entries()) == [0, 1]
 
 
 def test_an_uncommitted_object_of_a_dead_sender_is_never_seen() -> None:
@@ -269,7 +293,8 @@ def test_the_log_refuses_when_full_and_reuses_what_was_released() -> None:
         claimer.try_claim()
     # The refused claim left its slot CLAIMED by us: repair, once there is room, records it.
     claimer.log.ack(claims[0].entry)  # type: ignore[union-attr]
-    claimer.repair()
+    got = claimer.repair()
+    assert got is not None and got.pos == LOG_CAPACITY
     assert sorted(claimer.log.fields(i)[3] for i, _ in claimer.log.entries())[-1] == LOG_CAPACITY
 
 
@@ -329,6 +354,41 @@ def test_an_interrupted_wait_leaves_no_waiter_counted() -> None:
         signal.signal(signal.SIGALRM, old)
     assert mem.region.load32(L.H_DATA_WAITERS) == 0
     assert all(mem.region.load(m) == 0 for m in claimer.log.marks())
+
+
+def _publish_all(mem: Memory, count: int) -> None:
+    pub = mem.publisher()
+    try:
+        for pos in range(count):
+            if pub.publish(parts(pos), time.monotonic() + 10) is None:
+                os._exit(3)  # stalled: no claim woke it
+        pub.close()
+        os._exit(0)
+    except BaseException:
+        os._exit(6)
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_and_a_claimer_on_a_queue_of_one_never_miss_a_wake_up() -> None:
+    """20,000 objects through a queue of 1, sender and claimer in two processes, each
+    sleeping on the other in turn: neither misses the other's wake-up. (A claim once bumped
+    the space word only if a sender was counted asleep, and a sender between its look and
+    its sleep was not yet: both slept for good, about one stream in two.)"""
+    count = 20_000
+    mem = Memory(max_queue_size=1)
+    pid = _spawn(_publish_all, mem, count)
+    claimer = mem.claimer(1)
+    try:
+        for pos in range(count):
+            claim = claimer.claim(time.monotonic() + 10)
+            assert claim is not None, f"stalled after {pos} objects"
+            assert claim.pos == pos
+            claimer.log.ack(claim.entry)
+        with pytest.raises(EOFError):
+            claimer.claim(time.monotonic() + 10)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 # -- many processes, killed at random -------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import pty
 import queue
@@ -26,7 +27,10 @@ import pytest
 import shmchannel
 from shmchannel import ChannelClosed, DataReceiver, DataSender, InvalidArgument, cli
 from shmchannel.broker import daemon, protocol, rules, system
+from shmchannel._native import Region
 from shmchannel.broker.records import Channel
+from shmchannel.queue import layout
+from shmchannel.queue.ring import Queues
 from shmchannel.broker.rates import WINDOW, Rates
 from shmchannel.testing import join_ok, start_process, wait_until
 
@@ -394,8 +398,8 @@ def test_python_status_reports_the_documented_fields(broker: int) -> None:
     assert status["backend"] == "embedded" and status["pid"] == broker and status["clients"] >= 2
     assert {"capacity", "used", "free", "reserved", "objects", "inline_bytes"} <= set(status["store"])
     c = _channel(status, name)
-    # The recv fetched all 4 of shard 1 (prefetch): received, but 3 of them not handed out, so still queued.
-    assert (c["depths"], c["sent_objects"], c["received_objects"]) == ([4, 3], 4, [0, 4])
+    # The recv claimed one object of shard 1 (claims are one at a time: no round trip to save).
+    assert (c["depths"], c["sent_objects"], c["received_objects"]) == ([4, 3], 4, [0, 1])
     assert c["shard_receivers"] == [0, 1] and c["receivers"] == 1
     assert set(c["rates"]) == RATE_KEYS and c["rates"]["sent_objects"] > 0 and c["rates"]["received_objects"] > 0
 
@@ -432,12 +436,20 @@ def test_worst_status_page_fits_a_reply() -> None:
     them, every counter at 2**63 -- encodes within protocol.MAX_REPLY_JSON."""
     name = "\U0001F600" * rules.MAX_NAME
     shards = system.STATUS_PAGE_SHARDS // system.STATUS_PAGE_CHANNELS
+    # One set of queues in shared memory, every counter in it at 2**63, behind every channel.
+    plan = layout.plan(shards, 1, False)
+    memory = mmap.mmap(-1, plan.size)
+    view, region = memoryview(memory), Region(memory)
+    layout.write_header(view, 0, plan)
+    region.store(layout.H_TAIL, 2**63)
+    region.store(layout.H_SENT_BYTES, 2**63)
+    for shard in range(shards):
+        region.store(plan.shard(shard) + layout.S_RET_HEAD, 2**63)
+        region.store(plan.shard(shard) + layout.S_RECV_BYTES, 2**63)
+    queues = Queues(region, view, 0)
     channels = {}
     for i in range(system.STATUS_PAGE_CHANNELS + 1):
-        channel = Channel(name, f"{i:04d}" + name[4:], shards, False, 2**63, sender=1, closed=True)
-        channel.sent_objects = channel.sent_bytes = 2**63
-        channel.received_objects = channel.received_bytes = [2**63] * shards
-        channel.reserved = [2**63] * shards
+        channel = Channel(name, f"{i:04d}" + name[4:], shards, False, 2**63, queues, 0, sender=1)
         channel.receivers = {2**63 - n: n for n in range(shards)}
         channels[(channel.namespace, channel.name)] = channel
     page, following = system.status_page(channels, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from harness import Peer
 
+from .fasterfifo import FasterFifoPeer
 from .memcpy import MemcpyPeer
 from .mpqueue import MPQueuePeer
 from .ray_peer import RayQueuePeer
@@ -20,6 +21,7 @@ PEERS: dict[str, Peer] = {
     for p in (
         ShmChannelEmbedded(),
         MPQueuePeer(),
+        FasterFifoPeer(),
         ShmHandoffPeer(),
         ZmqPeer(),
         MemcpyPeer(),

@@ -103,3 +103,13 @@ def our_shm_entries(broker_pid: int | None = None) -> list[Path]:
         return sorted(p for p in shm_dir().iterdir() if p.name.startswith(prefix))
     except FileNotFoundError:
         return []
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (a zombie has released everything)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state not in (b"Z", b"X")

@@ -34,7 +34,11 @@ def seq_of(obj: Any, sizes: Any) -> tuple[int | None, str | None]:
 
 
 def error_text(exc: BaseException) -> str:
-    """``"<exception class>: <message>"``, as a summary reports it."""
+    """``"<exception class>: <message>"``, as a summary reports it (and the traceback on
+    the child's stderr, where a failing test shows it)."""
+    import traceback
+
+    traceback.print_exception(exc)
     return f"{type(exc).__name__}: {exc}"
 
 

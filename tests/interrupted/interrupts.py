@@ -30,18 +30,22 @@ def _ours(frame: Any) -> bool:
 class Interrupts:
     """Signals at random instants, turned into KeyboardInterrupt inside ``call`` only.
 
-    Sources: ``every()`` a thread sends the main thread ``signum`` every ``low..high`` s;
+    Sources: ``every()`` a forked process sends ``signum`` every ``low..high`` s;
     ``timer()`` an interval timer (SIGALRM) re-armed at random from its handler;
-    ``on_kick()`` one signal ``low..high`` s after each ``kick()``.
+    ``on_kick()`` one signal ``low..high`` s after each ``kick()`` (a one-shot timer).
+
+    Not a thread of this process: a thread runs only when it gets the GIL, which a call
+    holding it throughout (a send on the direct path: a copy and a few atomic operations)
+    gives up only where it blocks -- so every signal would land in a blocking wait, and
+    none in the code between.
     """
 
     def __init__(self, seed: int, low: float, high: float, signum: int = signal.SIGINT) -> None:
         self._rng = random.Random(seed)
         self._low, self._high, self._signum = low, high, signum
-        self._main = threading.get_ident()
         self._stop = threading.Event()
-        self._kick = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._child = 0
+        self._kicks = False
         self._timer = False
         self.armed = False
         self.raised = 0  # KeyboardInterrupts raised inside a call
@@ -66,41 +70,39 @@ class Interrupts:
             self.armed = False
 
     def every(self) -> Interrupts:
-        def run() -> None:
-            while not self._stop.wait(self._rng.uniform(self._low, self._high)):
-                signal.pthread_kill(self._main, self._signum)
-
-        return self._start(run)
+        parent, delays = os.getpid(), [self._rng.uniform(self._low, self._high) for _ in range(1 << 16)]
+        pid = os.fork()
+        if pid == 0:  # the interrupter: sleeps and signals, nothing else (no Python state is used)
+            try:
+                for delay in delays:
+                    time.sleep(delay)
+                    os.kill(parent, self._signum)
+            finally:
+                os._exit(0)
+        self._child = pid
+        return self
 
     def on_kick(self) -> Interrupts:
-        def run() -> None:
-            while self._kick.wait() and not self._stop.is_set():
-                self._kick.clear()
-                time.sleep(self._rng.uniform(self._low, self._high))
-                signal.pthread_kill(self._main, self._signum)
-
-        return self._start(run)
+        signal.signal(signal.SIGALRM, self._handler)
+        self._kicks = True
+        return self
 
     def kick(self) -> None:
-        self._kick.set()
+        signal.setitimer(signal.ITIMER_REAL, self._rng.uniform(self._low, self._high) or 1e-6)
 
     def timer(self) -> Interrupts:
         self._timer = True
         signal.setitimer(signal.ITIMER_REAL, self._rng.uniform(self._low, self._high))
         return self
 
-    def _start(self, run: Callable[[], None]) -> Interrupts:
-        self._thread = threading.Thread(target=run, name="interrupter", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self._stop.set()
-        self._kick.set()
-        if self._timer:
+        if self._timer or self._kicks:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._child:
+            os.kill(self._child, signal.SIGKILL)
+            os.waitpid(self._child, 0)
+            self._child = 0
 
     def counts(self) -> dict[str, int]:
         return {"raised": self.raised, "dropped": self.dropped}

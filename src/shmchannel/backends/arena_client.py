@@ -12,7 +12,10 @@ import weakref
 from typing import Any
 
 from ..broker import daemon, protocol
+from ..errors import BrokerUnavailable
+from ..queue.log import ClaimLog
 from ..serialization import deserialize, serialize
+from ..store import block
 from ..store.arena import ArenaMap
 from ..store.blob import plan_blob, read_blob, write_blob
 
@@ -56,6 +59,85 @@ def _foreign_arena(path: str) -> ArenaMap:
         if key not in _foreign:
             _foreign[key] = ArenaMap(path, os.stat(path).st_size)
         return _foreign[key]
+
+
+class Session:
+    """This process's standing with one broker: a connection kept open for the life of
+    the process, and on it the process's claim log (queue/log.py), which every receiver of
+    the process records its claims in. The log must outlive any one receiver: objects it
+    received stay valid after its ``close()``, and their references are dropped by this
+    process (or by the broker, once this connection closes with the process)."""
+
+    def __init__(self, arena: ArenaMap) -> None:
+        self.arena = arena
+        # Open receivers using it (see ``leave_session``): weak, so that one whose
+        # constructor was interrupted before it was counted is not counted for ever.
+        self.receivers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.conn = daemon.connect()
+        try:
+            reply, _ = self.conn.request({"op": "log"})
+            view = arena.whole
+            self.log = ClaimLog(arena.region, view, int(reply["offset"]), int(reply["capacity"]),
+                                int(reply["claimer"]), self._drop_ref)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _drop_ref(self, offset: int, ref: int, pos: int) -> None:
+        block.drop(self.arena.region, self.arena.whole, offset, ref, pos)
+
+
+_sessions: dict[tuple[int, str], Session] = {}
+
+
+def session_for(arena: ArenaMap) -> Session:
+    """This process's session with the broker owning ``arena`` (made on first use, made
+    again if that broker's connection was lost). A receiver joins it (``receivers``)
+    once it is made, and ``leave_session`` when it closes or its constructor fails."""
+    with _arena_lock:
+        key = (os.getpid(), arena.path)
+        found = _sessions.get(key)
+        if found is None or found.conn.closed:
+            found = _sessions[key] = Session(arena)
+        return found
+
+
+def leave_session(arena: ArenaMap, receiver: Any) -> None:
+    """``receiver`` no longer uses its session. The last one ends the session if nothing
+    is left in its log (no claim, no view): its log goes back to the store, and a broker
+    with nothing else to do may exit. Otherwise it lasts until the process does (or the
+    next last close)."""
+    key = (os.getpid(), arena.path)
+    with _arena_lock:
+        session = _sessions.get(key)
+        if session is None:
+            return
+        session.receivers.discard(receiver)
+        if session.receivers or any(True for _ in session.log.entries()):
+            return
+        session.log.release()
+    # Closed before it leaves the table: a close cut short by an interrupt is done again
+    # by the next leave (and a closed session is never handed out: ``session_for``).
+    session.conn.close()
+    with _arena_lock:
+        if _sessions.get(key) is session:
+            del _sessions[key]
+
+
+def tell_next_broker(msg: dict[str, Any]) -> None:
+    """Send ``msg`` to the broker running now, if one does (none is started): for an
+    endpoint whose broker died, to give back what it had from it (the next broker took
+    over its arena: daemon.py)."""
+    try:
+        conn = daemon.connect()
+    except BrokerUnavailable:
+        return
+    try:
+        conn.request(msg)
+    except Exception:  # noqa: BLE001 -- its own broker is gone: nothing more to do
+        pass
+    finally:
+        conn.close()
 
 
 def remaining(deadline: float | None) -> float | None:

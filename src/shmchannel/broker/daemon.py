@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import config
 from ..errors import BrokerUnavailable
-from ..store.arena import ArenaFile
+from ..store.arena import ArenaFile, ArenaMap
 from ..store.table import ObjectTable
 from . import recovery
 from .client import Connection
@@ -43,14 +43,7 @@ START_TIMEOUT = 20.0
 JOURNAL_DELAY = 0.01
 
 
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (a zombie has released everything)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-    return state not in (b"Z", b"X")
+pid_alive = config.pid_alive
 
 
 def connect(path: Path | None = None) -> Connection:
@@ -180,32 +173,43 @@ def _own_arena(journal: Path) -> str:
     return journal.name[: -len("journal")] + "arena"
 
 
-def _recover(runtime: Path) -> tuple[Recovered, list[Path]]:
-    """What the journals of dead brokers of ``runtime`` say is queued (oldest first), and
-    the dead brokers' entries nobody else may need: not those a running broker took over,
-    nor those of a dead broker of another runtime directory that still exists (another
-    project of this user, whose next broker will come back for them)."""
+def _recover(runtime: Path) -> tuple[Recovered, Path | None, list[Path]]:
+    """What the journal of the newest dead broker of ``runtime`` says, and its arena (to
+    take over); and the dead brokers' entries nobody else may need: not those of a running
+    broker, nor those of a dead broker of another runtime directory that still exists
+    (another project of this user, whose next broker will come back for them)."""
     recovered = Recovered()
     entries = config.our_shm_entries()
     dead = [e for e in entries if (pid := _pid_of(e)) is not None and not pid_alive(pid)]
     protected: set[str] = set()
-    journals = sorted((e for e in entries if e.name.endswith("-journal")), key=_mtime)
-    for journal in journals:
+    ours: list[Path] = []
+    for journal in sorted((e for e in entries if e.name.endswith("-journal")), key=_mtime):
         if not journal.exists():  # its broker (or another's clean-up) removed it since the listing
             continue
         try:
             owner, running = journal_runtime(journal), journal not in dead
-            if not running and owner == str(runtime):
-                recovered.replay(journal, _own_arena(journal))
-            elif running or (owner is not None and Path(owner).is_dir()):
-                theirs = Recovered()
-                theirs.replay(journal, _own_arena(journal))
-                protected |= theirs.arenas() | {journal.name, _own_arena(journal)}
+        except FileNotFoundError:
+            continue
+        if not running and owner == str(runtime):
+            ours.append(journal)
+        elif running or (owner is not None and Path(owner).is_dir()):
+            protected |= {journal.name, _own_arena(journal)}
+    adopt = None
+    for journal in reversed(ours):  # the newest dead broker's arena is the one in use
+        arena = journal.with_name(_own_arena(journal))
+        if not arena.exists():
+            continue
+        try:
+            recovered.replay(journal)
         except FileNotFoundError:
             continue  # removed while we read it: by its own broker's clean exit, so nothing was lost
         except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:  # a damaged journal
             log.error("cannot read %s, its channels are lost: %r", journal, exc)
-    return recovered, [e for e in dead if e.name not in protected]
+            recovered = Recovered()
+            continue
+        adopt = arena
+        break
+    return recovered, adopt, [e for e in dead if e.name not in protected and e != adopt]
 
 
 def _mtime(entry: Path) -> float:
@@ -220,7 +224,7 @@ def _mtime(entry: Path) -> float:
 def discard_dead(runtime: Path | None = None) -> list[Path]:
     """Remove what dead brokers of ``runtime`` (default: this process's) left, giving up
     its data, along with leftovers nobody can come back for."""
-    _, removable = _recover(runtime or config.runtime_dir(create=False))
+    _, _, removable = _recover(runtime or config.runtime_dir(create=False))
     for entry in removable:
         entry.unlink(missing_ok=True)
     return removable
@@ -232,25 +236,32 @@ def discard_dead(runtime: Path | None = None) -> list[Path]:
 def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
     rt = config.runtime_dir()
     sock_path = rt / "broker.sock"
-    recovered, dead = _recover(rt)
+    recovered, adopt, dead = _recover(rt)
     sock_path.unlink(missing_ok=True)  # a dead broker's socket; the starter holds the lock
-    arena = ArenaFile(config.shm_dir() / config.shm_name(os.getpid(), "arena"), memory)
+    own = config.shm_dir() / config.shm_name(os.getpid(), "arena")
+    if adopt is not None:
+        # The dead broker's arena, in place: its queues, objects and its clients' views go on.
+        os.rename(adopt, own)
+        arena = ArenaFile.adopt(own)
+        if arena.capacity != memory:
+            log.warning("took over a store of %d bytes (asked for %d): a store keeps its size", arena.capacity, memory)
+        memory = arena.capacity
+    else:
+        arena = ArenaFile(own, memory)
     journal: Journal | None = None
-    state: BrokerState | None = None
     try:
         journal = Journal(config.shm_dir() / config.shm_name(os.getpid(), "journal"), str(rt))
-        state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"), journal)
+        mapping = ArenaMap(str(arena.path), arena.size)
+        state = BrokerState(ObjectTable(memory, arena.reserve, key_prefix=f"{os.getpid():x}-"), mapping.region,
+                            mapping.whole, journal, arena.reserve_range)
         count = recovery.restore(state, recovered)
         journal.rewrite(recovery.snapshot(state))  # before the dead journals go: a crash now loses nothing
-        keep = set(state.foreign)
         for entry in dead:
-            if entry.name not in keep:
-                entry.unlink(missing_ok=True)
-                log.warning("removed %s left by a broker that died", entry)
-        if count:
-            log.warning("recovered %d objects in %d channels from dead brokers (arenas kept: %s)",
-                        count, len(state.channels), ", ".join(sorted(keep)) or "none")
-        state.on_foreign_empty = _remove_foreign
+            entry.unlink(missing_ok=True)
+            log.warning("removed %s left by a broker that died", entry)
+        if adopt is not None:
+            log.warning("took over %s from a broker that died: %d objects queued in %d channels",
+                        adopt.name, count, len(state.channels))
 
         async def main() -> None:
             assert state is not None and journal is not None
@@ -286,15 +297,7 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
         arena.destroy()
         if journal is not None:
             journal.destroy()
-        for name in state.foreign if state is not None else ():
-            _remove_foreign(name)
         log.info("broker %d stopped; removed %s", os.getpid(), arena.path)
-
-
-def _remove_foreign(name: str) -> None:
-    """A dead broker's arena whose last recovered object is gone."""
-    (config.shm_dir() / name).unlink(missing_ok=True)
-    log.info("removed %s: its recovered objects are all consumed", name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,30 +1,27 @@
-"""The journal: the queues' state kept next to the data, so that a broker that dies with
-SIGKILL loses nothing that was sent and not consumed.
+"""The journal: what the broker decided, kept next to the arena, so that the next broker
+can take over the arena of one that died (SIGKILL) and lose nothing that was sent.
 
-A broker appends a record for every change of what is queued -- a channel made or
-closed, an object sent, objects acknowledged -- to a file in the same tmpfs as its arena
-(``shmchannel-<uid>-<pid>-journal``). Records use the wire format (protocol.py): a JSON
-object plus, for objects kept in the broker's memory, their bytes. Records are written
-before any reply that confirms a change (a send, an allocation, a close, a queue
-listing...), and otherwise within 10 ms (daemon.JOURNAL_DELAY): what a sender was told is
-queued is in the journal. A broker that dies loses at most the last 10 ms of what it was
-told without confirming it -- sends posted without waiting (which it may not even have
-read) and acknowledgements (whose objects are then delivered again: at-least-once).
+The queues themselves, and every object in them, are in the arena (queue/): they need no
+record. What only the broker knows is where things are and whose they are -- each
+channel's queues, each process's claim log, each sender's slabs. A broker appends a record
+for every such change to a file in the same tmpfs as its arena
+(``shmchannel-<uid>-<pid>-journal``), in the wire format (protocol.py), before any reply
+that confirms it, and otherwise within 10 ms (daemon.JOURNAL_DELAY).
 
-The next broker reads the journals of dead brokers (``replay``), takes over their arenas
-for the objects still queued -- read-only: it never allocates in them, because clients of
-the dead broker may still view blocks it had freed -- and unlinks each once its last
-object is gone. A journal is rewritten as a snapshot of the live state when it grows
-past ``COMPACT_AT`` bytes and four times its last snapshot.
+The next broker of the same runtime directory replays the journal of the dead one
+(``Recovered.replay``), renames its arena to its own and carries on with it
+(recovery.py): the channels over their queues, dead processes' claims given back, slabs
+and logs of processes still alive kept for them. A journal is rewritten as a snapshot of
+the live state when it grows past ``COMPACT_AT`` bytes and four times its last snapshot.
 
 Records (field ``r``):
-    channel  ns, name, shards, full, max      made, or re-made by a new sender
-    object   key, size, offset + arena | inline [start, length] of the payload
-    send     ns, name, objects                object records, one per shard (one for full_batch)
-    queue    ns, name, shard, keys            a shard's whole queue (snapshots)
-    ack      ns, name, shard, keys            consumed
-    close    ns, name                         end of stream
-    drop     ns, name                         the channel is gone
+    channel  ns, name, shards, full, max, region   made, or re-made by a new sender
+    close    ns, name                               end of stream
+    drop     ns, name                               the channel is gone
+    log      offset, capacity, claimer, pid         a process's claim log
+    unlog    offset                                 freed
+    slab     offset, size, pid                      a sender's slab
+    unslab   offset                                 freed
 """
 
 from __future__ import annotations
@@ -128,62 +125,33 @@ def read(path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
 
 @dataclass
 class Recovered:
-    """What the journals of dead brokers say is still queued."""
+    """What a dead broker's journal says: its channels, claim logs and slabs."""
 
-    # (ns, name) -> {"shards", "full", "max", "closed", "queues": [[key, ...], ...]}
+    # (ns, name) -> {"shards", "full", "max", "region", "closed"}
     channels: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    # key -> {"size", "offset", "arena"} or {"size", "inline": bytes}
-    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logs: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> capacity, claimer, pid
+    slabs: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> size, pid
 
-    def replay(self, path: Path, own_arena: str) -> None:
-        """Apply one journal; objects without an arena name are in ``own_arena``."""
-        for msg, payload in read(path):
+    def replay(self, path: Path) -> None:
+        for msg, _ in read(path):
             kind, ident = msg.get("r"), (str(msg.get("ns")), str(msg.get("name")))
             if kind == "channel":
-                old = self.channels.get(ident)
-                queues = old["queues"] if old and any(old["queues"]) else [[] for _ in range(msg["shards"])]
-                self.channels[ident] = {
-                    "shards": len(queues), "full": msg["full"], "max": msg["max"], "closed": False, "queues": queues,
-                }
-            elif kind == "object":
-                self._object(msg, payload, own_arena)
-            elif ident in self.channels:
-                channel = self.channels[ident]
-                if kind == "send":
-                    keys = [self._object(obj, payload, own_arena) for obj in msg["objects"]]
-                    for i, queue in enumerate(channel["queues"]):
-                        queue.append(keys[0] if len(keys) == 1 else keys[i])
-                elif kind == "queue":
-                    channel["queues"][msg["shard"]] = list(msg["keys"])
-                elif kind == "ack":
-                    queue = channel["queues"][msg["shard"]]
-                    for key in msg["keys"]:
-                        if key in queue:
-                            queue.remove(key)
-                elif kind == "close":
-                    channel["closed"] = True
-                elif kind == "drop":
-                    del self.channels[ident]
+                self.channels[ident] = {"shards": int(msg["shards"]), "full": bool(msg["full"]),
+                                        "max": int(msg["max"]), "region": int(msg["region"]), "closed": False}
+            elif kind == "close" and ident in self.channels:
+                self.channels[ident]["closed"] = True
+            elif kind == "drop":
+                self.channels.pop(ident, None)
+            elif kind == "log":
+                self.logs[int(msg["offset"])] = {"capacity": int(msg["capacity"]), "claimer": int(msg["claimer"]),
+                                                 "pid": int(msg["pid"])}
+            elif kind == "unlog":
+                self.logs.pop(int(msg["offset"]), None)
+            elif kind == "slab":
+                self.slabs[int(msg["offset"])] = {"size": int(msg["size"]), "pid": int(msg["pid"])}
+            elif kind == "unslab":
+                self.slabs.pop(int(msg["offset"]), None)
 
-    def _object(self, record: dict[str, Any], payload: bytes, own_arena: str) -> str:
-        if "inline" in record:
-            start, length = record["inline"]
-            self.objects[record["key"]] = {"size": record["size"], "inline": bytes(payload[start : start + length])}
-        else:
-            self.objects[record["key"]] = {
-                "size": record["size"], "offset": record["offset"], "arena": record.get("arena") or own_arena,
-            }
-        return str(record["key"])
-
-    def live(self) -> Iterator[tuple[tuple[str, str], dict[str, Any]]]:
-        """Channels with something queued. An empty one is not kept for a sender that may
-        come back: the dead broker's clients are gone with it, and a channel nobody uses is
-        collected (else the next broker would never idle out; issue 13)."""
-        for ident, channel in self.channels.items():
-            if any(channel["queues"]):
-                yield ident, channel
-
-    def arenas(self) -> set[str]:
-        """Arena files that hold a queued object."""
-        queued = {key for _, channel in self.live() for queue in channel["queues"] for key in queue}
-        return {self.objects[key]["arena"] for key in queued if key in self.objects and "arena" in self.objects[key]}
+    @property
+    def empty(self) -> bool:
+        return not (self.channels or self.logs or self.slabs)

@@ -21,7 +21,6 @@ from ..errors import Cancelled, ChannelError, InvalidArgument, StoreFullTimeout
 from ..store.arena import ArenaFile
 from . import protocol, rules
 from .connection import ClientConnection
-from ..store.table import StoredObject, charge, describe_all
 from .records import Channel, Part, Signal
 from .state import WAIT, BrokerState
 
@@ -175,7 +174,8 @@ class Operations:
             raise InvalidArgument(
                 f"client speaks protocol {msg.get('version')}, this broker {protocol.PROTOCOL_VERSION}: restart it"
             )
-        return protocol.ok(pid=os.getpid(), arena=str(self.arena.path), capacity=self.arena.capacity), b""
+        # ``capacity`` is what a client maps: the whole file, the control space included.
+        return protocol.ok(pid=os.getpid(), arena=str(self.arena.path), capacity=self.arena.size), b""
 
     def _create(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         namespace, name = _names(msg)
@@ -184,7 +184,7 @@ class Operations:
         channel = self.state.create_channel(
             conn.client, namespace, name, num_shards, bool(msg.get("full_batch")), max_queue_size
         )
-        return protocol.ok(**channel.info(), room=channel.room()), b""
+        return protocol.ok(**channel.info()), b""
 
     def _open(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
         namespace, name = _names(msg)
@@ -197,17 +197,67 @@ class Operations:
             lambda: rules.not_found(namespace, name, _asked(msg) if msg.get("timeout") else None),
         )
 
+    def _claim_log(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
+        """The claim log of the asking process: sent on its session connection, which
+        stays open for the life of the process (backends/session.py)."""
+        log = self.state.grant_log(conn.client)
+        return protocol.ok(offset=log.base, capacity=log.capacity, claimer=log.claimer), b""
+
     def _detach(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         channel = self.state.channels.get(_names(msg))
-        give_back = msg.get("give_back")
         if channel is not None:
-            self.state.detach(
-                conn.client, channel, [k for k in give_back if isinstance(k, str)] if isinstance(give_back, list) else []
-            )
+            claimer = request_field(msg, "claimer", int, optional=True)
+            receiver = request_field(msg, "receiver", int, optional=True)
+            shard = request_field(msg, "shard", int, optional=True)
+            self.state.detach(conn.client, channel, claimer, receiver, shard)
         return protocol.ok(), b""
 
     def _close(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         self.state.close_channel(conn.client, self._channel(msg))
+        return protocol.ok(), b""
+
+    def _slab(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
+        """A slab for a sender's blocks (store/slabs.py) of ``size`` bytes, or less -- down
+        to ``need`` -- in a small store: no slab takes more than an eighth of it unless one
+        block needs more. Waits up to ``timeout`` for the store to have room."""
+        want = _count(request_field(msg, "size", int), "request field 'size'")
+        need = _count(msg.get("need", want), "request field 'need'")
+        if not 0 < need <= want or want % 64 or need % 64:
+            raise InvalidArgument(f"request fields 'need' <= 'size' must be positive multiples of 64, got {need}, {want}")
+        table = self.state.table
+        table.check_fits([need])
+        size = max(need, min(want, table.capacity // 8 // 64 * 64))
+        tmpfs_full: list[OSError] = []
+
+        def attempt() -> Any:
+            """The slab as large as asked for, else as small as needed (a full store or
+            file system may have room for that much)."""
+            tmpfs_full.clear()
+            for candidate in dict.fromkeys((size, need)):
+                try:
+                    offset = self.state.try_grant_slab(conn.client, candidate)
+                except OSError as exc:  # the tmpfs itself is full: wait for our own frees
+                    log.warning("cannot reserve shared memory in %s: %s", self.arena.path.parent, exc)
+                    tmpfs_full[:] = [exc]
+                    continue
+                if offset is not WAIT:
+                    return offset, candidate
+            return WAIT
+
+        def full() -> StoreFullTimeout:
+            if tmpfs_full:
+                return StoreFullTimeout(
+                    f"no room in {self.arena.path.parent} for the store's pages: asked for {need} bytes, "
+                    f"{tmpfs_full[0].strerror or tmpfs_full[0]} (the store has {max(0, table.free)} of "
+                    f"{table.capacity} bytes free) after waiting {_asked(msg)} s"
+                )
+            return self._store_full(need, msg)
+
+        return self._blocking(attempt, lambda: [self.state.store_freed], msg,
+                              lambda got: (protocol.ok(offset=got[0], size=got[1]), b""), full)
+
+    def _unslab(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
+        self.state.return_slabs(conn.client, _counts(msg, "offsets"))
         return protocol.ok(), b""
 
     def _alloc(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
@@ -234,14 +284,9 @@ class Operations:
                 )
             return self._store_full(sum(sizes), msg)
 
-        # A sender names its channel: the reply then says how many sends it takes now.
-        channel = self._channel(msg) if "dataset_name" in msg else None
-
         def done(blocks: tuple[list[int], list[list[int]]]) -> Reply:
             offsets, spare_sets = blocks
-            if channel is None:
-                return protocol.ok(offsets=offsets, spares=spare_sets), b""
-            return protocol.ok(offsets=offsets, spares=spare_sets, room=channel.room()), b""
+            return protocol.ok(offsets=offsets, spares=spare_sets), b""
 
         return self._blocking(
             attempt,
@@ -267,63 +312,6 @@ class Operations:
             else:
                 parts.append(Part(_count(item["size"], "a part's size"), offset=_count(item["offset"], "a part's offset")))
         return parts
-
-    def _send(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply | Waiter:
-        channel = self._channel(msg)
-        parts = self._parts(msg, payload)
-        client = conn.client
-
-        # Inline credit the sender asks for its next posted sends (see accounts.grant_credit).
-        want = _count(msg.get("credit", 0), "request field 'credit'")
-
-        def give_back() -> None:  # a send that fails leaves no memory behind
-            self.state.free_allocations(client, [p.offset for p in parts if p.inline is None])
-
-        def done(room: int) -> Reply:
-            if not want:
-                return protocol.ok(room=room), b""
-            return protocol.ok(room=room, credit=self.state.grant_credit(client, want)), b""
-
-        def timed_out() -> ChannelError:  # waited for a slot, or for memory for its inline parts
-            if channel.room() == 0:
-                return rules.send_timeout(_asked(msg), channel.label, channel.max_queue_size)
-            return self._store_full(sum(charge(len(p.inline)) for p in parts if p.inline is not None), msg)
-
-        try:
-            return self._blocking(
-                lambda: self.state.try_send(client, channel, parts),
-                lambda: [channel.space, self.state.store_freed],
-                msg,
-                done,
-                timed_out,
-                give_back,
-            )
-        except BaseException:
-            give_back()
-            raise
-
-    def _recv(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
-        channel = self._channel(msg)
-        shard = request_field(msg, "shard", int)
-        rules.check_shard(shard, channel.num_shards)
-        peek = bool(msg.get("peek"))
-        limit = min(request_field(msg, "limit", int, optional=True) or 1, rules.MAX_PREFETCH)
-        shared = channel.full_batch and channel.num_shards > 1
-
-        def done(objs: list[StoredObject]) -> Reply:
-            items, inline = describe_all(objs)
-            for item in items:
-                if "arena" in item:  # recovered from a dead broker: clients map its arena by path
-                    item["arena"] = str(self.arena.path.parent / item["arena"])
-            return protocol.ok(items=items, shared=shared), inline
-
-        return self._blocking(
-            lambda: self.state.try_recv(conn.client, channel, shard, peek, max(1, limit), protocol.MAX_PAYLOAD),
-            lambda: [channel.data[shard]],
-            msg,
-            done,
-            lambda: rules.recv_timeout(peek, _asked(msg), shard, channel.label),
-        )
 
     def _queue(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         channel = self._channel(msg)

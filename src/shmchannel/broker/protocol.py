@@ -17,7 +17,7 @@ import json
 import struct
 from typing import Any
 
-PROTOCOL_VERSION = 3  # 3: request ids, IMMEDIATE requests, cancel by id (issue 11)
+PROTOCOL_VERSION = 4  # 4: the broker leaves the data path (issue 14); 3: request ids, IMMEDIATE requests, cancel by id
 HEAD = struct.Struct("<II")
 MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20
@@ -31,10 +31,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dump
 
 #: Operations whose reply confirms a change of what is queued (or shows it): it goes out
 #: only after the broker's journal holds that change (see journal.py).
-CONFIRMS = frozenset({"create", "send", "close", "detach", "queue", "status", "sync", "stop"})
+CONFIRMS = frozenset({"create", "close", "detach", "queue", "status", "sync", "stop", "slab", "unslab", "log"})
 
 #: Operations that get no reply.
-ONE_WAY = frozenset({"release", "cancel", "requeue", "next", "ack", "hold"})
+ONE_WAY = frozenset({"release", "cancel", "hold"})
 
 #: Requests answered on arrival, even while an earlier request of the connection waits:
 #: they never wait themselves, and no earlier request of the same connection can change

@@ -1,14 +1,16 @@
-"""What the broker's state is made of: channels (per-shard queues of keys, their
-counters and the signals their waiters wait on) and clients (what each holds, has lent
-and is allocating). Plain records; the decisions about them are in state.py and accounts.py."""
+"""What the broker's state is made of: channels (their names, shapes and endpoints; the
+queues themselves are in shared memory), clients (what each holds, owns and allocates)
+and orphaned slabs. Plain records; the decisions about them are in state.py and accounts.py."""
 
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..queue.log import ClaimLog
+from ..queue.ring import Queues
 from . import rules
 from .rates import WINDOW, Rates
 
@@ -34,7 +36,7 @@ class Signal:
 
 @dataclass
 class Part:
-    """One shard's blob in a send: inline bytes, or an allocation the client wrote."""
+    """A DataSystem object's blob in a put: inline bytes, or an allocation the client wrote."""
 
     size: int
     offset: int = -1
@@ -42,51 +44,25 @@ class Part:
 
 
 @dataclass
-class Lent:
-    """Objects of one shard lent to one client, oldest first: the first ``taken`` were
-    handed to the user (not yet acknowledged), the rest wait in the client (reserved)."""
-
-    keys: deque[str] = field(default_factory=deque)
-    taken: int = 0
-
-    @property
-    def reserved(self) -> list[str]:
-        return list(self.keys)[self.taken :]
-
-
-@dataclass
 class Channel:
+    """A channel as the broker knows it: its name and shape, who is attached, and where
+    its queues lie in shared memory (``queues``: queue/ring.py). What is queued, claimed
+    and closed is read from there -- the broker is on the path of no object."""
+
     namespace: str
     name: str
     num_shards: int
     full_batch: bool
     max_queue_size: int
+    queues: Queues
+    region: int  # offset of the block holding its queues (freed with the channel)
     sender: int | None = None
-    closed: bool = False
-    queues: list[deque[str]] = field(default_factory=list)
     receivers: dict[int, int] = field(default_factory=dict)  # client id -> shard
-    data: list[Signal] = field(default_factory=list)  # per shard: something to receive
-    space: Signal = field(default_factory=Signal)  # a slot came free
-    reserved: list[int] = field(default_factory=list)  # per shard: prefetched, not handed out
-    sent_objects: int = 0
-    sent_bytes: int = 0
-    received_objects: list[int] = field(default_factory=list)
-    received_bytes: list[int] = field(default_factory=list)
-    rates: Rates = field(default_factory=Rates)  # the four counters above, per second
+    rates: Rates = field(default_factory=Rates)
     created: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        self.reshape(self.num_shards)
-
-    def reshape(self, num_shards: int) -> None:
-        """Empty queues for ``num_shards`` shards (only while nothing is built on the old
-        ones: no object queued or lent, no receiver attached; see ``rules.check_new_sender``)."""
-        self.num_shards = num_shards
-        self.queues = [deque() for _ in range(num_shards)]
-        self.data = [Signal() for _ in range(num_shards)]
-        self.reserved = [0] * num_shards
-        self.received_objects = [0] * num_shards
-        self.received_bytes = [0] * num_shards
+    # The counters at the last status (at creation: none sent yet), whose change ``rates``
+    # counts: the broker sees no object go by, it reads the counters in shared memory.
+    sampled: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
     @property
     def label(self) -> str:
@@ -97,21 +73,22 @@ class Channel:
         return rules.Shape(self.num_shards, self.full_batch, self.max_queue_size)
 
     @property
+    def closed(self) -> bool:
+        return self.queues.closed
+
+    @property
     def empty(self) -> bool:
-        return not any(self.queues)
+        """Nothing queued and nothing on its way back (objects receivers hold are not seen
+        here: ``BrokerState.held``)."""
+        return not any(self.queues.queued(s) or self.queues.pending(s) for s in range(self.num_shards))
 
     def depth(self, shard: int) -> int:
-        """Objects of ``shard`` not handed to a user yet: queued, or reserved by a receiver."""
-        return len(self.queues[shard]) + self.reserved[shard]
-
-    def room(self) -> int:
-        """Sends the channel takes now without waiting (its fullest shard decides)."""
-        return max(0, self.max_queue_size - max(map(self.depth, range(self.num_shards))))
+        return self.queues.queued(shard)
 
     def record(self) -> dict[str, Any]:
         """The journal record that makes (or re-makes) this channel."""
         return {"r": "channel", "ns": self.namespace, "name": self.name, "shards": self.num_shards,
-                "full": self.full_batch, "max": self.max_queue_size}
+                "full": self.full_batch, "max": self.max_queue_size, "region": self.region}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -120,21 +97,28 @@ class Channel:
             "num_shards": self.num_shards,
             "full_batch": self.full_batch,
             "max_queue_size": self.max_queue_size,
+            "queues": self.queues.base,
         }
 
     def status(self) -> dict[str, Any]:
-        """A channel's figures, as ``shmchannel.status`` documents them."""
+        """A channel's figures, as ``shmchannel.status`` documents them: read from shared
+        memory, rates from the change since the previous status."""
+        sent_objects, sent_bytes = self.queues.sent()
+        received = [self.queues.received(s) for s in range(self.num_shards)]
+        counters = [sent_objects, sent_bytes, sum(r[0] for r in received), sum(r[1] for r in received)]
+        self.rates.add(*(now - before for now, before in zip(counters, self.sampled)))
+        self.sampled = counters
         return {
-            **self.info(),
+            **{k: v for k, v in self.info().items() if k != "queues"},
             "closed": self.closed,
             "sender": self.sender is not None,
             "receivers": len(self.receivers),
             "shard_receivers": rules.receivers_per_shard(self.receivers.values(), self.num_shards),
             "depths": [self.depth(i) for i in range(self.num_shards)],
-            "sent_objects": self.sent_objects,
-            "sent_bytes": self.sent_bytes,
-            "received_objects": list(self.received_objects),
-            "received_bytes": list(self.received_bytes),
+            "sent_objects": sent_objects,
+            "sent_bytes": sent_bytes,
+            "received_objects": [r[0] for r in received],
+            "received_bytes": [r[1] for r in received],
             "rates": self.rates.per_second(),
             "rate_window": WINDOW,
             "created": self.created,
@@ -145,10 +129,25 @@ class Channel:
 class Client:
     id: int
     pid: int
-    holds: Counter[str] = field(default_factory=Counter)
-    allocations: dict[int, int] = field(default_factory=dict)  # offset -> size
-    lent: dict[tuple[str, str, int], Lent] = field(default_factory=dict)  # by (namespace, name, shard)
+    holds: Counter[str] = field(default_factory=Counter)  # DataSystem objects it views
+    allocations: dict[int, int] = field(default_factory=dict)  # offset -> size, not yet put
+    slabs: dict[int, int] = field(default_factory=dict)  # a sender's slabs: offset -> size
+    log: ClaimLog | None = None  # its process's claim log (on the session connection)
+    log_size: int = 0  # bytes of the log's block
     sends_to: set[tuple[str, str]] = field(default_factory=set)
     receives_from: set[tuple[str, str]] = field(default_factory=set)
     datasystem: bool = False
-    credit: int = 0  # inline bytes set aside for its next sends (accounts.Accounts.grant_credit)
+    credit: int = 0  # inline bytes set aside for its next puts (accounts.Accounts.grant_credit)
+
+
+@dataclass
+class Orphan:
+    """Memory whose owner is gone, kept until nothing in it is in use: a dead process's
+    claim log (while its claims go back), or a slab or log a dead broker's client had."""
+
+    offset: int
+    size: int
+    log: ClaimLog | None = None  # None: a slab
+    # The process it was taken over from (a dead broker's client): kept whole while it
+    # runs, for it may still be using it; None once that process is gone.
+    pid: int | None = None

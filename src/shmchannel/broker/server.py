@@ -26,6 +26,9 @@ from .system import SystemOperations
 
 log = logging.getLogger("shmchannel.broker")
 
+#: Seconds between looks at orphaned slabs and returns waiting for room (``_sweep``).
+SWEEP_INTERVAL = 0.02
+
 
 class Server(SystemOperations):
     #: Requests that only look: a client sending nothing else (``shmchannel status --watch``)
@@ -46,16 +49,18 @@ class Server(SystemOperations):
         self._all_gone: asyncio.Event | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._active = time.monotonic()  # when a client last did more than look
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._ops: dict[str, Callable[[ClientConnection, dict[str, Any], bytes], Any]] = {
             "hello": self._hello,
             "create": self._create,
             "open": self._open,
             "detach": self._detach,
             "close": self._close,
+            "log": self._claim_log,
+            "slab": self._slab,
+            "unslab": self._unslab,
             "alloc": self._alloc,
             "free": self._free,
-            "send": self._send,
-            "recv": self._recv,
             "queue": self._queue,
             "put": self._put,
             "get": self._get,
@@ -133,7 +138,7 @@ class Server(SystemOperations):
             conn.waiter.cancel()
         self._conns.discard(conn)
         self.state.disconnect(conn.client)
-        self._arm_idle_timer()
+        self._after_change()
         if self._all_gone is not None and not self._conns:
             self._all_gone.set()
 
@@ -163,6 +168,8 @@ class Server(SystemOperations):
             result.start(lambda outcome: self._answer(conn, op, posted, rid, outcome))
         else:
             self._answer(conn, op, posted, rid, result)
+        if op in ("detach", "unslab", "close"):
+            self._after_change()
 
     def _answer(self, conn: ClientConnection, op: str, posted: bool, rid: Any, outcome: Reply | BaseException) -> None:
         """Reply with ``outcome`` (a reply, or the exception that ended the request); a
@@ -198,26 +205,21 @@ class Server(SystemOperations):
                 conn.waiter.cancel()
             elif rid is not None and (withdrawn := conn.withdraw(rid)) is not None:
                 self._answer(conn, str(withdrawn["op"]), withdrawn.get("posted") is True, rid, Cancelled("request cancelled by the client"))
-        elif op == "requeue":
-            channel = self._channel(msg)
-            shard = request_field(msg, "shard", int)
-            if not 0 <= shard < channel.num_shards:
-                raise InvalidArgument(f"shard {shard} out of range")
-            self.state.requeue(conn.client, channel, shard, [k for k in request_field(msg, "keys", list) if isinstance(k, str)])
-        elif op in ("next", "ack"):
-            channel = self._channel(msg)
-            shard = request_field(msg, "shard", int)
-            if not 0 <= shard < channel.num_shards:
-                raise InvalidArgument(f"shard {shard} out of range")
-            if op == "next":
-                key = msg.get("key")
-                self.state.take_next(conn.client, channel, shard, key if isinstance(key, str) else None)
-            else:
-                keep = msg.get("keep")
-                self.state.acknowledge(
-                    conn.client, channel, shard, {k for k in keep if isinstance(k, str)} if isinstance(keep, list) else ()
-                )
         elif op == "hold":
             self.state.hold(conn.client, request_field(msg, "key", str))
+        self._after_change()
+
+    # -- what clients leave behind ---------------------------------------------------------
+
+    def _after_change(self) -> None:
+        """Sweep (state.sweep) now and then again every SWEEP_INTERVAL while orphaned memory
+        or returns wait: blocks are freed in shared memory by receivers, who tell no one."""
+        if self._sweep_handle is None and self.state.left_behind:
+            self._sweep_handle = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
         if self.state.idle():
             self._arm_idle_timer()
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        self.state.sweep()
+        self._after_change()

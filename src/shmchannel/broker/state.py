@@ -1,53 +1,73 @@
 """The broker's state and every decision about it; no I/O, no waiting.
 
-``BrokerState`` decides about channels, clients and the delivery of objects between them;
-what they take of the store -- allocations, inline credit, holds, the DataSystem's
-objects -- is accounted by its base, ``Accounts`` (accounts.py).
+The broker is the control plane: objects go from senders to receivers through the shared-
+memory queues (queue/), never through it. It decides who may do what -- which channels
+exist and with what shape, who sends and who receives, which memory each process owns --
+and it cleans up after whoever leaves or dies:
 
-Each operation either completes, raises the error its caller gets, or returns ``WAIT``
-when it cannot proceed yet (queue full, queue empty, store full, channel missing). The
-server then waits on the ``Signal`` (records.py) named for that case and asks again: the
-operation that frees a slot, enqueues a key or frees memory fires exactly that signal, so
-a blocked client is woken by the event that unblocks it, never by a timer.
+- a receiver that detaches, or a process that dies, gives back what it claimed and never
+  acknowledged (queue/reap.py), in order, at the head of its shard;
+- a dead process's acknowledged objects drop their block references (its views died too);
+- a sender that leaves hands its slabs over: what no block uses goes back to the store at
+  once, each block still in use when it is freed (``loose``; ``sweep`` looks, on a timer
+  while there are any: receivers free blocks in shared memory and tell no one).
 
-Delivery bookkeeping: a queue entry holds one reference to its object. ``recv`` moves it
-to the receiving client's ``Lent`` record and, for an arena object, adds a *hold* for the
-client's zero-copy views, released when they are gone. A recv may take several objects
-(prefetch): the first is handed to the user, the others are *reserved* -- they wait in the
-client and still count as queued (for ``max_queue_size``, ``queue`` and status) until the
-client hands the next one out (``take_next``). A handed-out object is acknowledged -- and
-its reference dropped -- by the client's next ``recv``/``peek``/``take_next`` of that shard
-or by detaching; what it gives back unused (``requeue``), or holds when its connection
-drops, goes back to the head of the queue, in order. ``peek`` adds a hold of its own.
+What memory is accounted for -- channel queues, slabs, claim logs, DataSystem objects --
+is kept by the base, ``Accounts`` (accounts.py). Operations either complete, raise the
+error their caller gets, or return ``WAIT`` when they cannot proceed yet (a store too
+full for a slab, a channel that does not exist yet); the server retries them when the
+``Signal`` named for that case fires.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+from typing import Any, Callable, Iterable
 
-from collections import deque
-from typing import Any, Collection
-
-from ..errors import EndpointClosed, InvalidArgument
-from ..store.table import ObjectTable, StoredObject, describe_all, inline_span
+from ..config import pid_alive
+from ..errors import EndpointClosed, InvalidArgument, StoreFull
+from ..queue import layout
+from ..queue import reap
+from .._native import Region
+from ..queue.log import ACKED, CLAIMED, RELEASING, STATUS, ClaimLog
+from ..queue.ring import Queues
+from ..store import block, slabs
+from ..store.allocator import Allocator
+from ..store.table import ObjectTable, StoreStats
 from . import rules
 from .accounts import WAIT, Accounts
 from .journal import Journal
-from .records import Channel, Client, Lent, Part, Signal
+from .records import Channel, Client, Orphan, Signal
+
+#: Entries of a process's claim log: objects it may hold claimed or viewed at once. About
+#: 0.3 MiB of shared memory per receiving process.
+LOG_CAPACITY = 4096
 
 
 class BrokerState(Accounts):
-    """Channels, clients and the objects between them (see the module docstring)."""
+    """Channels, clients, and the memory they leave behind (see the module docstring)."""
 
-    def __init__(self, table: ObjectTable, journal: Journal | None = None) -> None:
+    def __init__(
+        self, table: ObjectTable, region: Region, view: memoryview, journal: Journal | None = None,
+        reserve_control: Callable[[int, int], None] = lambda start, end: None,
+    ) -> None:
         super().__init__(table)
+        self.region, self.view = region, view
+        # Channel queues and claim logs: in the control space after the store (arena.py).
+        self.control = Allocator(len(view) - table.capacity)
+        self._control_base = table.capacity
+        self._reserve_control = reserve_control
         self.journal = journal
         self.channels: dict[tuple[str, str], Channel] = {}
         self.clients: dict[int, Client] = {}
         self.channel_created = Signal()
+        self.orphans: list[Orphan] = []
+        # Blocks of slabs whose sender is gone, still in use: each holds just its own
+        # bytes of the store (the rest of its slab went back at once) until it is freed.
+        self.loose: dict[int, int] = {}  # block offset -> reference bits
+        self.backlogs: list[reap.Backlog] = []
         self._next_client = 0
-
-    # -- the journal (see journal.py and recovery.py) --------------------------------------
+        self._claimers: set[int] = set()  # claim-log numbers in use (also by orphaned logs)
 
     def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
         if self.journal is not None:
@@ -62,13 +82,12 @@ class BrokerState(Accounts):
         return client
 
     def disconnect(self, client: Client) -> None:
-        """Forget a client: its unfinished allocations and holds are freed, its roles end."""
+        """Forget a client: what it claimed goes back, what it owns is freed or orphaned."""
         self.clients.pop(client.id, None)
-        for namespace, name, shard in list(client.lent):
-            channel = self.channels.get((namespace, name))
-            if channel is not None:  # delivered, never acknowledged: the next receiver gets it
-                self._give_back(client, channel, shard)
-        client.lent.clear()
+        if client.log is not None:
+            self._reap(client)
+        if client.slabs:
+            self._orphan_slabs(client, list(client.slabs))
         freed = self._settle(client)
         for ident in list(client.sends_to):
             channel = self.channels.get(ident)
@@ -85,7 +104,99 @@ class BrokerState(Accounts):
             self.store_freed.fire()
 
     def idle(self) -> bool:
-        return not self.clients and not self.channels and len(self.table) == 0
+        """Nothing to keep the broker for: no channel, no object, no owner of anything."""
+        if self.channels or len(self.table) or self.orphans or self.backlogs or self.loose:
+            return False
+        return all(c.log is not None and not c.slabs and not c.holds and not c.allocations and not self._log_busy(c.log)
+                   for c in self.clients.values())
+
+    @staticmethod
+    def _log_busy(log: ClaimLog) -> bool:
+        return any(True for _ in log.entries())
+
+    # -- claim logs ----------------------------------------------------------------------
+
+    def grant_log(self, client: Client) -> ClaimLog:
+        """The claim log of ``client``'s process (made on its first request)."""
+        if client.log is not None:
+            return client.log
+        claimer = next((n for n in range(1, layout.MAX_CLAIMER + 1) if n not in self._claimers), None)
+        if claimer is None:
+            raise InvalidArgument(f"{layout.MAX_CLAIMER} processes receive already: no claim log is left")
+        size = ClaimLog.size_for(LOG_CAPACITY)
+        offset = self._control_alloc(size, "this process's claim log")
+        ClaimLog.format(self.view, offset, LOG_CAPACITY)
+        client.log = ClaimLog(self.region, self.view, offset, LOG_CAPACITY, claimer, self._drop_ref)
+        client.log_size = size
+        self._claimers.add(claimer)
+        self._log({"r": "log", "offset": offset, "capacity": LOG_CAPACITY, "claimer": claimer, "pid": client.pid})
+        return client.log
+
+    def _control_alloc(self, size: int, what: str) -> int:
+        """Zeroed memory of the control space for ``what``.
+
+        Raises:
+            StoreFull: the control space is used up (or its pages cannot be had).
+        """
+        start = self.control.alloc(size)
+        if start is None:
+            raise StoreFull(f"no {size} bytes are left in the control space for {what} ({self.control.capacity} in all)")
+        offset = self._control_base + start
+        try:
+            self._reserve_control(offset, offset + size)
+        except OSError as exc:
+            self.control.release(start)
+            raise StoreFull(f"no room in the shared-memory file system for {what}: {exc}") from exc
+        self.view[offset : offset + size] = bytes(size)
+        return offset
+
+    def _control_free(self, offset: int) -> None:
+        self.control.release(offset - self._control_base)
+
+    def _drop_ref(self, offset: int, ref: int, pos: int) -> None:
+        block.drop(self.region, self.view, offset, ref, pos)
+
+    def log_of(self, pid: int, claimer: int) -> ClaimLog | None:
+        """Claim log ``claimer`` of process ``pid``: its session's, or one it had from a
+        dead broker."""
+        for client in self.clients.values():
+            if client.pid == pid and client.log is not None and client.log.claimer == claimer:
+                return client.log
+        for orphan in self.orphans:
+            if orphan.pid == pid and orphan.log is not None and orphan.log.claimer == claimer:
+                return orphan.log
+        return None
+
+    def _reap(self, client: Client) -> None:
+        """A process's claim log after its session ended (it died, or exited): its claims
+        go back, its acknowledged objects' references are dropped, the log is freed once
+        nothing refers to it."""
+        assert client.log is not None
+        self._give_back_log(client.log)
+        self.orphans.append(Orphan(client.log.base, client.log_size, log=client.log))
+        client.log = None
+        self.sweep()
+
+    def _give_back_log(self, log: ClaimLog) -> None:
+        for channel in self.channels.values():
+            for shard in range(channel.num_shards):
+                backlog = reap.collect(log, channel.queues, shard, receiver=None)
+                if backlog.items and not reap.give_back(backlog):
+                    self.backlogs.append(backlog)
+        reap.release_acknowledged(log)
+
+    def held(self, channel: Channel, shard: int | None = None, pid: int | None = None) -> int:
+        """Objects of ``channel`` claimed and not acknowledged, in every log (or that of
+        ``pid``'s process), of one ``shard`` or all."""
+        count = 0
+        logs = [c.log for c in self.clients.values() if c.log is not None and (pid is None or c.pid == pid)]
+        logs += [o.log for o in self.orphans if o.log is not None and pid is None]
+        for log in logs:
+            for index, state in log.entries():
+                if state & STATUS == CLAIMED:
+                    base, s = log.fields(index)[:2]
+                    count += base == channel.queues.base and (shard is None or s == shard)
+        return count + sum(len(b.items) for b in self.backlogs if b.queues is channel.queues)
 
     # -- channels ------------------------------------------------------------------------
 
@@ -100,30 +211,35 @@ class BrokerState(Accounts):
             rules.check_new_sender(
                 namespace, name, attached=channel.sender is not None, closed=channel.closed,
                 current=channel.shape, wanted=rules.Shape(num_shards, full_batch, max_queue_size),
-                queued=sum(map(len, channel.queues)), receivers=self._receivers(channel),
+                queued=sum(map(channel.depth, range(channel.num_shards))), receivers=self._receivers(channel),
             )
-            if channel.num_shards != num_shards:  # nothing is built on the old shape (checked above)
-                channel.reshape(num_shards)
-            channel.full_batch = full_batch
-            channel.max_queue_size = max_queue_size
-            channel.space.fire()
-        else:
-            channel = Channel(namespace, name, num_shards, full_batch, max_queue_size)
-            self.channels[ident] = channel
-        self._log(channel.record())
+            if channel.shape != rules.Shape(num_shards, full_batch, max_queue_size):
+                # Nothing is built on the old shape (checked above): new queues for the new one.
+                self._drop(channel)
+                channel = None
+        if channel is None:
+            channel = self._new_channel(namespace, name, num_shards, full_batch, max_queue_size)
         channel.sender = client.id
         client.sends_to.add(ident)
         self.channel_created.fire()
         return channel
 
+    def _new_channel(self, namespace: str, name: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Channel:
+        plan = layout.plan(num_shards, max_queue_size, full_batch)
+        base = self._control_alloc(plan.size, f"the queues of {namespace}/{name} ({num_shards} shards of {plan.ring} slots)")
+        layout.write_header(self.view, base, plan)
+        channel = Channel(namespace, name, num_shards, full_batch, max_queue_size,
+                          Queues(self.region, self.view, base), base)
+        self.channels[(namespace, name)] = channel
+        self._log(channel.record())
+        return channel
+
     def _receivers(self, channel: Channel) -> list[rules.ReceiverUse]:
         """The receivers attached to ``channel``, each with the objects of it it holds."""
-        ident = (channel.namespace, channel.name)
         uses = []
         for client_id, shard in channel.receivers.items():
-            client = self.clients[client_id]
-            held = sum(len(lent.keys) for (ns, name, _), lent in client.lent.items() if (ns, name) == ident)
-            uses.append(rules.ReceiverUse(shard, held, f"pid {client.pid}"))
+            pid = self.clients[client_id].pid
+            uses.append(rules.ReceiverUse(shard, self.held(channel, shard, pid), f"pid {pid}"))
         return uses
 
     def channel(self, namespace: str, name: str) -> Channel:
@@ -142,19 +258,24 @@ class BrokerState(Accounts):
         client.receives_from.add((namespace, name))
         return channel
 
-    def detach(self, client: Client, channel: Channel, give_back: list[str] | None = None) -> None:
-        """End this client's role (sender or receiver) on ``channel``; the objects it handed
-        out named in ``give_back`` go back to the head of their queue with the ones it has
-        not handed out, in order (an object received for a call that gave up: aio.py)."""
+    def detach(
+        self, client: Client, channel: Channel, claimer: int | None = None, receiver: int | None = None,
+        shard: int | None = None,
+    ) -> None:
+        """End this client's role on ``channel``. For a receiver, what it claimed and did not
+        acknowledge (its process's log ``claimer``, entries of its ``receiver`` number, of
+        its ``shard``) goes back to the head of its shard, in order -- also for a receiver
+        that attached through a broker that died since."""
         ident = (channel.namespace, channel.name)
-        for shard in range(channel.num_shards):
-            lent = client.lent.get((channel.namespace, channel.name, shard))
-            if lent is not None and give_back:
-                handed = [k for k in itertools.islice(lent.keys, lent.taken) if k in give_back]
-                self.requeue(client, channel, shard, handed + list(itertools.islice(lent.keys, lent.taken, None)))
-            self.acknowledge(client, channel, shard)
-            self._give_back(client, channel, shard)  # reserved, never handed out: for the next receiver
-        channel.receivers.pop(client.id, None)
+        attached = channel.receivers.pop(client.id, None)
+        shard = attached if attached is not None else shard
+        if shard is not None and 0 <= shard < channel.num_shards and claimer is not None and receiver is not None:
+            log = self.log_of(client.pid, claimer)
+            if log is None:
+                raise InvalidArgument(f"claim log {claimer} is not one of this process's")
+            backlog = reap.collect(log, channel.queues, shard, receiver=receiver)
+            if backlog.items and not reap.give_back(backlog):
+                self.backlogs.append(backlog)
         if channel.sender == client.id:
             channel.sender = None
         client.receives_from.discard(ident)
@@ -162,196 +283,229 @@ class BrokerState(Accounts):
         self._collect(ident)
 
     def close_channel(self, client: Client, channel: Channel) -> None:
-        """End of stream: receivers drain what is queued, then get ChannelClosed."""
+        """End of stream (the sender marked it in shared memory already; this is for a
+        sender whose process could not, and for the journal)."""
         self._check_sender(client, channel)
-        channel.closed = True
+        if not channel.queues.closed:
+            channel.queues.region.store(channel.queues.base + layout.H_CLOSED, 1)
+            channel.queues.wake_all()
         self._log({"r": "close", "ns": channel.namespace, "name": channel.name})
-        for signal in channel.data:
-            signal.fire()
         self.detach(client, channel)
 
     def _collect(self, ident: tuple[str, str]) -> None:
         channel = self.channels.get(ident)
-        if channel is not None and channel.sender is None and not channel.receivers and channel.empty:
-            del self.channels[ident]
-            self._log({"r": "drop", "ns": channel.namespace, "name": channel.name})
+        if (channel is not None and channel.sender is None and not channel.receivers and channel.empty
+                and not self.held(channel)):
+            self._drop(channel)
+
+    def _drop(self, channel: Channel) -> None:
+        del self.channels[(channel.namespace, channel.name)]
+        self._control_free(channel.region)
+        self._log({"r": "drop", "ns": channel.namespace, "name": channel.name})
+        self.store_freed.fire()
 
     def _check_sender(self, client: Client, channel: Channel) -> None:
         if channel.sender != client.id:
             raise EndpointClosed(f"this client is not the sender of channel {channel.label}")
 
-    def _check_receiver(self, client: Client, channel: Channel, shard: int) -> None:
-        """Only an attached receiver takes objects: what it is lent is given back when it
-        detaches or leaves, and the channel is collected after that. A client that never
-        opened would drain the channel and never be counted (issue 13: the channel stayed,
-        and the broker never idled out)."""
-        if channel.receivers.get(client.id) != shard:
-            raise EndpointClosed(f"this client is not a receiver of shard {shard} of channel {channel.label}: open it first")
+    def queue(self, channel: Channel, shard: int | None) -> Any:
+        """Names of the objects not yet claimed: of ``shard``, or ``{shard: names}``."""
+        if shard is None:
+            return {str(i): channel.queues.keys(i) for i in range(channel.num_shards)}
+        return channel.queues.keys(shard)
 
-    # -- sending and receiving -----------------------------------------------------------
+    # -- slabs ---------------------------------------------------------------------------
 
-    def try_send(self, client: Client, channel: Channel, parts: list[Part]) -> Any:
-        """Enqueue one object (one part per shard, or one for all with full_batch), atomically;
-        return the room left (see ``Channel.room``)."""
-        self._check_sender(client, channel)
-        expected = 1 if channel.full_batch else channel.num_shards
-        if len(parts) != expected:
-            raise InvalidArgument(f"send to {channel.label} needs {expected} parts, got {len(parts)}")
-        self._claim(client, parts)
-        if channel.room() == 0 or not self._spend_credit(client, parts):
-            return WAIT
-        if channel.full_batch:
-            stored = [self._store(client, parts[0], refs=channel.num_shards)]
-            for queue in channel.queues:
-                queue.append(stored[0].key)
-        else:
-            stored = [self._store(client, part, refs=1) for part in parts]
-            for queue, obj in zip(channel.queues, stored):
-                queue.append(obj.key)
-        if self.journal is not None:  # one record: the objects and where they were queued
-            objects, inline = describe_all(stored)
-            self._log({"r": "send", "ns": channel.namespace, "name": channel.name, "objects": objects}, inline)
-        nbytes = sum(p.size for p in parts)
-        channel.sent_objects += 1
-        channel.sent_bytes += nbytes
-        channel.rates.add(1, nbytes, 0, 0)
-        for signal in channel.data:
-            signal.fire()
-        return channel.room()
-
-    def try_recv(
-        self, client: Client, channel: Channel, shard: int, peek: bool, limit: int = 1, max_inline: int | None = None
-    ) -> Any:
-        """The oldest (up to ``limit``) objects of ``shard``, lent to this client, the first
-        handed out and the others reserved; WAIT if none yet. Acknowledges the objects the
-        client was handed from this shard before. With ``max_inline``, no object joins the
-        batch whose inline bytes would take the reply's payload past it (the first always
-        goes: one object's payload is within the bound it was sent under).
+    def try_grant_slab(self, client: Client, size: int) -> Any:
+        """A new slab of ``size`` bytes for a sender; WAIT while the store is too full.
 
         Raises:
-            ChannelClosed: the channel was closed and this shard is drained.
-            EndpointClosed: this client is not attached as a receiver of ``shard``.
+            StoreFull: it could never fit, even in an empty store.
         """
-        self._check_receiver(client, channel, shard)
-        self.acknowledge(client, channel, shard)
-        queue = channel.queues[shard]
-        if not queue:
-            if channel.closed:
-                raise rules.drained(channel.label, shard)
+        offsets = self.table.allocate([size])
+        if offsets is None:
             return WAIT
-        if peek:
-            obj = self.table.get(queue[0])
-            assert obj is not None, queue[0]
-            self._hold(client, obj)
-            return [obj]
-        lent = client.lent.setdefault((channel.namespace, channel.name, shard), Lent())
-        objs: list[StoredObject] = []
-        payload = 0
-        while queue and len(objs) < limit:
-            obj = self.table.get(queue[0])
-            assert obj is not None
-            payload = inline_span(payload, obj)
-            if objs and max_inline is not None and payload > max_inline:
-                break
-            queue.popleft()
-            lent.keys.append(obj.key)  # the queue's reference goes with it
-            self._hold(client, obj)
-            channel.received_objects[shard] += 1
-            channel.received_bytes[shard] += obj.size
-            objs.append(obj)
-        lent.taken += 1
-        channel.reserved[shard] += len(objs) - 1
-        channel.rates.add(0, 0, len(objs), sum(obj.size for obj in objs))
-        channel.space.fire()
-        if channel.closed and channel.empty:
-            for signal in channel.data:
-                signal.fire()
-        return objs
+        client.slabs[offsets[0]] = size
+        self._log({"r": "slab", "offset": offsets[0], "size": size, "pid": client.pid})
+        return offsets[0]
 
-    def take_next(self, client: Client, channel: Channel, shard: int, key: str | None = None) -> None:
-        """The client hands its next reserved object (``key``) to the user, acknowledging
-        the ones before. Said twice of one object (an interrupted recv hands it out again)
-        it changes nothing the second time."""
-        lent = client.lent.get((channel.namespace, channel.name, shard))
-        if key is not None and lent is not None and key in itertools.islice(lent.keys, lent.taken):
-            return  # handed out already
-        self.acknowledge(client, channel, shard)
-        if lent is None or len(lent.keys) <= lent.taken:
-            return
-        lent.taken += 1
-        channel.reserved[shard] -= 1
-        channel.space.fire()
+    def return_slabs(self, client: Client, offsets: Iterable[int]) -> None:
+        """Slabs the sender is done with: what of them no block uses goes back to the store
+        at once, each block in use when it is freed. Also slabs its process had from a dead
+        broker (a sender whose broker died gives them back through the next one)."""
+        wanted = set(offsets)
+        self._orphan_slabs(client, [offset for offset in wanted if offset in client.slabs])
+        for orphan in list(self.orphans):
+            if orphan.pid == client.pid and orphan.log is None and orphan.offset in wanted:
+                self.orphans.remove(orphan)
+                self._loosen(orphan.offset, orphan.size)
+        self.sweep()
 
-    def acknowledge(self, client: Client, channel: Channel, shard: int, keep: Collection[str] = ()) -> None:
-        """The objects handed out from ``shard`` to ``client`` are consumed: drop their
-        references -- but those in ``keep``, which the client still has unused (its note
-        went, then an interrupt put the object back in its buffer)."""
-        ident = (channel.namespace, channel.name, shard)
-        lent = client.lent.get(ident)
-        if lent is None or not lent.taken:
-            return
+    def _orphan_slabs(self, client: Client, offsets: list[int]) -> None:
+        for offset in offsets:
+            self._loosen(offset, client.slabs.pop(offset))
+
+    def _loosen(self, offset: int, size: int) -> None:
+        """Give a slab back to the store but for the blocks in it still in use, which stay
+        allocated one by one (``loose``) until they are freed."""
+        live = self._live_blocks([(offset, size)])
+        self.table.free_allocation(offset)
+        for start, refs in live.items():
+            _, length = block.check(self.view, start)
+            self.table.allocator.take(start, length)
+            self.loose[start] = refs
+        self._log({"r": "unslab", "offset": offset})
+        self.store_freed.fire()
+
+    def _live_blocks(self, ranges: list[tuple[int, int]]) -> dict[int, int]:
+        """Blocks inside ``ranges`` that a queue or a claim log still names, with their
+        reference counts. Slots are read before logs: a claim moves a block's name from its
+        slot to a log entry written before the slot is freed, so it is seen in one of them."""
+        found: set[int] = set()
+
+        def inside(offset: int) -> bool:
+            return any(start <= offset < start + size for start, size in ranges)
+
+        for channel in list(self.channels.values()):
+            q, lay = channel.queues, channel.queues.layout
+            tail = q.tail
+            for shard in range(lay.num_shards):
+                for slot_of in (lay.slot, lay.returned_slot):
+                    for i in range(lay.ring):
+                        at = q.base + slot_of(shard, i)
+                        state = self.region.load(at)
+                        code = layout.code_of(state)
+                        if code == layout.FREE:
+                            continue
+                        offset, _, pos = layout.read_slot(self.view, at)
+                        if code == layout.READY and slot_of == lay.slot and pos >= tail:
+                            continue  # written by a sender that died before committing it
+                        if inside(offset):
+                            found.add(offset)
+        logs = [c.log for c in self.clients.values() if c.log is not None]
+        logs += [o.log for o in self.orphans if o.log is not None]
+        for log in logs:
+            for index, state in log.entries():
+                if state & STATUS in (CLAIMED, ACKED, RELEASING):
+                    offset = log.fields(index)[4]
+                    if inside(offset):
+                        found.add(offset)
+        for backlog in self.backlogs:
+            found.update(item.offset for item in backlog.items if inside(item.offset))
+        live = {}
+        for offset in found:
+            try:
+                refs, _ = block.check(self.view, offset)
+            except Exception:
+                continue  # not a block (a hostile descriptor): nothing to wait for
+            if not block.is_free(self.region, offset, refs):
+                live[offset] = refs
+        return live
+
+    def stats(self, reserved: int) -> StoreStats:
+        """The store's figures; ``objects`` counts the DataSystem's and every channel object
+        still in use somewhere (queued, claimed, or viewed): a look through the queues and
+        logs, as a status is rare."""
+        ranges = [(o, n) for c in self.clients.values() for o, n in c.slabs.items()]
+        ranges += [(o.offset, o.size) for o in self.orphans if o.log is None]
+        live = len(self._live_blocks(ranges)) + sum(not block.is_free(self.region, b, r) for b, r in self.loose.items())
+        stats = self.table.stats(reserved)
+        return dataclasses.replace(stats, objects=stats.objects + live)
+
+    # -- what is left behind -------------------------------------------------------------
+
+    def sweep(self) -> bool:
+        """Return what can go back now, and free what is no longer in use: returned lists
+        that had no room, orphaned slabs whose blocks are all freed, dead processes' logs
+        nothing refers to. True while anything is left for a later sweep."""
         freed = False
-        taken = [lent.keys.popleft() for _ in range(lent.taken)]
-        kept = [key for key in taken if key in keep]
-        if kept:
-            taken = [key for key in taken if key not in keep]
-            lent.keys.extendleft(reversed(kept))
-        lent.taken = len(kept)
-        self._log({"r": "ack", "ns": channel.namespace, "name": channel.name, "shard": shard, "keys": taken})
-        for key in taken:
-            freed |= self.table.unref(key)
-        if not lent.keys:
-            del client.lent[ident]
+        self.backlogs = [b for b in self.backlogs if not reap.give_back(b)]
+        waiting_logs = {id(b.log) for b in self.backlogs}
+        kept = []
+        for orphan in self.orphans:
+            if orphan.pid is not None:
+                released = orphan.log.released if orphan.log is not None else self.region.load(orphan.offset + slabs.RELEASED)
+                if not released and pid_alive(orphan.pid):
+                    kept.append(orphan)  # a dead broker's client still running: it may use it yet
+                    continue
+                orphan.pid = None
+                if orphan.log is None:
+                    self._loosen(orphan.offset, orphan.size)
+                    continue
+                self._give_back_log(orphan.log)
+                waiting_logs = {id(b.log) for b in self.backlogs}
+            assert orphan.log is not None
+            if id(orphan.log) in waiting_logs:
+                kept.append(orphan)
+                continue
+            self._claimers.discard(orphan.log.claimer)
+            self._control_free(orphan.offset)
+            self._log({"r": "unlog", "offset": orphan.offset})
+        for offset, refs in list(self.loose.items()):
+            if block.is_free(self.region, offset, refs):
+                del self.loose[offset]
+                self.table.free_allocation(offset)
+                freed = True
+        self.orphans = kept
+        for ident in [(c.namespace, c.name) for c in self.channels.values() if c.sender is None and not c.receivers]:
+            self._collect(ident)
         if freed:
             self.store_freed.fire()
+        return self.left_behind
 
-    def _give_back(self, client: Client, channel: Channel, shard: int) -> None:
-        """Requeue everything ``client`` still has lent from ``shard``, and forget the record."""
-        ident = (channel.namespace, channel.name, shard)
-        lent = client.lent.get(ident)
-        if lent is not None:
-            self.requeue(client, channel, shard, list(lent.keys))
-            client.lent.pop(ident, None)
+    @property
+    def left_behind(self) -> bool:
+        """Whether anything waits for a later ``sweep``."""
+        return bool(self.backlogs or self.orphans or self.loose)
 
-    def requeue(self, client: Client, channel: Channel, shard: int, keys: list[str]) -> None:
-        """Put objects lent to ``client`` back at the head of ``shard``'s queue, in order:
-        it gave them back unused, or its connection dropped before it acknowledged them."""
-        lent = client.lent.get((channel.namespace, channel.name, shard))
-        if lent is None:
-            return
-        wanted = set(keys)
-        back: list[str] = []
-        kept: deque[str] = deque()
-        taken = 0
-        for i, key in enumerate(lent.keys):
-            if key in wanted:
-                back.append(key)
-                if i >= lent.taken:
-                    channel.reserved[shard] -= 1
+    # -- a dead broker's arena (recovery.py) ---------------------------------------------
+
+    def adopt(self, channels: dict[tuple[str, str], dict[str, Any]], logs: dict[int, dict[str, Any]],
+              slabs: dict[int, dict[str, Any]]) -> None:
+        """Carry on with what a dead broker left in this arena: its channels over their
+        queues; its clients' claim logs and slabs, kept whole while their process runs
+        (it may still claim into them, or write blocks) and cleaned up after it."""
+        for (namespace, name), saved in channels.items():
+            base = saved["region"]
+            queues = Queues(self.region, self.view, base)  # checks the header it finds
+            self.control.take(base - self._control_base, queues.layout.size)
+            channel = Channel(namespace, name, queues.layout.num_shards, queues.layout.full_batch,
+                              queues.layout.max_queue_size, queues, base)
+            channel.status()  # its counters so far are no rate of ours
+            self.channels[(namespace, name)] = channel
+        for offset, saved in logs.items():
+            size = ClaimLog.size_for(saved["capacity"])
+            self.control.take(offset - self._control_base, size)
+            log = ClaimLog(self.region, self.view, offset, saved["capacity"], saved["claimer"], self._drop_ref)
+            self._claimers.add(log.claimer)
+            self.orphans.append(Orphan(offset, size, log=log, pid=saved["pid"]))
+        for offset, saved in slabs.items():
+            self.table.allocator.take(offset, saved["size"])
+            self.orphans.append(Orphan(offset, saved["size"], pid=saved["pid"]))
+        # Every other block still in use, wherever it is: the queues and logs name them.
+        kept = [(o.offset, o.size) for o in self.orphans if o.log is None]
+        for start, refs in self._live_blocks([(0, self.table.capacity)]).items():
+            if not any(o <= start < o + n for o, n in kept):
+                self.table.allocator.take(start, block.check(self.view, start)[1])
+                self.loose[start] = refs
+        self.sweep()
+
+    def records(self) -> Iterable[dict[str, Any]]:
+        """Journal records of where everything is (a snapshot: recovery.py)."""
+        for channel in self.channels.values():
+            yield channel.record()
+            if channel.closed:
+                yield {"r": "close", "ns": channel.namespace, "name": channel.name}
+        for client in self.clients.values():
+            if client.log is not None:
+                yield {"r": "log", "offset": client.log.base, "capacity": client.log.capacity,
+                       "claimer": client.log.claimer, "pid": client.pid}
+            for offset, size in client.slabs.items():
+                yield {"r": "slab", "offset": offset, "size": size, "pid": client.pid}
+        for orphan in self.orphans:
+            pid = orphan.pid if orphan.pid is not None else 0  # 0: gone (a later broker frees it at once)
+            if orphan.log is not None:
+                yield {"r": "log", "offset": orphan.offset, "capacity": orphan.log.capacity,
+                       "claimer": orphan.log.claimer, "pid": pid}
             else:
-                kept.append(key)
-                taken += i < lent.taken
-        lent.keys, lent.taken = kept, taken
-        nbytes = 0
-        for key in back:
-            if client.holds.get(key, 0) > 0:  # the views' hold; the lent reference stays
-                self.release(client, [key])
-            nbytes += self.table.get(key).size  # type: ignore[union-attr]
-        if back:
-            channel.received_objects[shard] -= len(back)
-            channel.received_bytes[shard] -= nbytes
-            channel.rates.add(0, 0, -len(back), -nbytes)
-            channel.queues[shard].extendleft(reversed(back))
-            channel.data[shard].fire()
-
-    def queue(self, channel: Channel, shard: int | None, lent: bool = False) -> Any:
-        """Keys not handed to a user yet, oldest first: reserved by receivers, then queued
-        (with ``lent``: also those handed out and not acknowledged, first)."""
-        if shard is None:
-            return {str(i): self.queue(channel, i, lent) for i in range(channel.num_shards)}
-        out = []
-        for client_id in channel.receivers:
-            record = self.clients[client_id].lent.get((channel.namespace, channel.name, shard))
-            if record is not None:
-                out += list(record.keys) if lent else record.reserved
-        return out + list(channel.queues[shard])
+                yield {"r": "slab", "offset": orphan.offset, "size": orphan.size, "pid": pid}

@@ -99,7 +99,7 @@ class SystemOperations(Operations):
     # -- the broker as a whole -----------------------------------------------------------
 
     def _stats(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
-        return protocol.ok(**vars(self.state.table.stats(self.arena.reserved))), b""
+        return protocol.ok(**vars(self.state.stats(self.arena.reserved))), b""
 
     def _status(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         after = msg.get("after")
@@ -113,7 +113,7 @@ class SystemOperations(Operations):
                 uptime=time.time() - self.started,
                 clients=len(self.state.clients),
                 idle_timeout=self.idle_timeout,
-                store=vars(self.state.table.stats(self.arena.reserved)),
+                store=vars(self.state.stats(self.arena.reserved)),
                 channels=channels,
                 **({"next": list(following)} if following is not None else {}),
             ),

@@ -40,7 +40,10 @@ class DataSystem(Endpoint):
 
             key = ds.put({"weights": np.zeros((1024, 1024)), "step": 10})
         """
-        return str(self._live().put(obj, check_timeout("timeout", timeout)))
+        # No call after the endpoint's: an interrupt at its check point would drop the key
+        # of an object stored (the endpoint undoes only what it has not returned).
+        key: str = self._live().put(obj, check_timeout("timeout", timeout))
+        return key
 
     def get(self, key: str) -> Any:
         """The object under ``key``; its arrays are read-only views of shared memory.
@@ -89,10 +92,10 @@ class DataSystem(Endpoint):
             key = ds.put(table)
             ds.close()           # the object stays under key for other processes
         """
-        endpoint, self._endpoint = self._endpoint, None
+        endpoint = self._begin_close()
         if endpoint is not None:
-            self._finalizer.detach()
             endpoint.close()
+            self._end_close(self._finalizer)
 
     def __repr__(self) -> str:
         return f"<DataSystem {'closed' if self._endpoint is None else 'open'}>"

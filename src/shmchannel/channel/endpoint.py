@@ -15,6 +15,7 @@ E = TypeVar("E", bound="Endpoint")
 
 class Endpoint:
     _endpoint: Any
+    _closing: Any = None  # the backend endpoint of a close() an interrupt cut short
 
     @property
     def closed(self) -> bool:
@@ -23,6 +24,19 @@ class Endpoint:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def _begin_close(self) -> Any:
+        """The backend endpoint to close -- also one whose close an interrupt cut short
+        (``close()`` again finishes it) -- marked closed for every other call first."""
+        endpoint = self._endpoint if self._endpoint is not None else self._closing
+        self._closing = endpoint
+        self._endpoint = None
+        return endpoint
+
+    def _end_close(self, finalizer: Any) -> None:
+        """The close went through: no retry, no warning at collection."""
+        self._closing = None
+        finalizer.detach()
 
     def _live(self) -> Any:
         if self._endpoint is None:

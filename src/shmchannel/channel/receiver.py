@@ -64,6 +64,7 @@ class DataReceiver(WorkerRecv):
         # that commits it, so no interrupt can leave one started and unrecorded.
         self._slot: collections.deque[Pending] = collections.deque()
         self._main_waits = False  # the main thread waits in a recv/peek of this receiver
+        self._give_back = False  # what close() decided about an abandoned arecv's object
         self._async_lock: asyncio.Lock | None = None
         self._turn = Turn("this DataReceiver")
         self._namespace = check_name("namespace", namespace)
@@ -261,17 +262,18 @@ class DataReceiver(WorkerRecv):
             finally:
                 receiver.close()     # or use ``with DataReceiver(...) as receiver:``
         """
-        endpoint, self._endpoint = self._endpoint, None
+        endpoint = self._begin_close()  # an interrupted close() is finished by the next
         if endpoint is not None:
-            self._finalizer.detach()
             job = self._slot[0] if self._slot else None
             worker = self._worker
             if job is not None and not job.done() and worker is not None:
                 # Its reply may be in, its object on its way out: end it first, then give
                 # that object back (decided before, it would be handed out and lost).
                 aio.withdraw(job, lambda: endpoint.withdraw(worker.ident), aio.WITHDRAW_TIMEOUT)
+            # Decided once (a close retried after an interrupt finds the slot cleared).
+            give_back = self._give_back or (job is not None and job.done() and job.exception() is None)
+            self._give_back = give_back
             self._slot.clear()
-            give_back = job is not None and job.done() and job.exception() is None
             del job
             if getattr(endpoint, "interrupt_safe", False):
                 # What is in the buffer goes back by name (receiver.close says why): no other
@@ -283,6 +285,7 @@ class DataReceiver(WorkerRecv):
                 endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
             if self._worker is not None:
                 self._worker.stop()
+            self._end_close(self._finalizer)
 
     def __repr__(self) -> str:
         state = "closed" if self._endpoint is None else "open"

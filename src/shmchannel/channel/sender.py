@@ -246,14 +246,14 @@ class DataSender(ChannelEnd):
             finally:
                 sender.close()       # or use ``with DataSender(...) as sender:``
         """
-        endpoint, self._endpoint = self._endpoint, None
+        endpoint = self._begin_close()  # an interrupted close() is finished by the next
         if endpoint is not None:
-            self._finalizer.detach()
             if self._worker is not None:  # after the sends asend handed over, which are sent
                 aio.result(self._worker.submit(endpoint.close, True))
                 self._worker.stop()
             else:
                 endpoint.close(end_of_stream=True)
+            self._end_close(self._finalizer)
 
     def __repr__(self) -> str:
         state = "closed" if self._endpoint is None else "open"

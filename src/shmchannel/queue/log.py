@@ -21,9 +21,10 @@ acknowledged object's block is kept until its last view is gone.
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Callable, Iterator
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, StoreFull
 from .._native import Region
 
 ENTRY = 64
@@ -32,6 +33,7 @@ ENTRY = 64
 MARKS = 64
 LOG_HEADER = 64 + MARKS * 8
 LOG_MAGIC = 0x474F4C53  # "SLOG"
+RELEASED = 16  # u64 in the log's header: 1 once its process let it go
 
 FREE, CLAIMED, ACKED, RELEASING, RETURNED = 0, 1, 2, 3, 4
 STATUS = 0xF
@@ -43,19 +45,21 @@ MAX_VIEWS = (1 << 24) - 1
 _FIELDS = struct.Struct("<QIIQQQQ")  # from byte 8 of the entry
 
 
-class LogFull(Exception):
-    """Every entry is taken: the process holds that many objects (claimed, or viewed)."""
+class LogFull(StoreFull):
+    """Every entry is taken: the process holds that many received objects (claimed and
+    not acknowledged, or acknowledged and still viewed). A MemoryError: drop some."""
 
 
 class ClaimLog:
     """This process's log at ``base`` of the shared memory, ``capacity`` entries.
 
-    ``release(offset, ref)`` drops a finished entry's reference ``ref`` on its block at
-    ``offset``; it must be idempotent (a process interrupted inside it calls it again)."""
+    ``release(offset, ref, pos)`` drops a finished entry's reference ``ref`` on its block
+    at ``offset`` holding object ``pos``; it must be idempotent, also once the block holds
+    another object (a process interrupted inside it calls it again: store/block.py)."""
 
     def __init__(
         self, region: Region, view: memoryview, base: int, capacity: int, claimer: int,
-        release: Callable[[int, int], None],
+        release: Callable[[int, int, int], None],
     ) -> None:
         if base < 0 or base % 64 or base + LOG_HEADER + capacity * ENTRY > len(view):
             raise ProtocolError(f"claim log at offset {base} ({capacity} entries) lies outside the shared memory")
@@ -63,6 +67,11 @@ class ClaimLog:
         self._release = release
         self._free: list[int] = []
         self._marks = list(range(MARKS - 1, -1, -1))
+        self.last = -1  # the entry of the latest claim (Claimer.repair looks there first)
+        # Entries an ack or a view's drop is changing: an interrupt (or a finalizer cut short)
+        # leaves them here, and ``finish_pending`` completes their release.
+        self.unfinished: set[int] = set()
+        self._lock = threading.Lock()  # the process's receivers take entries from one list
         self._rescan()
 
     @staticmethod
@@ -72,6 +81,15 @@ class ClaimLog:
     @staticmethod
     def format(view: memoryview, base: int, capacity: int) -> None:
         struct.pack_into("<IIQ", view, base, LOG_MAGIC, 1, capacity)
+
+    def release(self) -> None:
+        """Say in the log that its process is done with it (``released``): for a broker
+        that took the arena over from a dead one, which keeps a running process's log."""
+        self.region.store(self.base + RELEASED, 1)
+
+    @property
+    def released(self) -> bool:
+        return bool(self.region.load(self.base + RELEASED))
 
     def take_mark(self) -> int:
         """A sleep mark's offset for a wait about to start (-1 if every mark is in use:
@@ -106,14 +124,27 @@ class ClaimLog:
         Raises:
             LogFull: no entry is free.
         """
-        if not self._free:
-            self._rescan()
+        with self._lock:  # (a C-level with: an interrupt cannot leave it taken)
+            return self._claim_entry(channel, shard, receiver, pos, offset, size, ref)
+
+    def _claim_entry(self, channel: int, shard: int, receiver: int, pos: int, offset: int, size: int, ref: int) -> int:
+        load = self.region.load
+        while True:
             if not self._free:
-                raise LogFull(f"the claim log holds {self.capacity} objects of this process")
-        index = self._free[-1]
+                self._rescan()
+                if not self._free:
+                    raise LogFull(
+                        f"this process holds {self.capacity} received objects (claimed and not acknowledged, or "
+                        "still viewed): drop some of the objects received, or acknowledge them, to receive more"
+                    )
+            index = self._free[-1]
+            if load(self.state_at(index)) & STATUS in (FREE, RETURNED):
+                break
+            self._free.pop()  # taken after all: an interrupt came between its store and its pop
         at = self.state_at(index)
         _FIELDS.pack_into(self.view, at + 8, channel, shard, receiver, pos, offset, size, ref)
         self.region.store(at, CLAIMED)
+        self.last = index
         # Popped after the entry is CLAIMED: an interrupt before leaves it on the list,
         # FREE; after, it is off the list and recorded.
         self._free.pop()
@@ -123,6 +154,13 @@ class ClaimLog:
         """(channel, shard, receiver, pos, offset, size, ref) of an entry."""
         return _FIELDS.unpack_from(self.view, self.state_at(index) + 8)
 
+    def holds(self, index: int, channel: int, shard: int, pos: int) -> bool:
+        """Whether entry ``index`` is a live claim of object ``pos`` of that shard."""
+        if not 0 <= index < self.capacity or self.region.load(self.state_at(index)) & STATUS not in (CLAIMED, ACKED, RELEASING):
+            return False
+        found = self.fields(index)
+        return (found[0], found[1], found[3]) == (channel, shard, pos)
+
     def status(self, index: int) -> int:
         return self.region.load(self.state_at(index)) & STATUS
 
@@ -131,10 +169,12 @@ class ClaimLog:
         self.region.add(self.state_at(index), VIEW)
 
     def drop_view(self, index: int) -> None:
+        self.unfinished.add(index)
         at = self.state_at(index)
         state = self.region.add(at, -VIEW) - VIEW
         if state & STATUS == ACKED and state >> 8 == 0:
             self._finish(index, at, state)
+        self.unfinished.discard(index)
 
     def ack(self, index: int, channel: int | None = None, pos: int | None = None) -> None:
         """The entry's object is consumed (CLAIMED -> ACKED); its block goes once no view is
@@ -143,6 +183,7 @@ class ClaimLog:
         at = self.state_at(index)
         if pos is not None and (self.fields(index)[0], self.fields(index)[3]) != (channel, pos):
             return
+        self.unfinished.add(index)
         cas = self.region.cas
         state = self.region.load(at)
         while state & STATUS == CLAIMED:
@@ -153,14 +194,31 @@ class ClaimLog:
             state = found
         if state & STATUS == ACKED and state >> 8 == 0:
             self._finish(index, at, state)
+        self.unfinished.discard(index)
+
+    def finish_pending(self) -> None:
+        """Complete the releases an interrupt cut short (``unfinished``)."""
+        for index in list(self.unfinished):
+            at = self.state_at(index)
+            state = self.region.load(at)
+            if state & STATUS == RELEASING:
+                self._complete(index, at)
+            elif state & STATUS == ACKED and state >> 8 == 0:
+                self._finish(index, at, state)
+            self.unfinished.discard(index)
 
     def finish_releasing(self) -> None:
-        """Complete releases an interrupt cut short (RELEASING entries): dropping a
-        reference twice is harmless, never dropping it leaks the block."""
+        """Complete releases an interrupt cut short: RELEASING entries (dropping a
+        reference twice is harmless: store/block.py), and ACKED ones with no view left,
+        whose release never began (never dropping it would leak the block)."""
         load = self.region.load
         for index in range(self.capacity):
-            if load(self.state_at(index)) & STATUS == RELEASING:
-                self._complete(index, self.state_at(index))
+            at = self.state_at(index)
+            state = load(at)
+            if state & STATUS == RELEASING:
+                self._complete(index, at)
+            elif state & STATUS == ACKED and state >> 8 == 0:
+                self._finish(index, at, state)
 
     def _finish(self, index: int, at: int, state: int) -> None:
         # One of ack and the last drop_view (maybe on different threads) wins this CAS.
@@ -169,8 +227,8 @@ class ClaimLog:
         self._complete(index, at)
 
     def _complete(self, index: int, at: int) -> None:
-        offset, ref = self.fields(index)[4::2]
-        self._release(offset, ref)
+        _, _, _, pos, offset, _, ref = self.fields(index)
+        self._release(offset, ref, pos)
         self.region.store(at, FREE)
         self._free.append(index)
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 from . import layout as L
 from .._native import Region
-from .log import ACKED, CLAIMED, RELEASING, STATUS, ClaimLog
+from .log import ClaimLog
 
 Stop = Callable[[], bool]
 
@@ -78,7 +78,7 @@ class Queues:
 
     def keys(self, shard: int) -> list[str]:
         """Names of the objects of ``shard`` not yet claimed, oldest first: returned ones,
-        then the ring's (``"<position>"``; a snapshot, others claim meanwhile)."""
+        then the ring's (``"<position>.<shard>"``; a snapshot, others claim meanwhile)."""
         region, view, lay, sb = self.region, self.view, self.layout, self.base + self.layout.shard(shard)
         out = []
         for head_at, end, slot_of in ((sb + L.S_RET_HEAD, region.load(sb + L.S_RET_TAIL), lay.returned_slot),
@@ -86,7 +86,7 @@ class Queues:
             for h in range(region.load(head_at), end):
                 at = self.base + slot_of(shard, h)
                 if region.load(at) == L.ready(h):
-                    out.append(str(L.read_slot(view, at)[2]))
+                    out.append(f"{L.read_slot(view, at)[2]}.{shard}")
         return out
 
     def drained(self, shard: int) -> bool:
@@ -215,6 +215,11 @@ class Claimer(Queues):
             raise ValueError(f"shard {shard} of a channel with {self.layout.num_shards} shards")
         self.shard, self.log, self.receiver = shard, log, receiver
         self._sb = base + self.layout.shard(shard)
+        # What an interrupt may cut short, for ``repair`` to finish without a search: the
+        # slot a claim is taking (set before its CAS), and the claim taken, until the
+        # caller has it (it clears ``claimed``). One of each: one claim at a time.
+        self.claiming = -1
+        self.claimed: Claim | None = None
         # The reference bit of a block this shard owns: its own, or its shard's in a block
         # every shard shares (full_batch; store/block.py).
         self.ref = shard if self.layout.full_batch else 0
@@ -235,21 +240,35 @@ class Claimer(Queues):
         while h < end:
             at = base + slot_of(shard, h)
             state = load(at)
-            if state == L.ready(h) and cas(at, state, L.claimed(h, me)) == state:
-                offset, size, pos = L.read_slot(self.view, at)
-                entry = self.log.claim_entry(base, shard, self.receiver, pos, offset, size, self.ref)
-                region.store(at, L.FREE)
-                cas(head_at, h, h + 1)
-                region.add(self._sb + L.S_RECV_BYTES, size)
-                if region.load32(base + L.H_SPACE_WAITERS):
-                    region.add32(base + L.H_SPACE_SEQ, 1)
-                    region.wake(base + L.H_SPACE_SEQ, -1)
-                return Claim(entry, offset, size, pos, head_at == self._sb + L.S_RET_HEAD)
             if state == L.ready(h):
+                self.claiming = at
+                if cas(at, state, L.claimed(h, me)) == state:
+                    return self._finish_claim(at, head_at, h)
+                self.claiming = -1
                 continue  # lost the CAS to another claimer: look again
             cas(head_at, h, h + 1)  # taken already: help the head past it
             h = load(head_at)
         return None
+
+    def _finish_claim(self, at: int, head_at: int, h: int, entry: int = -1) -> Claim:
+        """Record the claim of the slot at ``at`` (ours by CAS) in the log (unless
+        ``entry`` holds it already), free the slot, move the head past it."""
+        region = self.region
+        offset, size, pos = L.read_slot(self.view, at)
+        if entry < 0:
+            entry = self.log.claim_entry(self.base, self.shard, self.receiver, pos, offset, size, self.ref)
+        claim = Claim(entry, offset, size, pos, head_at == self._sb + L.S_RET_HEAD)
+        self.claimed = claim
+        region.store(at, L.FREE)
+        self.claiming = -1
+        region.cas(head_at, h, h + 1)
+        region.add(self._sb + L.S_RECV_BYTES, size)
+        # Bumped always, woken only if counted: a sender between its last look and its
+        # sleep is not counted yet, and finds the word changed (DESIGN.md, Ordering 3).
+        region.add32(self.base + L.H_SPACE_SEQ, 1)
+        if region.load32(self.base + L.H_SPACE_WAITERS):
+            region.wake(self.base + L.H_SPACE_SEQ, -1)
+        return claim
 
     def claim(self, deadline: float | None, stop: Stop | None = None, mark: int = -1) -> Claim | None:
         """Claim, sleeping while the shard is empty; None if the deadline passed or
@@ -271,10 +290,13 @@ class Claimer(Queues):
             if not self._sleep(L.H_DATA_SEQ, L.H_DATA_WAITERS, seq, deadline, mark):
                 return None
 
-    def peek(self, copy: Callable[[int, int], object], deadline: float | None, stop: Stop | None = None,
+    def peek(self, read: Callable[[int, int], object], deadline: float | None, stop: Stop | None = None,
              mark: int = -1) -> object:
-        """``copy(offset, size)`` of the oldest object, which stays in the shard: it is
-        claimed for the copy and then made claimable again, at the head. None if the
+        """``read(offset, size)`` of the oldest object, which stays where it is: read
+        without claiming it, and kept only if its slot did not change meanwhile (a slot
+        still READY for the same position was claimed by no one, so its block was neither
+        freed nor reused while it was read). ``read`` must copy what it needs, and may
+        fail on what it reads from a slot that changed (it is then tried again). None if the
         deadline passed or ``stop()`` became true first.
 
         Raises:
@@ -283,9 +305,9 @@ class Claimer(Queues):
         region, seq_at, sb = self.region, self.base + L.H_DATA_SEQ, self._sb
         while True:
             seq = region.load32(seq_at)
-            got = self._look(sb + L.S_RET_HEAD, region.load(sb + L.S_RET_TAIL), self.layout.returned_slot, copy)
+            got = self._look(sb + L.S_RET_HEAD, region.load(sb + L.S_RET_TAIL), self.layout.returned_slot, read)
             if got is None:
-                got = self._look(sb + L.S_HEAD, region.load(self.base + L.H_TAIL), self.layout.slot, copy)
+                got = self._look(sb + L.S_HEAD, region.load(self.base + L.H_TAIL), self.layout.slot, read)
             if got is not None:
                 return got[0]
             if self.drained(self.shard):
@@ -296,54 +318,62 @@ class Claimer(Queues):
                 return None
 
     def _look(self, head_at: int, end: int, slot_of: Callable[[int, int], int],
-              copy: Callable[[int, int], object]) -> tuple[object] | None:
-        region, base = self.region, self.base
-        load, cas, me = region.load, region.cas, self.log.claimer
+              read: Callable[[int, int], object]) -> tuple[object] | None:
+        region, base, load = self.region, self.base, self.region.load
         h = load(head_at)
         while h < end:
             at = base + slot_of(self.shard, h)
             state = load(at)
-            if state == L.ready(h) and cas(at, state, L.claimed(h, me)) == state:
-                # Claimed by us without a log entry: an interrupt here leaves the slot for
-                # ``repair``, which takes it as an ordinary claim (the next recv's object).
-                offset, size, _ = L.read_slot(self.view, at)
-                try:
-                    got = copy(offset, size)
-                finally:
-                    region.store(at, state)  # claimable again ...
-                    cur = load(head_at)
-                    while cur > h:  # ... from the head, which others may have moved past it
-                        found = cas(head_at, cur, h)
-                        if found == cur:
-                            break
-                        cur = found
-                    region.add32(base + L.H_DATA_SEQ, 1)
-                    if region.load32(base + L.H_DATA_WAITERS):
-                        region.wake(base + L.H_DATA_SEQ, -1)
-                return (got,)
-            if state == L.ready(h):
+            if state != L.ready(h):
+                h += 1  # taken: the next one may be the oldest left
                 continue
-            cas(head_at, h, h + 1)
-            h = load(head_at)
+            offset, size, _ = L.read_slot(self.view, at)
+            try:
+                got = read(offset, size)
+            except Exception:
+                if load(at) == state:
+                    raise  # the slot held still: what it names is bad
+                h = load(head_at)
+                continue
+            if load(at) == state:
+                return (got,)
+            h = load(head_at)  # claimed meanwhile: what was read may be anything
         return None
 
-    def repair(self) -> None:
-        """Finish claims an interrupt cut short: a slot of our shard still CLAIMED by us is
-        recorded in the log (unless it is there already) and freed; releases left half
-        done are completed. Call with the receiver's turn held, before its next claim."""
-        region, base, lay, log = self.region, self.base, self.layout, self.log
-        held = set()
-        for i, state in log.entries():
-            channel, shard, _, pos, _, _, _ = log.fields(i)
-            if state & STATUS in (CLAIMED, ACKED, RELEASING):
-                held.add((channel, shard, pos))
-        for slot_of in (lay.slot, lay.returned_slot):
-            for i in range(lay.ring):
-                at = base + slot_of(self.shard, i)
-                state = region.load(at)
-                if L.code_of(state) == L.CLAIMED and L.claimer_of(state) == log.claimer:
-                    offset, size, pos = L.read_slot(self.view, at)
-                    if (base, self.shard, pos) not in held:
-                        log.claim_entry(base, self.shard, self.receiver, pos, offset, size, self.ref)
-                    region.store(at, L.FREE)
-        log.finish_releasing()
+    def repair(self, full: bool = False) -> Claim | None:
+        """Finish what an interrupt cut short; the claim the caller never got, if any
+        (it must take it). A claim whose slot still names us is recorded in the log (once:
+        the log's last entry may hold it already) and its slot freed; releases left half
+        done are completed. Call with the receiver's turn held, before its next claim.
+
+        ``full``: also search the whole shard and log (for a caller that lost track:
+        each slot CLAIMED by us is a claim, each RELEASING or idle ACKED entry a release)."""
+        region, log = self.region, self.log
+        at = self.claiming
+        if at >= 0:
+            state = region.load(at)
+            if L.code_of(state) == L.CLAIMED and L.claimer_of(state) == log.claimer:
+                pos = L.read_slot(self.view, at)[2]
+                entry = log.last if log.holds(log.last, self.base, self.shard, pos) else -1
+                head_at = self._sb + (L.S_HEAD if self.layout.slot(self.shard, 0) <= at - self.base <
+                                      self.layout.returned_slot(self.shard, 0) else L.S_RET_HEAD)
+                self._finish_claim(at, head_at, state >> 24, entry)
+            self.claiming = -1
+        if full:
+            lay = self.layout
+            for slot_of in (lay.slot, lay.returned_slot):
+                for i in range(lay.ring):
+                    at = self.base + slot_of(self.shard, i)
+                    state = region.load(at)
+                    if L.code_of(state) == L.CLAIMED and L.claimer_of(state) == log.claimer:
+                        pos = L.read_slot(self.view, at)[2]
+                        held = any(log.holds(index, self.base, self.shard, pos) for index, _ in log.entries())
+                        if not held:
+                            log.claim_entry(self.base, self.shard, self.receiver, pos, *L.read_slot(self.view, at)[:2],
+                                            self.ref)
+                        region.store(at, L.FREE)
+            log.finish_releasing()
+        else:
+            log.finish_pending()
+        claimed, self.claimed = self.claimed, None
+        return claimed

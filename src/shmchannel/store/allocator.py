@@ -61,6 +61,24 @@ class Allocator:
         self.used += size
         self.high_water = max(self.high_water, start + size)
 
+    def take(self, offset: int, size: int) -> None:
+        """Mark ``[offset, offset + size)`` allocated (it must be free): a dead broker's
+        allocations, taken over.
+
+        Raises:
+            ValueError: the range is not inside one free block.
+        """
+        size = align(max(size, 1))
+        i = bisect.bisect_right(self._starts, offset) - 1
+        start = self._starts[i] if i >= 0 else -1
+        if start < 0 or offset + size > start + self._free[start]:
+            raise ValueError(f"[{offset}, {offset + size}) is not free")
+        self._take(start, self._free[start], offset - start + size)  # from the free block's start ...
+        if offset > start:  # ... then the part before the range is freed again
+            self._used[start] = offset - start
+            self.release(start)
+            self._used[offset] = size
+
     def size_of(self, offset: int) -> int:
         return self._used[offset]
 

@@ -20,27 +20,47 @@ from pathlib import Path
 
 import numpy as np
 
+from .._native import Region
+
 POPULATE_CHUNK = 2 << 20
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 RESERVE_STEP = 64 << 20
+#: Bytes after the store's capacity for the control structures -- channel queues and
+#: claim logs (queue/) -- which the store's figures do not count: they are the channels'
+#: bookkeeping, not data, and the file is sparse, so only what is used takes pages.
+CONTROL_SPACE = 512 << 20
 
 
 class ArenaFile:
-    """The broker's side: create, reserve, destroy (unlink for everyone)."""
+    """The broker's side: create, reserve, destroy (unlink for everyone). The file holds
+    ``capacity`` bytes of store, then ``CONTROL_SPACE`` bytes for control structures."""
 
     def __init__(self, path: Path, capacity: int) -> None:
         self.path = path
         self.capacity = capacity
+        self.size = capacity + CONTROL_SPACE
         self.reserved = 0
         self._fd = -1
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, capacity)
+            os.ftruncate(fd, self.size)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         self._fd = fd
+
+    @classmethod
+    def adopt(cls, path: Path) -> ArenaFile:
+        """A dead broker's arena, as it is (renamed to ours by the caller): its store's
+        capacity is what its size says."""
+        arena = cls.__new__(cls)
+        arena.path = path
+        arena._fd = os.open(path, os.O_RDWR)
+        arena.size = os.fstat(arena._fd).st_size
+        arena.capacity = arena.size - CONTROL_SPACE
+        arena.reserved = 0  # pages already there are reserved again at no cost
+        return arena
 
     def reserve(self, end: int) -> None:
         """Make sure pages up to ``end`` exist in tmpfs; OSError (ENOSPC) if they cannot."""
@@ -55,6 +75,12 @@ class ArenaFile:
             new = end  # the tmpfs lacks a whole step: take just what is needed
             os.posix_fallocate(self._fd, self.reserved, new - self.reserved)
         self.reserved = new
+
+    def reserve_range(self, start: int, end: int) -> None:
+        """Make sure the pages of ``[start, end)`` exist (the control space, out of the
+        store's sequential reservation); OSError (ENOSPC) if they cannot."""
+        if end > start:
+            os.posix_fallocate(self._fd, start, end - start)
 
     def destroy(self) -> None:
         """Close and unlink; mappings of other processes stay valid until they unmap."""
@@ -76,8 +102,16 @@ class ArenaMap:
         finally:
             os.close(fd)
         self._view = memoryview(self._mmap)
+        #: Atomics and futex on the arena (the queues and block headers live in it).
+        self.region = Region(self._mmap)
         self._populated = bytearray((capacity + POPULATE_CHUNK - 1) // POPULATE_CHUNK)
         self._can_populate = True
+
+    @property
+    def whole(self) -> memoryview:
+        """A view of the whole arena, for structures whose pages every user touches anyway
+        (queues, claim logs, block headers): no populate step."""
+        return self._view
 
     def view(self, offset: int, size: int) -> memoryview:
         """A writable view of ``[offset, offset + size)``, faulted in for this process."""

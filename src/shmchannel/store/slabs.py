@@ -21,6 +21,9 @@ from .allocator import Allocator, align
 SLAB_HEADER = 64
 FREED = 0  # u32 futex word in the slab header: bumped when one of its blocks is freed
 FREED_WAITERS = 4  # u32: senders asleep on it
+#: u64, 1 once its sender is done with it -- for a broker that took the arena over from a
+#: dead one: it keeps a running process's slabs whole, unless that process says so here.
+RELEASED = 8
 
 #: Smallest slab asked for: enough for a stream of small objects to go for thousands of
 #: sends between requests, little enough to matter in a store of 1 GiB.
@@ -29,10 +32,12 @@ MIN_SLAB = 8 << 20
 SLAB_STEP = 2 << 20
 
 
-def slab_size_for(block_size: int) -> int:
-    """The slab to ask for when a block of ``block_size`` bytes fits nowhere: room for a
-    few such blocks (several objects in flight), at least MIN_SLAB."""
-    return max(MIN_SLAB, align(SLAB_HEADER + 4 * block_size, SLAB_STEP))
+def slab_size_for(need: int, max_queue_size: int) -> int:
+    """The slab to ask for when a block needing ``need`` bytes of slab fits nowhere: room
+    for as many such blocks as can be in flight at once -- a full queue, one held by a
+    receiver, one being written, and slack -- at least MIN_SLAB. The broker may grant less
+    in a store too small for it (broker/operations.py: ``_slab``), never below ``need``."""
+    return max(MIN_SLAB, align(SLAB_HEADER + (max_queue_size + 4) * need, SLAB_STEP))
 
 
 class Slabs:
@@ -42,7 +47,11 @@ class Slabs:
         self.region, self.view = region, view
         self._slabs: dict[int, Allocator] = {}  # slab offset -> allocator of its bytes after the header
         self._sizes: dict[int, int] = {}
-        self._out: dict[int, tuple[int, int]] = {}  # block offset -> (slab offset, refs)
+        self._out: dict[int, tuple[int, int, int]] = {}  # block offset -> (slab offset, refs, size)
+        # Set while an allocator is being changed: the sender runs in the main thread, where
+        # an interrupt can cut a change in two. ``_out`` changes in single steps (a dict item
+        # set or removed), so it is what counts: the allocators are rebuilt from it.
+        self._changing = False
 
     def add(self, offset: int, size: int) -> None:
         """A slab the broker granted: ``[offset, offset + size)`` of the arena."""
@@ -54,19 +63,26 @@ class Slabs:
     def slabs(self) -> dict[int, int]:
         return dict(self._sizes)
 
-    def alloc(self, blob_size: int, refs: int) -> tuple[int, int] | None:
-        """A new block for a blob of ``blob_size`` bytes with ``refs`` references:
-        (block offset, blob offset); None if no slab has room, even after ``reclaim``."""
+    def alloc(self, blob_size: int, refs: int, pos: int) -> tuple[int, int] | None:
+        """A new block for object ``pos``, a blob of ``blob_size`` bytes with ``refs``
+        references: (block offset, blob offset); None if no slab has room, even after
+        ``reclaim``."""
         size = block.block_size(blob_size, refs)
+        self._check()
+        self._changing = True
         found = self._alloc(size)
+        self._changing = False
         if found is None and self.reclaim():
+            self._changing = True
             found = self._alloc(size)
+            self._changing = False
         if found is None:
             return None
         slab, start = found
         offset = slab + SLAB_HEADER + start
-        self._out[offset] = (slab, refs)
-        return offset, block.write_header(self.region, self.view, offset, size, refs, owner=slab + FREED)
+        blob = block.write_header(self.region, self.view, offset, size, refs, pos, owner=slab + FREED)
+        self._out[offset] = (slab, refs, size)  # last: what is in ``_out`` has its header
+        return offset, blob
 
     def _alloc(self, size: int) -> tuple[int, int] | None:
         for slab, allocator in self._slabs.items():
@@ -76,24 +92,42 @@ class Slabs:
         return None
 
     def free(self, offset: int) -> None:
-        """Give back a block that was never published (its send failed)."""
-        slab, _ = self._out.pop(offset)
-        self._slabs[slab].release(offset - slab - SLAB_HEADER)
+        """Give back a block that was never published (its send failed); again changes
+        nothing (an interrupt may cut the caller short after the first time)."""
+        self._check()
+        found = self._out.pop(offset, None)
+        if found is not None:
+            self._changing = True
+            self._slabs[found[0]].release(offset - found[0] - SLAB_HEADER)
+            self._changing = False
 
     def reclaim(self) -> int:
         """Take back every block whose receivers are all done with it; how many."""
+        self._check()
         freed = 0
-        for offset, (slab, refs) in list(self._out.items()):
+        for offset, (slab, refs, _) in list(self._out.items()):
             if block.is_free(self.region, offset, refs):
                 del self._out[offset]
+                self._changing = True
                 self._slabs[slab].release(offset - slab - SLAB_HEADER)
+                self._changing = False
                 freed += 1
         return freed
+
+    def _check(self) -> None:
+        """Rebuild the allocators from ``_out`` if an interrupt cut a change short."""
+        if not self._changing:
+            return
+        for slab in self._slabs:
+            self._slabs[slab] = Allocator(self._sizes[slab] - SLAB_HEADER)
+        for offset, (slab, _, size) in list(self._out.items()):
+            self._slabs[slab].take(offset - slab - SLAB_HEADER, size)
+        self._changing = False
 
     def freed_word(self) -> tuple[int, int] | None:
         """(futex word, waiter count) of a slab with blocks in use -- what a sender out of
         memory sleeps on -- or None if no block is in use (waiting would be for nothing)."""
-        for slab, _ in self._out.values():
+        for slab, _, _ in self._out.values():
             return slab + FREED, slab + FREED_WAITERS
         return None
 
@@ -104,8 +138,13 @@ class Slabs:
 
     def idle(self) -> list[int]:
         """Slabs none of whose blocks is in use (they can go back to the broker)."""
-        used = {slab for slab, _ in self._out.values()}
+        used = {slab for slab, _, _ in self._out.values()}
         return [slab for slab in self._slabs if slab not in used]
+
+    def release_all(self) -> None:
+        """Say in each slab that this sender will write no more blocks in it."""
+        for slab in self._slabs:
+            self.region.store(slab + RELEASED, 1)
 
     def drop(self, slab: int) -> None:
         """Forget a slab (given back to the broker); it must have no block in use."""

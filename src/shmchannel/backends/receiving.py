@@ -1,0 +1,275 @@
+"""The embedded backend's receiver: objects claimed straight from shared memory.
+
+``fetch`` claims the oldest object of the shard (queue/ring.py), sleeping on the channel's
+futex while there is none, and records the claim in this process's claim log (one per
+process: arena_client.Session). ``hand_out`` rebuilds it over a view of its block -- zero
+copy -- whose last array, when dropped, drops the view's count in the log. The object is
+consumed when acknowledged (at the next recv/peek, ``ack`` or close); its block goes back
+to its sender once acknowledged and no longer viewed, by every shard that shares it.
+
+There is no round trip to save, so objects are claimed one at a time (``prefetch`` has no
+effect here): nothing is held back from other receivers of the shard, and nothing has to
+be put back at ``close`` but an object an interrupted or abandoned call left claimed.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+import weakref
+from typing import Any
+
+from .. import serialization
+from ..broker import rules
+from ..errors import Cancelled, ChannelTimeout, EndpointClosed, ProtocolError
+from ..queue.log import CLAIMED, STATUS
+from ..queue.ring import Claim, Claimer
+from ..serialization.arrays import aligned_copy
+from ..store import block
+from ..store.blob import read_blob
+from .arena_client import ArenaClient, leave_session, session_for, tell_next_broker
+from .sending import _queue
+
+_receivers = itertools.count(1)  # receiver numbers within this process (claim-log entries name them)
+
+
+class EmbeddedReceiver:
+    """One shard's receiver on the direct path (see the module docstring)."""
+
+    #: Its main-thread calls are interrupt-safe (see DataReceiver.recv): a claim an
+    #: interrupt cut short is finished by the next call (``_tidy``).
+    interrupt_safe = True
+
+    def __init__(
+        self, client: ArenaClient, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int
+    ) -> None:
+        self._client = client
+        self._ident = {"namespace": namespace, "dataset_name": dataset_name}
+        self._label = f"{namespace}/{dataset_name}"
+        self._shard = shard_id
+        self._number = next(_receivers)
+        try:
+            self._session = session_for(client.arena)
+            reply, _ = client.conn.request({"op": "open", **self._ident, "shard": shard_id, "timeout": wait})
+        except BaseException:
+            client.conn.close()
+            leave_session(client.arena, self)  # ends the session if nothing else uses it
+            raise
+        self.num_shards = int(reply["num_shards"])
+        self.full_batch = bool(reply["full_batch"])
+        self._shared = self.full_batch and self.num_shards > 1
+        arena = client.arena
+        self._log = self._session.log
+        self._claimer = Claimer(arena.region, arena.whole, int(reply["queues"]), shard_id, self._log, self._number)
+        self._mark = self._log.take_mark()
+        self.buffer: collections.deque[Claim] = collections.deque()  # claimed, not handed out yet
+        self.handing: Claim | None = None  # see hand_out
+        self._handed: list[Claim] = []  # handed out, not acknowledged yet
+        self._withdrawn: set[int | None] = set()
+        self._session.receivers.add(self)  # last: a receiver half made is not counted
+
+    # -- claiming ------------------------------------------------------------------------
+
+    def buffered(self) -> bool:
+        return bool(self.buffer)
+
+    def fetch(self, timeout: float | None) -> None:
+        """Claim the next object into ``buffer``, waiting up to ``timeout`` seconds.
+
+        Raises:
+            ChannelTimeout: nothing came within ``timeout``.
+            ChannelClosed: the stream ended and the shard is drained.
+            EndpointClosed, Cancelled: ``withdraw`` ended the wait.
+        """
+        self._tidy()
+        if self.buffer:  # what a cut-short call had claimed comes first
+            return
+        me = threading.get_ident()
+        self._withdrawn.discard(me)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            claim = self._claimer.claim(deadline, stop=self._stopped, mark=self._mark)
+        except EOFError:
+            raise rules.drained(self._label, self._shard) from None
+        if claim is None:
+            self._check_withdrawn(me)
+            raise rules.recv_timeout(False, timeout, self._shard, self._label)
+        self.buffer.append(claim)
+        self._claimer.claimed = None  # ours now (an interrupt before this: _tidy sees it in buffer)
+
+    def _tidy(self) -> None:
+        """Finish what an interrupt cut short -- a claim, a release (queue/ring.py:
+        ``repair``; a few attribute checks when there is nothing) -- and take a claim
+        the caller never got into ``buffer``."""
+        claimed = self._claimer.repair()
+        if claimed is None:
+            return
+        known = {(c.entry, c.pos) for c in self.buffer} | {(c.entry, c.pos) for c in self._handed}
+        if (claimed.entry, claimed.pos) not in known:
+            self.buffer.append(claimed)  # the newest claim: after what is waiting
+
+    def _rebuild(self) -> None:
+        """For close: search the shard and the log (``repair(full=True)``) and rebuild
+        ``buffer`` and the handed-out list from the log, which is what counts: every entry
+        of ours still CLAIMED is handed out if we said so, else waiting in ``buffer``, in
+        order; what we knew of that the log no longer holds is dropped."""
+        claimed = self._claimer.repair(full=True)
+        if claimed is not None:
+            self.buffer.append(claimed)
+        # Handed out, unless back in ``buffer``: put back, the caller never had it.
+        handed = {(c.entry, c.pos) for c in self._handed} - {(c.entry, c.pos) for c in self.buffer}
+        waiting: list[Claim] = []
+        out: list[Claim] = []
+        for index, state in self._log.entries():
+            if state & STATUS != CLAIMED:
+                continue
+            channel, shard, receiver, pos, offset, size, _ = self._log.fields(index)
+            if channel == self._claimer.base and shard == self._shard and receiver == self._number:
+                claim = Claim(index, offset, size, pos)
+                (out if (index, pos) in handed else waiting).append(claim)
+        self.buffer = collections.deque(sorted(waiting, key=lambda c: c.pos))
+        self._handed = out
+
+    def hand_out(self) -> tuple[Any, Any]:
+        """The next claimed object, acknowledging the ones handed out before. It leaves
+        ``buffer`` by the last step; ``handing`` names it from before, so that an
+        interrupt anywhere until the caller has it puts it back (DataReceiver.recv)."""
+        self._tidy()
+        self.ack()
+        claim = self.buffer[0]
+        self.handing = claim
+        obj = self._unpack(claim)
+        self._handed.append(claim)
+        del self.buffer[0]
+        return obj, claim
+
+    def recv(self, timeout: float | None, peek: bool) -> Any:
+        if peek:
+            return self._peek(timeout)
+        if not self.buffer:
+            self.fetch(timeout)
+        obj, _ = self.hand_out()
+        return obj
+
+    def _peek(self, timeout: float | None) -> Any:
+        """A copy of the next object, which stays where it is (claimed by nobody, or in
+        our buffer): a peek writes nothing to shared memory, so an interrupt leaves nothing
+        to repair."""
+        self._tidy()
+        self.ack()
+        if self.buffer:
+            claim = self.buffer[0]
+            return self._object_of(self._raw(claim.offset, claim.size))
+        me = threading.get_ident()
+        self._withdrawn.discard(me)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            got = self._claimer.peek(self._raw, deadline, stop=self._stopped, mark=self._mark)
+        except EOFError:
+            raise rules.drained(self._label, self._shard) from None
+        if got is None:
+            self._check_withdrawn(me)
+            raise rules.recv_timeout(True, timeout, self._shard, self._label)
+        return self._object_of(got)
+
+    # -- objects -------------------------------------------------------------------------
+
+    def _blob(self, offset: int, size: int) -> int:
+        """The offset of a block's blob, checked: the descriptor came from shared memory."""
+        refs, block_size = block.check(self._client.arena.whole, offset)
+        start = offset + block.header_size(refs)
+        if size > offset + block_size - start:
+            raise ProtocolError(f"object of {size} bytes does not fit its block of {block_size} at {offset}")
+        return start
+
+    def _unpack(self, claim: Claim) -> Any:
+        """The object over a view of its block. The view is counted in the claim log until
+        its last array goes (a finalizer): the block stays until then."""
+        arena = self._client.arena
+        base = arena.array(self._blob(claim.offset, claim.size), claim.size)
+        if self._shared:
+            base.flags.writeable = False  # the other shards read the same memory
+        # The finalizer first, armed by ``token`` only together with the count: between the
+        # store and the native add there is no interrupt point, so the count and the drop
+        # to come are made both or neither (the finalizer's own Python code may be cut
+        # anywhere: unarmed, it then drops nothing).
+        token = [False]
+        weakref.finalize(base, self._drop_view, claim.entry, token).atexit = False
+        token[0] = True
+        self._log.add_view(claim.entry)
+        header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]
+        return serialization.deserialize(header, buffers)
+
+    def _drop_view(self, index: int, token: list[bool]) -> None:
+        if token[0]:
+            self._log.drop_view(index)
+
+    def _raw(self, offset: int, size: int) -> Any:
+        """A copy of an object's blob (a peek holds nothing)."""
+        return aligned_copy(self._client.arena.view(self._blob(offset, size), size))
+
+    @staticmethod
+    def _object_of(data: Any) -> Any:
+        header, buffers = read_blob(memoryview(data))
+        return serialization.deserialize(header, buffers)
+
+    def ack(self) -> None:
+        """Acknowledge what was handed out -- not what is back in ``buffer`` (an interrupt
+        put it back before the caller had it). Said again (after an interrupt) it changes
+        nothing: an entry is acknowledged only while it still names its object."""
+        if not self._handed:
+            return
+        waiting = {c.entry for c in self.buffer}
+        for claim in self._handed:
+            if claim.entry not in waiting:
+                self._log.ack(claim.entry, self._claimer.base, claim.pos)
+        self._handed = [c for c in self._handed if c.entry in waiting]
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def _stopped(self) -> bool:
+        return bool(self._withdrawn) and (None in self._withdrawn or threading.get_ident() in self._withdrawn)
+
+    def _check_withdrawn(self, me: int) -> None:
+        if None in self._withdrawn:
+            raise EndpointClosed(f"the receiver of {self._label} was closed by another thread")
+        if me in self._withdrawn:
+            self._withdrawn.discard(me)
+            raise Cancelled("recv withdrawn")
+
+    def withdraw(self, thread: int | None) -> None:
+        self._withdrawn.add(thread)
+        self._claimer.wake_all()
+        self._client.conn.withdraw(thread)
+
+    def queue(self, shard_id: int | None) -> Any:
+        return _queue(self._claimer, shard_id)
+
+    def close(self, give_back_last: bool = False) -> None:
+        """Leave: what was handed out is acknowledged (but the last one with
+        ``give_back_last``: it never reached the user), and the broker puts back at the
+        head of the shard, in order, whatever this receiver still holds claimed."""
+        try:
+            self._rebuild()
+            if give_back_last and self._handed:
+                last = self._handed.pop()
+                self.buffer.appendleft(last)  # not acknowledged: it goes back with the others
+            self.ack()
+            self.buffer.clear()
+        finally:
+            mark, self._mark = self._mark, -1  # (given back once, though close runs again)
+            self._log.give_mark(mark)
+            detach = {"op": "detach", **self._ident, "claimer": self._log.claimer, "receiver": self._number,
+                      "shard": self._shard}
+            gone = self._client.conn.closed
+            try:
+                self._client.conn.close(detach)
+                if gone:  # the broker died: the next one took over our claims, and gives them back
+                    tell_next_broker(detach)
+            finally:
+                leave_session(self._client.arena, self)
+
+
+__all__ = ["EmbeddedReceiver", "ChannelTimeout"]

@@ -1,0 +1,194 @@
+"""The embedded backend's sender: objects go straight into shared memory, no broker between.
+
+A send serializes each part (no copy), writes each blob once into a block of the sender's
+own slabs (store/slabs.py: no round trip unless a new slab is needed), and publishes the
+blocks into the channel's shard rings (queue/ring.py): a few atomic operations, and a
+futex wake only if a receiver sleeps. The broker hears from the sender only to create
+the channel, to grant a slab, and at close.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .. import serialization
+from ..errors import Cancelled, ChannelTimeout, EndpointClosed, StoreFullTimeout
+from ..queue.ring import Publisher, Queues
+from ..store import block
+from ..store import slabs as S
+from ..store.allocator import align
+from ..store.blob import plan_blob, write_blob
+from .arena_client import ArenaClient, remaining, tell_next_broker
+
+#: Seconds a sender out of memory sleeps on its own slabs' freed word before it asks the
+#: broker again: memory freed in other senders' slabs wakes no one here.
+STORE_RECHECK = 0.05
+
+
+class EmbeddedSender:
+    """One channel's sender on the direct path (see the module docstring)."""
+
+    #: Its main-thread calls are interrupt-safe as they are (see DataSender.send): nothing is
+    #: visible until the one commit store, and what an interrupted send allocated is given
+    #: back by the next call (``_settle``).
+    interrupt_safe = True
+
+    def __init__(
+        self, client: ArenaClient, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
+    ) -> None:
+        self._client = client
+        self._ident = {"namespace": namespace, "dataset_name": dataset_name}
+        self._label = f"{namespace}/{dataset_name}"
+        try:
+            reply, _ = client.conn.request(
+                {"op": "create", **self._ident, "num_shards": num_shards, "full_batch": full_batch,
+                 "max_queue_size": max_queue_size}
+            )
+            arena = client.arena
+            self._pub = Publisher(arena.region, arena.whole, int(reply["queues"]))
+            self._pub.recover()
+        except BaseException:
+            client.conn.close()
+            raise
+        self._max_queue_size = max_queue_size
+        self._refs = num_shards if full_batch else 1
+        self._slabs = S.Slabs(client.arena.region, client.arena.whole)
+        # (tail before, blocks) of the send in progress: a send an interrupt cut short
+        # leaves it, and the next call frees the blocks unless the send was published.
+        self._unsettled: tuple[int, list[int]] | None = None
+        self._withdrawn: set[int | None] = set()
+        # Held by a send from its first allocation to its commit, and by close: a close
+        # from another thread waits for the send it ended, then settles and ends the stream.
+        self._busy = threading.Lock()
+
+    def send(self, parts: list[Any], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._busy:
+            try:
+                self._send(parts, timeout, deadline)
+            except BaseException:
+                self._settle()  # (an interrupt right here leaves it to the next call)
+                raise
+
+    def _send(self, parts: list[Any], timeout: float | None, deadline: float | None) -> None:
+        self._settle()
+        me = threading.get_ident()
+        self._withdrawn.discard(me)  # a withdrawal was for an earlier call
+        self._check_withdrawn(me)
+        serialized = [serialization.serialize(part) for part in parts]
+        plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
+        blocks: list[int] = []
+        pos = self._pub.tail  # what this object will be (one sender: no one else publishes)
+        self._unsettled = (pos, blocks)
+        view = self._client.arena
+        descriptors = []
+        for s, plan in zip(serialized, plans):
+            offset, blob = self._alloc(plan.size, pos, timeout, deadline)
+            blocks.append(offset)
+            write_blob(view.view(blob, plan.size), plan, s.header, s.buffers)
+            descriptors.append((offset, plan.size))
+        if self._pub.publish(descriptors, deadline, stop=self._stopped) is None:
+            self._settle()
+            self._check_withdrawn(me)
+            raise ChannelTimeout(
+                f"send timed out after {timeout} s: a queue of {self._label} stayed full "
+                f"(max_queue_size={self._max_queue_size}); nothing was enqueued"
+            )
+        self._unsettled = None
+
+    def _settle(self) -> None:
+        """Free the blocks of an unfinished send that was never published."""
+        unsettled = self._unsettled
+        if unsettled is not None:
+            before, blocks = unsettled
+            if not self._pub.committed(before):
+                for offset in blocks:
+                    self._slabs.free(offset)
+            self._unsettled = None
+
+    def _alloc(self, blob_size: int, pos: int, timeout: float | None, deadline: float | None) -> tuple[int, int]:
+        """A block for a blob of ``blob_size`` bytes: from our slabs, else from a new slab,
+        else (the store is full) after blocks come free, within ``deadline``."""
+        me = threading.get_ident()
+        while True:
+            got = self._slabs.alloc(blob_size, self._refs, pos)
+            if got is not None:
+                return got
+            need = block.block_size(blob_size, self._refs) + S.SLAB_HEADER
+            freed = self._slabs.freed_word()
+            try:
+                # With blocks of our own in use, only a short wait at the broker: they may be
+                # what frees first, and that wakes no one there.
+                wait = remaining(deadline) if freed is None else 0.0
+                reply, _ = self._client.conn.request(
+                    {"op": "slab", "size": S.slab_size_for(need, self._max_queue_size), "need": align(need, 64), "timeout": wait,
+                     "asked": timeout}
+                )
+                self._slabs.add(int(reply["offset"]), int(reply["size"]))
+                continue
+            except StoreFullTimeout:
+                if freed is None or remaining(deadline) == 0.0:
+                    raise
+            self._check_withdrawn(me)
+            word, waiters = freed
+            region = self._client.arena.region
+            seq = region.load32(word)
+            if self._slabs.reclaim():
+                continue
+            left = remaining(deadline)
+            region.wait(word, seq, STORE_RECHECK if left is None else min(left, STORE_RECHECK), waiters)
+
+    def _stopped(self) -> bool:
+        return bool(self._withdrawn) and (None in self._withdrawn or threading.get_ident() in self._withdrawn)
+
+    def _check_withdrawn(self, me: int) -> None:
+        if None in self._withdrawn:
+            raise EndpointClosed(f"the sender of {self._label} was closed by another thread")
+        if me in self._withdrawn:
+            self._withdrawn.discard(me)
+            raise Cancelled("send withdrawn")
+
+    def queue(self, shard_id: int | None) -> Any:
+        return _queue(self._pub, shard_id)
+
+    def withdraw(self, thread: int | None) -> None:
+        self._withdrawn.add(thread)
+        self._pub.wake_all()
+        self._client.conn.withdraw(thread)
+
+    def close(self, end_of_stream: bool) -> None:
+        """Leave; with ``end_of_stream`` the stream ends. Each step runs though an
+        interrupt cut the one before: the end is marked in shared memory, and said again
+        in the farewell to the broker (which marks it too), so an interrupt at any point
+        still ends the stream."""
+        try:
+            try:
+                self._withdrawn.add(None)  # a send of another thread ends (EndpointClosed) ...
+                self._pub.wake_all()
+                self._client.conn.withdraw(None)
+                with self._busy:  # ... and is out before the stream ends behind it
+                    self._settle()
+            finally:
+                if end_of_stream:
+                    self._pub.close()  # receivers see it at once, broker or not
+        finally:
+            # The broker takes over our slabs: it frees each once its blocks are consumed.
+            # If it died meanwhile, the next one has them (kept for us while we run).
+            gone = self._client.conn.closed
+            self._client.conn.close({"op": "close", **self._ident} if end_of_stream else None)
+            self._slabs.release_all()
+            if gone and self._slabs.slabs:
+                tell_next_broker({"op": "unslab", "offsets": list(self._slabs.slabs)})
+
+
+def _queue(queues: Queues, shard_id: int | None) -> Any:
+    """Names of the objects not yet claimed, read from shared memory."""
+    if shard_id is None:
+        return {shard: queues.keys(shard) for shard in range(queues.layout.num_shards)}
+    if not 0 <= shard_id < queues.layout.num_shards:
+        from ..broker import rules
+
+        rules.check_shard(shard_id, queues.layout.num_shards)
+    return queues.keys(shard_id)
