@@ -73,6 +73,7 @@ class Session:
         # Open receivers using it (see ``leave_session``): weak, so that one whose
         # constructor was interrupted before it was counted is not counted for ever.
         self.receivers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.ending = False
         self.conn = daemon.connect()
         try:
             reply, _ = self.conn.request({"op": "log"})
@@ -90,15 +91,17 @@ class Session:
 _sessions: dict[tuple[int, str], Session] = {}
 
 
-def session_for(arena: ArenaMap) -> Session:
-    """This process's session with the broker owning ``arena`` (made on first use, made
-    again if that broker's connection was lost). A receiver joins it (``receivers``)
-    once it is made, and ``leave_session`` when it closes or its constructor fails."""
+def session_for(arena: ArenaMap, receiver: Any) -> Session:
+    """This process's session with the broker owning ``arena``, now used by ``receiver``
+    too (made on first use, made again if that broker's connection was lost or the last
+    receiver ended it). The receiver calls ``leave_session`` when it closes or its
+    constructor fails."""
     with _arena_lock:
         key = (os.getpid(), arena.path)
         found = _sessions.get(key)
-        if found is None or found.conn.closed:
+        if found is None or found.ending or found.conn.closed:
             found = _sessions[key] = Session(arena)
+        found.receivers.add(receiver)  # in the same step: no one ends it in between
         return found
 
 
@@ -113,8 +116,9 @@ def leave_session(arena: ArenaMap, receiver: Any) -> None:
         if session is None:
             return
         session.receivers.discard(receiver)
-        if session.receivers or any(True for _ in session.log.entries()):
+        if session.receivers or session.log.busy():
             return
+        session.ending = True  # handed out no more, though an interrupt cut what follows
         session.log.release()
     # Closed before it leaves the table: a close cut short by an interrupt is done again
     # by the next leave (and a closed session is never handed out: ``session_for``).

@@ -65,12 +65,17 @@ class DataSystemEndpoint(Protocol):
 
 
 class Backend(Protocol):
+    """Each method's endpoint appends itself to ``made`` as the last step of its making:
+    the caller then has it though an interrupt comes before the call returns (and closes
+    it if it cannot keep it)."""
+
     def create_sender(
-        self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
+        self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int,
+        made: list[Any],
     ) -> SenderEndpoint: ...
 
     def open_receiver(
-        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int
+        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int, made: list[Any],
     ) -> ReceiverEndpoint: ...
 
-    def data_system(self) -> DataSystemEndpoint: ...
+    def data_system(self, made: list[Any]) -> DataSystemEndpoint: ...

@@ -21,8 +21,9 @@ from .receiving import EmbeddedReceiver
 from .sending import EmbeddedSender
 
 class EmbeddedDataSystem:
-    def __init__(self, client: ArenaClient) -> None:
+    def __init__(self, client: ArenaClient, made: list[Any]) -> None:
         self._client = client
+        made.append(self)
 
     def put(self, obj: Any, timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -83,17 +84,18 @@ class EmbeddedBackend:
         return ArenaClient(self.inline_threshold)
 
     def create_sender(
-        self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
+        self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int,
+        made: list[Any],
     ) -> EmbeddedSender:
-        return EmbeddedSender(self._client(), namespace, dataset_name, num_shards, full_batch, max_queue_size)
+        return EmbeddedSender(self._client(), namespace, dataset_name, num_shards, full_batch, max_queue_size, made)
 
     def open_receiver(
-        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int = 1
+        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int, made: list[Any],
     ) -> EmbeddedReceiver:
-        return EmbeddedReceiver(self._client(), namespace, dataset_name, shard_id, wait, prefetch)
+        return EmbeddedReceiver(self._client(), namespace, dataset_name, shard_id, wait, prefetch, made)
 
-    def data_system(self) -> EmbeddedDataSystem:
-        return EmbeddedDataSystem(self._client())
+    def data_system(self, made: list[Any]) -> EmbeddedDataSystem:
+        return EmbeddedDataSystem(self._client(), made)
 
 
 __all__ = ["INLINE_THRESHOLD", "EmbeddedBackend"]

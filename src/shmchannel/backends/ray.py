@@ -344,16 +344,22 @@ class RayBackend:
         self.address = address
         self._ray = connect(address)
 
-    def create_sender(self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int) -> RaySender:
-        return RaySender(self._ray, namespace, dataset_name, num_shards, full_batch, max_queue_size)
+    def create_sender(
+        self, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int,
+        made: list[Any],
+    ) -> RaySender:
+        made.append(RaySender(self._ray, namespace, dataset_name, num_shards, full_batch, max_queue_size))
+        return made[-1]
 
     def open_receiver(
-        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int
+        self, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int, made: list[Any],
     ) -> RayReceiver:
-        return RayReceiver(self._ray, namespace, dataset_name, shard_id, wait)
+        made.append(RayReceiver(self._ray, namespace, dataset_name, shard_id, wait))
+        return made[-1]
 
-    def data_system(self) -> RayDataSystem:
-        return RayDataSystem(self._ray)
+    def data_system(self, made: list[Any]) -> RayDataSystem:
+        made.append(RayDataSystem(self._ray))
+        return made[-1]
 
 
 def list_channels(address: str) -> list[dict[str, Any]]:

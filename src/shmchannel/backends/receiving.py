@@ -43,7 +43,8 @@ class EmbeddedReceiver:
     interrupt_safe = True
 
     def __init__(
-        self, client: ArenaClient, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int
+        self, client: ArenaClient, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int,
+        made: list[Any],
     ) -> None:
         self._client = client
         self._ident = {"namespace": namespace, "dataset_name": dataset_name}
@@ -51,7 +52,7 @@ class EmbeddedReceiver:
         self._shard = shard_id
         self._number = next(_receivers)
         try:
-            self._session = session_for(client.arena)
+            self._session = session_for(client.arena, self)
             reply, _ = client.conn.request({"op": "open", **self._ident, "shard": shard_id, "timeout": wait})
         except BaseException:
             client.conn.close()
@@ -68,7 +69,7 @@ class EmbeddedReceiver:
         self.handing: Claim | None = None  # see hand_out
         self._handed: list[Claim] = []  # handed out, not acknowledged yet
         self._withdrawn: set[int | None] = set()
-        self._session.receivers.add(self)  # last: a receiver half made is not counted
+        made.append(self)  # last (see backends/base.py)
 
     # -- claiming ------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ class EmbeddedSender:
     interrupt_safe = True
 
     def __init__(
-        self, client: ArenaClient, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int
+        self, client: ArenaClient, namespace: str, dataset_name: str, num_shards: int, full_batch: bool,
+        max_queue_size: int, made: list[Any],
     ) -> None:
         self._client = client
         self._ident = {"namespace": namespace, "dataset_name": dataset_name}
@@ -62,6 +63,7 @@ class EmbeddedSender:
         # Held by a send from its first allocation to its commit, and by close: a close
         # from another thread waits for the send it ended, then settles and ends the stream.
         self._busy = threading.Lock()
+        made.append(self)  # last (see backends/base.py)
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

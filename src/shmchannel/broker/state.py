@@ -107,12 +107,9 @@ class BrokerState(Accounts):
         """Nothing to keep the broker for: no channel, no object, no owner of anything."""
         if self.channels or len(self.table) or self.orphans or self.backlogs or self.loose:
             return False
-        return all(c.log is not None and not c.slabs and not c.holds and not c.allocations and not self._log_busy(c.log)
+        return all(c.log is not None and not c.slabs and not c.holds and not c.allocations and not c.log.busy()
                    for c in self.clients.values())
 
-    @staticmethod
-    def _log_busy(log: ClaimLog) -> bool:
-        return any(True for _ in log.entries())
 
     # -- claim logs ----------------------------------------------------------------------
 
@@ -269,10 +266,10 @@ class BrokerState(Accounts):
         ident = (channel.namespace, channel.name)
         attached = channel.receivers.pop(client.id, None)
         shard = attached if attached is not None else shard
-        if shard is not None and 0 <= shard < channel.num_shards and claimer is not None and receiver is not None:
-            log = self.log_of(client.pid, claimer)
-            if log is None:
-                raise InvalidArgument(f"claim log {claimer} is not one of this process's")
+        log = None if claimer is None else self.log_of(client.pid, claimer)
+        # No such log of this process: its session ended first (another connection: the
+        # broker may see that before this detach), and gave back all its claims then.
+        if log is not None and shard is not None and 0 <= shard < channel.num_shards and receiver is not None:
             backlog = reap.collect(log, channel.queues, shard, receiver=receiver)
             if backlog.items and not reap.give_back(backlog):
                 self.backlogs.append(backlog)

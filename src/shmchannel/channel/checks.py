@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 from ..broker import rules
 from ..errors import InvalidArgument
@@ -38,10 +38,15 @@ def check_timeout(param: str, value: object) -> float | None:
     return float(value)
 
 
-def warn_unclosed(what: str, close: Callable[[], None]) -> None:
-    """Finalizer of a forgotten endpoint: warn, then leave the channel without ending it."""
-    warnings.warn(f"{what} was never closed; call close() or use it in a with block", ResourceWarning, stacklevel=2)
+def warn_unclosed(what: list[str], made: list[Any], close: Callable[[Any], None]) -> None:
+    """Finalizer of a forgotten endpoint: warn, then leave the channel without ending it.
+    Registered before the backend endpoint is made, with the list it goes in (``made``):
+    a constructor cut short empties the list, and nothing then warns. ``what[0]`` names
+    the endpoint (set again once it is made: its repr says "open" then)."""
+    if not made:
+        return
+    warnings.warn(f"{what[0]} was never closed; call close() or use it in a with block", ResourceWarning, stacklevel=2)
     try:
-        close()
+        close(made[0])
     except Exception:
         pass

@@ -9,7 +9,11 @@ from ..backends import backend_for
 from ..broker import rules
 from ..store.table import StoreStats
 from .checks import check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import Endpoint
+from .endpoint import Endpoint, _unmake
+
+
+def _close(endpoint: Any) -> None:
+    endpoint.close()
 
 
 class DataSystem(Endpoint):
@@ -27,8 +31,16 @@ class DataSystem(Endpoint):
         self._endpoint: Any = None
         if inline_threshold is not None:
             check_int("inline_threshold", inline_threshold, 0)
-        self._endpoint = backend_for(address, inline_threshold=inline_threshold).data_system()
-        self._finalizer = weakref.finalize(self, warn_unclosed, "DataSystem", self._endpoint.close)
+        backend = backend_for(address, inline_threshold=inline_threshold)
+        made: list[Any] = []  # the endpoint, as soon as it exists (backends/base.py)
+        label = ["DataSystem"]
+        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, _close)
+        try:
+            backend.data_system(made)
+            self._endpoint = made[0]
+        except BaseException:
+            _unmake(self, made, _close)
+            raise
 
     def put(self, obj: Any, *, timeout: float | None = None) -> str:
         """Store any picklable object; return its key. The object stays until ``delete``.

@@ -34,9 +34,10 @@ class Endpoint:
         return endpoint
 
     def _end_close(self, finalizer: Any) -> None:
-        """The close went through: no retry, no warning at collection."""
-        self._closing = None
+        """The close went through: no warning at collection, then no retry (in this order:
+        an interrupt between them leaves a retry, which does nothing twice)."""
         finalizer.detach()
+        self._closing = None
 
     def _live(self) -> Any:
         if self._endpoint is None:
@@ -161,3 +162,13 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self._turn.give()
+
+
+def _unmake(owner: Any, made: list[Any], close: Any) -> None:
+    """A constructor failed (or was interrupted): close the backend endpoint if it was
+    made, and empty ``made``, so that the finalizer (registered before, with ``made``)
+    finds nothing to warn about -- the object never was."""
+    owner._endpoint = None
+    while made:
+        close(made[-1])
+        made.pop()

@@ -13,8 +13,12 @@ from ..backends import backend_for
 from ..broker import rules
 from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
 from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import Turn
+from .endpoint import Turn, _unmake
 from .pending import WorkerRecv, Pending, left_of
+
+
+def _close(endpoint: Any) -> None:
+    endpoint.close()
 
 
 class DataReceiver(WorkerRecv):
@@ -73,9 +77,17 @@ class DataReceiver(WorkerRecv):
         wait = check_timeout("wait", wait)
         prefetch = check_int("prefetch", prefetch, 1, rules.MAX_PREFETCH)
         backend = backend_for(address)
-        self._endpoint = backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch)
-        self._num_shards = self._endpoint.num_shards
-        self._finalizer = weakref.finalize(self, warn_unclosed, repr(self), self._endpoint.close)
+        made: list[Any] = []  # the endpoint, as soon as it exists (backends/base.py)
+        label = [repr(self)]
+        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, _close)
+        try:
+            backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch, made)
+            self._endpoint = made[0]
+            self._num_shards = self._endpoint.num_shards
+            label[0] = repr(self)
+        except BaseException:
+            _unmake(self, made, _close)
+            raise
 
     @property
     def shard_id(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any
 
@@ -12,7 +11,11 @@ from ..broker import rules
 from ..errors import EndpointClosed, InvalidArgument
 from ..serialization import row_count, split, splittable
 from .checks import check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import ChannelEnd, Turn
+from .endpoint import ChannelEnd, Turn, _unmake
+
+
+def _leave(endpoint: Any) -> None:
+    endpoint.close(end_of_stream=False)
 
 
 class DataSender(ChannelEnd):
@@ -65,10 +68,16 @@ class DataSender(ChannelEnd):
             check_int("inline_threshold", inline_threshold, 0)
         backend = backend_for(address, inline_threshold=inline_threshold)
         self._address = address
-        self._endpoint = backend.create_sender(namespace, dataset_name, num_shards, full_batch, max_queue_size)
-        self._finalizer = weakref.finalize(
-            self, warn_unclosed, repr(self), functools.partial(self._endpoint.close, end_of_stream=False)
-        )
+        made: list[Any] = []  # the endpoint, as soon as it exists (backends/base.py)
+        label = [repr(self)]
+        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, _leave)
+        try:
+            backend.create_sender(namespace, dataset_name, num_shards, full_batch, max_queue_size, made)
+            self._endpoint = made[0]
+            label[0] = repr(self)
+        except BaseException:
+            _unmake(self, made, _leave)
+            raise
 
     # -- reference API -------------------------------------------------------------------
 

@@ -232,6 +232,11 @@ class ClaimLog:
         self.region.store(at, FREE)
         self._free.append(index)
 
+    def busy(self) -> bool:
+        """Whether any entry is in use: claimed, or acknowledged and not yet released
+        (FREE and RETURNED ones are there to be taken again)."""
+        return any(state & STATUS in (CLAIMED, ACKED, RELEASING) for _, state in self.entries())
+
     def entries(self) -> Iterator[tuple[int, int]]:
         """(index, state) of every entry not FREE."""
         load = self.region.load
