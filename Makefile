@@ -50,7 +50,7 @@ $(MATRIX_STAMP): $(PY) pyproject.toml $(NATIVE)
 test-matrix: $(MATRIX_STAMP)
 	$(PY) -m nox $(NOX_ARGS)
 
-# Compare shmchannel with multiprocessing.Queue, shared_memory, Ray, pyzmq and memcpy on this
+# Compare shmchannel with multiprocessing.Queue, faster-fifo, shared_memory, Ray, pyzmq and memcpy on this
 # machine: prints a table, writes bench/RESULTS.md and bench/results.png (about 10 minutes;
 # BENCH_ARGS=--quick for about 2).
 bench: $(BENCH_STAMP)

@@ -5,7 +5,7 @@
 Over ``messages`` messages (default 10,000) through one channel, the receiver's RSS and the
 store's usage stay flat, and /dev/shm use never exceeds what ``max_queue_size`` allows plus
 the arena's first reservation step. One producer process sends float32 arrays, every
-``BIG_EVERY``-th one 256 KiB (through the arena), the others 1 KiB (inline); this process
+``BIG_EVERY``-th one 256 KiB, the others 1 KiB; this process
 receives them and samples its RSS, the store's figures and the arena's /dev/shm pages.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 
 STORE = "1G"               # the isolated broker's capacity: far above what the stream needs
 MAX_QUEUE_SIZE = 10
-SMALL = 1 << 10            # bytes: travels inline with its key
-BIG = 256 << 10            # bytes: above the inline threshold, so it goes through the arena
+SMALL = 1 << 10            # bytes
+BIG = 256 << 10            # bytes
 BIG_EVERY = 10
 BLOB_SLACK = 4 << 10       # a blob's header and alignment, rounded up generously
 EVERY = 1_000              # messages between samples (and one after the last message)
@@ -76,15 +76,15 @@ def shm_bytes(broker_pid: int) -> int:
 
 
 def bound() -> dict[str, int]:
-    """Arena bytes a stream with ``MAX_QUEUE_SIZE`` can hold at once, and the reserve step."""
-    from shmchannel.backends.embedded import MAX_SPARES
-    from shmchannel.channel import PREFETCH
+    """Store bytes a stream with ``MAX_QUEUE_SIZE`` can hold at once, and the reserve step:
+    the sender's one slab, sized for the objects it can have in flight (store/slabs.py)."""
     from shmchannel.broker.journal import COMPACT_AT
     from shmchannel.store.arena import RESERVE_STEP
+    from shmchannel.store.slabs import slab_size_for
 
-    # queued + fetched ahead by the receiver + the one it holds + the sender's spare blocks
-    in_flight = MAX_QUEUE_SIZE + PREFETCH + 1 + MAX_SPARES
-    return {"in_flight": in_flight, "blob": BIG + BLOB_SLACK, "bound": in_flight * (BIG + BLOB_SLACK),
+    # queued + the one the receiver holds + the one being written, and slack (slab_size_for)
+    in_flight = MAX_QUEUE_SIZE + 4
+    return {"in_flight": in_flight, "blob": BIG + BLOB_SLACK, "bound": slab_size_for(BIG + BLOB_SLACK, MAX_QUEUE_SIZE),
             "reserve_step": RESERVE_STEP, "journal": 2 * COMPACT_AT}
 
 
@@ -154,7 +154,8 @@ def summary(result: dict[str, Any]) -> list[str]:
         f"receiver RSS flat: {verdict(result['rss_flat'])} (grew {result['rss_growth'] / 2**20:+.2f} MiB from "
         f"message {result['baseline_messages']:,} to {result['messages']:,}; limit {_mib(RSS_SLACK)})",
         f"store usage flat: {verdict(result['store_flat'])} (max used {result['max_used'] / 1024:.0f} KiB <= bound "
-        f"{result['bound'] / 1024:.0f} KiB = {result['in_flight']} objects in flight x {result['blob'] / 1024:.0f} KiB)",
+        f"{result['bound'] / 1024:.0f} KiB = the sender's slab, for {result['in_flight']} objects in flight of "
+        f"{result['blob'] / 1024:.0f} KiB, at least 8 MiB)",
         f"/dev/shm within bound: {verdict(result['shm_within_bound'])} (max {_mib(result['max_shm'])} <= "
         f"max(bound, arena reserve step {_mib(result['reserve_step'])}) + journal {_mib(result['journal'])} "
         f"= {_mib(shm_limit)})",

@@ -9,6 +9,9 @@ import socket
 from ..config import default_address
 from ..errors import InvalidArgument
 from .base import Backend
+# Imported here, not on first use: an import in a call can be cut by an interrupt inside
+# importlib, which then leaves the module's source file open (the random-interrupt tests).
+from .embedded import EmbeddedBackend
 
 REMOTE_HINT = (
     "the embedded backend serves this machine only; remote machines are served by the Ray backend "
@@ -54,6 +57,4 @@ def backend_for(address: object, *, inline_threshold: int | None = None) -> Back
         ) from None
     if not local:
         raise InvalidArgument(f"address {address!r} is not an IPv4 address of this machine; {REMOTE_HINT}")
-    from .embedded import EmbeddedBackend
-
     return EmbeddedBackend(inline_threshold=inline_threshold)

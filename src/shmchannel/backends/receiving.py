@@ -23,20 +23,22 @@ from typing import Any
 
 from .. import serialization
 from ..broker import rules
-from ..errors import Cancelled, ChannelTimeout, EndpointClosed, ProtocolError
+from ..errors import ProtocolError
 from ..queue.log import CLAIMED, STATUS
 from ..queue.ring import Claim, Claimer
 from ..serialization.arrays import aligned_copy
 from ..store import block
 from ..store.blob import read_blob
 from .arena_client import ArenaClient, leave_session, session_for, tell_next_broker
-from .sending import _queue
+from .sending import Withdrawable, _queue
 
 _receivers = itertools.count(1)  # receiver numbers within this process (claim-log entries name them)
 
 
-class EmbeddedReceiver:
+class EmbeddedReceiver(Withdrawable):
     """One shard's receiver on the direct path (see the module docstring)."""
+
+    _role = "receiver"
 
     #: Its main-thread calls are interrupt-safe (see DataReceiver.recv): a claim an
     #: interrupt cut short is finished by the next call (``_tidy``).
@@ -230,16 +232,6 @@ class EmbeddedReceiver:
 
     # -- the rest ------------------------------------------------------------------------
 
-    def _stopped(self) -> bool:
-        return bool(self._withdrawn) and (None in self._withdrawn or threading.get_ident() in self._withdrawn)
-
-    def _check_withdrawn(self, me: int) -> None:
-        if None in self._withdrawn:
-            raise EndpointClosed(f"the receiver of {self._label} was closed by another thread")
-        if me in self._withdrawn:
-            self._withdrawn.discard(me)
-            raise Cancelled("recv withdrawn")
-
     def withdraw(self, thread: int | None) -> None:
         self._withdrawn.add(thread)
         self._claimer.wake_all()
@@ -273,4 +265,4 @@ class EmbeddedReceiver:
                 leave_session(self._client.arena, self)
 
 
-__all__ = ["EmbeddedReceiver", "ChannelTimeout"]
+__all__ = ["EmbeddedReceiver"]

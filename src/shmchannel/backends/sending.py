@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .. import serialization
+from ..broker import rules
 from ..errors import Cancelled, ChannelTimeout, EndpointClosed, StoreFullTimeout
 from ..queue.ring import Publisher, Queues
 from ..store import block
@@ -27,7 +28,27 @@ from .arena_client import ArenaClient, remaining, tell_next_broker
 STORE_RECHECK = 0.05
 
 
-class EmbeddedSender:
+class Withdrawable:
+    """Ending another thread's wait in a call of this endpoint (``withdraw``): the waits
+    ask ``_stopped`` between sleeps; the call then raises what ``_check_withdrawn`` says."""
+
+    _label: str
+    _withdrawn: set[int | None]
+
+    def _stopped(self) -> bool:
+        return bool(self._withdrawn) and (None in self._withdrawn or threading.get_ident() in self._withdrawn)
+
+    def _check_withdrawn(self, me: int) -> None:
+        if None in self._withdrawn:
+            raise EndpointClosed(f"the {self._role} of {self._label} was closed by another thread")
+        if me in self._withdrawn:
+            self._withdrawn.discard(me)
+            raise Cancelled(f"{'send' if self._role == 'sender' else 'recv'} withdrawn")
+
+    _role = "sender"
+
+
+class EmbeddedSender(Withdrawable):
     """One channel's sender on the direct path (see the module docstring)."""
 
     #: Its main-thread calls are interrupt-safe as they are (see DataSender.send): nothing is
@@ -142,16 +163,6 @@ class EmbeddedSender:
             left = remaining(deadline)
             region.wait(word, seq, STORE_RECHECK if left is None else min(left, STORE_RECHECK), waiters)
 
-    def _stopped(self) -> bool:
-        return bool(self._withdrawn) and (None in self._withdrawn or threading.get_ident() in self._withdrawn)
-
-    def _check_withdrawn(self, me: int) -> None:
-        if None in self._withdrawn:
-            raise EndpointClosed(f"the sender of {self._label} was closed by another thread")
-        if me in self._withdrawn:
-            self._withdrawn.discard(me)
-            raise Cancelled("send withdrawn")
-
     def queue(self, shard_id: int | None) -> Any:
         return _queue(self._pub, shard_id)
 
@@ -190,7 +201,5 @@ def _queue(queues: Queues, shard_id: int | None) -> Any:
     if shard_id is None:
         return {shard: queues.keys(shard) for shard in range(queues.layout.num_shards)}
     if not 0 <= shard_id < queues.layout.num_shards:
-        from ..broker import rules
-
         rules.check_shard(shard_id, queues.layout.num_shards)
     return queues.keys(shard_id)

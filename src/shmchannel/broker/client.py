@@ -61,7 +61,7 @@ from . import protocol
 from .calls import WITHDRAWN, Call, Cancel, Frame, OnInterrupt, encode
 from .framing import Reply
 from .holds import Holds
-from .wire import ATOMIC_FRAME, RELEASES, STOP, Wire, abort, write_loop
+from .wire import ATOMIC_FRAME, RELEASES, STOP, Wire, forget, watch, write_loop
 
 #: How long an interrupted call waits for the broker to withdraw its request before it
 #: returns (the reader still undoes what the reply did, whenever it comes).
@@ -99,7 +99,7 @@ class Connection(Wire):
         self._sock: socket.socket = None  # type: ignore[assignment]
         self._box = box = []  # type: list[socket.socket]
         # Dropped without close(): end the threads and let the broker see us leave.
-        self._finalizer = weakref.finalize(self, abort, box, self._wake, self.pid)
+        self._watch = watch(self, box, self._wake, self.pid)
         try:
             # One C call, not Thread.start (see aio.Worker); the writer starts the reader.
             _thread.start_new_thread(write_loop, (weakref.ref(self), box, self._wake))
@@ -361,4 +361,4 @@ class Connection(Wire):
         if not self._stopped:
             self._stopped = True
             self._wake.put(STOP)
-            self._finalizer.detach()
+            forget(self._watch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -321,3 +322,45 @@ def abort(box: list[socket.socket], wake: queue.SimpleQueue[Any], pid: int | Non
         except OSError:
             pass
         sock.close()
+
+
+# -- aborting dropped connections ----------------------------------------------------------
+#
+# A connection dropped without close() is aborted (``abort``) by a thread of its own, woken
+# by a weakref callback that is a C call chain (a partial of SimpleQueue.put): no Python
+# code runs in the thread that dropped it, so an interrupt there cannot cut the abort short
+# (weakref.finalize runs Python code of its own, and an interrupt landing in it left the
+# socket open: found by the random-interrupt tests).
+
+_dropped: queue.SimpleQueue[Any] = queue.SimpleQueue()
+_watched: dict[int, Any] = {}  # key -> the weakref (kept alive here until fired or forgotten)
+_keys = itertools.count()
+_reaper_pid = 0
+_reaper_lock = threading.Lock()
+
+
+def watch(owner: Any, box: list[socket.socket], wake: queue.SimpleQueue[Any], pid: int) -> int:
+    """Abort the connection of ``owner`` once it is garbage; a key for ``forget``."""
+    global _reaper_pid
+    with _reaper_lock:
+        if _reaper_pid != os.getpid():  # first use, or a forked child: no reaper thread yet
+            _thread.start_new_thread(_reap, ())
+            _reaper_pid = os.getpid()
+    key = next(_keys)
+    _watched[key] = weakref.ref(owner, functools.partial(_dropped.put, (key, box, wake, pid)))
+    return key
+
+
+def forget(key: int) -> None:
+    """``owner`` was closed: no abort (the weakref goes, and its callback with it)."""
+    _watched.pop(key, None)
+
+
+def _reap() -> None:
+    while True:
+        key, box, wake, pid = _dropped.get()
+        _watched.pop(key, None)
+        try:
+            abort(box, wake, pid)
+        except Exception:  # noqa: BLE001 -- a socket already gone: nothing left to do
+            pass

@@ -25,7 +25,7 @@ sleepers only if the waiter count says there are any; a claimer does the same wi
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from . import layout as L
 from .._native import Region
@@ -277,10 +277,19 @@ class Claimer(Queues):
         Raises:
             EOFError: the stream ended and the shard is drained.
         """
+        return self._until(self.try_claim, deadline, stop, mark)
+
+    def _until(self, attempt: Callable[[], Any], deadline: float | None, stop: Stop | None, mark: int) -> Any:
+        """``attempt()`` until it gives something, sleeping on the data futex between tries;
+        None once the deadline passes or ``stop()`` is true.
+
+        Raises:
+            EOFError: the stream ended and the shard is drained.
+        """
         region, seq_at = self.region, self.base + L.H_DATA_SEQ
         while True:
-            seq = region.load32(seq_at)
-            got = self.try_claim()
+            seq = region.load32(seq_at)  # before the try: a publish after it changes the word
+            got = attempt()
             if got is not None:
                 return got
             if self.drained(self.shard):
@@ -302,20 +311,16 @@ class Claimer(Queues):
         Raises:
             EOFError: the stream ended and the shard is drained.
         """
-        region, seq_at, sb = self.region, self.base + L.H_DATA_SEQ, self._sb
-        while True:
-            seq = region.load32(seq_at)
+        region, sb = self.region, self._sb
+
+        def look() -> tuple[object] | None:
             got = self._look(sb + L.S_RET_HEAD, region.load(sb + L.S_RET_TAIL), self.layout.returned_slot, read)
             if got is None:
                 got = self._look(sb + L.S_HEAD, region.load(self.base + L.H_TAIL), self.layout.slot, read)
-            if got is not None:
-                return got[0]
-            if self.drained(self.shard):
-                raise EOFError
-            if stop is not None and stop():
-                return None
-            if not self._sleep(L.H_DATA_SEQ, L.H_DATA_WAITERS, seq, deadline, mark):
-                return None
+            return got
+
+        got = self._until(look, deadline, stop, mark)
+        return None if got is None else got[0]
 
     def _look(self, head_at: int, end: int, slot_of: Callable[[int, int], int],
               read: Callable[[int, int], object]) -> tuple[object] | None:
