@@ -152,3 +152,26 @@ def test_an_idle_senders_memory_is_bounded_and_freed_with_it(broker: int) -> Non
     done.set()
     join_ok(proc, 30)
     wait_until(lambda: _stats().used == 0, 10, "the sender's slab to return")
+
+
+def test_blocks_freed_after_their_sender_left_touch_no_other_memory(broker: int) -> None:
+    """A sender leaves with objects still queued: its slab goes back to the store but for
+    those blocks (and the slab's header, where receivers count the blocks they free). An
+    object put then in the memory just before them stays intact while the receiver drains
+    and frees the blocks (a review found the free counted in memory given to someone else)."""
+    name = f"loose-{os.getpid()}"
+    with DataSystem(ADDRESS) as ds:
+        first = ds.put(np.zeros((1 << 20) - 128, dtype=np.uint8))  # at the store's start
+        with DataSender(ADDRESS, dataset_name=name) as sender:  # its slab right after it
+            for i in range(3):
+                sender.send(np.full(1000, i, dtype=np.int64))
+            ds.delete(first)
+        # 64 bytes longer than ``first``: it takes that space and the slab header after it,
+        # unless the header is kept.
+        key = ds.put(np.zeros((1 << 20) - 64, dtype=np.uint8))
+        with DataReceiver(ADDRESS, dataset_name=name) as receiver:
+            for i in range(3):
+                assert int(receiver.recv(timeout=10)[0]) == i
+        wait_until(lambda: ds.stats().objects == 1, 10, "the sender's blocks to be freed")
+        assert not ds.get(key).any(), "freeing a block wrote into the DataSystem object"
+        ds.delete(key)

@@ -22,6 +22,7 @@ full for a slab, a channel that does not exist yet); the server retries them whe
 from __future__ import annotations
 
 import dataclasses
+import struct
 from typing import Any, Callable, Iterable
 
 from ..config import pid_alive
@@ -65,8 +66,12 @@ class BrokerState(Accounts):
         # Blocks of slabs whose sender is gone, still in use: each holds just its own
         # bytes of the store (the rest of its slab went back at once) until it is freed.
         self.loose: dict[int, int] = {}  # block offset -> reference bits
+        # The header of each slab a loose block came from, kept while any of them lives:
+        # a receiver freeing the block bumps the *freed* word there (store/block.py).
+        self._headers: dict[int, int] = {}  # slab offset -> loose blocks of it
         self.backlogs: list[reap.Backlog] = []
         self._next_client = 0
+        self._adopted: set[tuple[str, str]] = set()  # channels taken over from a dead broker
         self._claimers: set[int] = set()  # claim-log numbers in use (also by orphaned logs)
 
     def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
@@ -290,6 +295,12 @@ class BrokerState(Accounts):
         self.detach(client, channel)
 
     def _collect(self, ident: tuple[str, str]) -> None:
+        if ident in self._adopted:
+            # A dead broker's clients may still be running, and use its channels without
+            # this broker seeing them attached: none is collected until they are gone.
+            if any(o.pid is not None for o in self.orphans):
+                return
+            self._adopted.clear()
         channel = self.channels.get(ident)
         if (channel is not None and channel.sender is None and not channel.receivers and channel.empty
                 and not self.held(channel)):
@@ -348,11 +359,40 @@ class BrokerState(Accounts):
         live = self._live_blocks([(offset, size)])
         self.table.free_allocation(offset)
         for start, refs in live.items():
-            _, length = block.check(self.view, start)
-            self.table.allocator.take(start, length)
-            self.loose[start] = refs
+            self._keep_loose(start, refs)
         self._log({"r": "unslab", "offset": offset})
         self.store_freed.fire()
+
+    def _keep_loose(self, start: int, refs: int) -> None:
+        """Keep a block in use (and its slab's header) allocated on its own."""
+        _, length = block.check(self.view, start)
+        self.table.allocator.take(start, length)
+        self.loose[start] = refs
+        header = self._header_of(start)
+        if header >= 0:
+            if header not in self._headers:
+                try:
+                    self.table.allocator.take(header, slabs.SLAB_HEADER)
+                except ValueError:
+                    header = -1  # taken already (a slab kept whole): nothing to keep
+            if header >= 0:
+                self._headers[header] = self._headers.get(header, 0) + 1
+
+    def _header_of(self, start: int) -> int:
+        """The slab header a block's freed word is in (-1 if it names none we can use)."""
+        owner = struct.unpack_from("<Q", self.view, start + 16)[0]
+        header = owner - 1 - slabs.FREED
+        return header if owner and 0 <= header < self.table.capacity and header % 64 == 0 else -1
+
+    def _free_loose(self, start: int) -> None:
+        header = self._header_of(start)
+        del self.loose[start]
+        self.table.free_allocation(start)
+        if header in self._headers:
+            self._headers[header] -= 1
+            if not self._headers[header]:
+                del self._headers[header]
+                self.table.free_allocation(header)
 
     def _live_blocks(self, ranges: list[tuple[int, int]]) -> dict[int, int]:
         """Blocks inside ``ranges`` that a queue or a claim log still names, with their
@@ -440,8 +480,7 @@ class BrokerState(Accounts):
             self._log({"r": "unlog", "offset": orphan.offset})
         for offset, refs in list(self.loose.items()):
             if block.is_free(self.region, offset, refs):
-                del self.loose[offset]
-                self.table.free_allocation(offset)
+                self._free_loose(offset)
                 freed = True
         self.orphans = kept
         for ident in [(c.namespace, c.name) for c in self.channels.values() if c.sender is None and not c.receivers]:
@@ -469,6 +508,11 @@ class BrokerState(Accounts):
             channel = Channel(namespace, name, queues.layout.num_shards, queues.layout.full_batch,
                               queues.layout.max_queue_size, queues, base)
             channel.status()  # its counters so far are no rate of ours
+            self._adopted.add((namespace, name))
+            for shard in range(channel.num_shards):
+                # Claims the dead broker was giving back are found again (``sweep``) and
+                # counted again: its count of them died with it.
+                self.region.store(base + queues.layout.shard(shard) + layout.S_PENDING, 0)
             self.channels[(namespace, name)] = channel
         for offset, saved in logs.items():
             size = ClaimLog.size_for(saved["capacity"])
@@ -483,8 +527,7 @@ class BrokerState(Accounts):
         kept = [(o.offset, o.size) for o in self.orphans if o.log is None]
         for start, refs in self._live_blocks([(0, self.table.capacity)]).items():
             if not any(o <= start < o + n for o, n in kept):
-                self.table.allocator.take(start, block.check(self.view, start)[1])
-                self.loose[start] = refs
+                self._keep_loose(start, refs)
         self.sweep()
 
     def records(self) -> Iterable[dict[str, Any]]:

@@ -116,7 +116,7 @@ class ClaimLog:
         the log, not this process's memory, is what counts (an interrupt may have cut a
         list operation)."""
         load = self.region.load
-        self._free = [i for i in range(self.capacity - 1, -1, -1) if load(self.state_at(i)) & STATUS in (FREE, RETURNED)]
+        self._free = [i for i in range(self.capacity - 1, -1, -1) if _reusable(load(self.state_at(i)))]
 
     def claim_entry(self, channel: int, shard: int, receiver: int, pos: int, offset: int, size: int, ref: int) -> int:
         """Record a claim (CLAIMED); returns the entry's index.
@@ -138,7 +138,7 @@ class ClaimLog:
                         "still viewed): drop some of the objects received, or acknowledge them, to receive more"
                     )
             index = self._free[-1]
-            if load(self.state_at(index)) & STATUS in (FREE, RETURNED):
+            if _reusable(load(self.state_at(index))):
                 break
             self._free.pop()  # taken after all: an interrupt came between its store and its pop
         at = self.state_at(index)
@@ -232,10 +232,22 @@ class ClaimLog:
         self.region.store(at, FREE)
         self._free.append(index)
 
+    def mark_returned(self, index: int) -> None:
+        """CLAIMED -> RETURNED (by the broker: the object went back to its queue), keeping
+        the count of views the process may still have of it: the entry is reused only
+        once they are gone."""
+        at, cas = self.state_at(index), self.region.cas
+        state = self.region.load(at)
+        while True:
+            found = cas(at, state, (state & ~STATUS) | RETURNED)
+            if found == state:
+                return
+            state = found
+
     def busy(self) -> bool:
         """Whether any entry is in use: claimed, or acknowledged and not yet released
         (FREE and RETURNED ones are there to be taken again)."""
-        return any(state & STATUS in (CLAIMED, ACKED, RELEASING) for _, state in self.entries())
+        return any(not _reusable(state) for _, state in self.entries())
 
     def entries(self) -> Iterator[tuple[int, int]]:
         """(index, state) of every entry not FREE."""
@@ -244,3 +256,8 @@ class ClaimLog:
             state = load(self.state_at(index))
             if state & STATUS != FREE:
                 yield index, state
+
+
+def _reusable(state: int) -> bool:
+    """FREE, or RETURNED with no view of it left in the process."""
+    return state & STATUS == FREE or (state & STATUS == RETURNED and state >> 8 == 0)

@@ -90,7 +90,7 @@ def give_back(backlog: Backlog) -> bool:
         region.store(sb + L.S_RET_TAIL, rt + 1)
         region.add(sb + L.S_RECV_BYTES, -item.size)
         if item.entry >= 0 and backlog.log is not None:
-            region.store(backlog.log.state_at(item.entry), RETURNED)
+            backlog.log.mark_returned(item.entry)
         if item.slot >= 0:
             region.store(item.slot, L.FREE)
         backlog.items.pop(0)
