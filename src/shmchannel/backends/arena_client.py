@@ -182,21 +182,23 @@ class ArenaClient:
         big = [p.size for p, small in zip(plans, inline) if not small]
         offsets: list[int] = []
         room = None
-        if big:
-            pool = self._spares.get(tuple(big))
-            if pool:
-                offsets = pool.pop()
-            else:
-                self.drop_spares()  # other sizes now: give their memory back
-                reply, _ = self.conn.request(
-                    {"op": "alloc", **(ident or {}), "sizes": big, "spares": spares if sum(big) <= SPARE_LIMIT else 0,
-                     "timeout": remaining(deadline), "asked": timeout},
-                    on_interrupt=self._free_granted,
-                )
-                offsets, room = reply["offsets"], reply.get("room")
-                if reply.get("spares"):
-                    self._spares[tuple(big)] = reply["spares"]
-        try:
+        try:  # from before the alloc: no interrupt point between its reply and the try
+            if big:
+                pool = self._spares.get(tuple(big))
+                if pool:
+                    offsets = pool.pop()
+                else:
+                    self.drop_spares()  # other sizes now: give their memory back
+                    reply, _ = self.conn.request(
+                        {"op": "alloc", **(ident or {}), "sizes": big,
+                         "spares": spares if sum(big) <= SPARE_LIMIT else 0,
+                         "timeout": remaining(deadline), "asked": timeout},
+                        on_interrupt=self._free_granted,
+                    )
+                    offsets = reply["offsets"]
+                    room = reply.get("room")
+                    if reply.get("spares"):
+                        self._spares[tuple(big)] = reply["spares"]
             payload = bytearray(INLINE_BUDGET - budget)
             inline_view = memoryview(payload)
             parts: list[dict[str, Any]] = []
