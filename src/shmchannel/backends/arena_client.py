@@ -27,12 +27,6 @@ INLINE_THRESHOLD = 64 * 1024
 #: payload bound (``protocol.MAX_PAYLOAD``, 256 MiB). Parts past it go through the arena.
 INLINE_BUDGET = protocol.MAX_PAYLOAD
 
-#: Most spare block sets a sender keeps for its next objects (see ``_Client.pack``), and
-#: the largest object that gets them: above it the copy dwarfs a round trip (100 us is 5%
-#: of copying 2 MiB here), and spares of large objects would hold much of the store.
-MAX_SPARES = 3
-SPARE_LIMIT = 2 << 20
-
 _arena_lock = threading.Lock()
 _arena: tuple[int, str, ArenaMap] | None = None  # (pid, path, map) of the current broker
 
@@ -153,7 +147,6 @@ class ArenaClient:
 
     def __init__(self, inline_threshold: int) -> None:
         self.inline_threshold = inline_threshold
-        self._spares: dict[tuple[int, ...], list[list[int]]] = {}  # allocated, unused blocks by sizes
         self.conn = daemon.ensure_running()
         try:
             self.arena = _arena_for(self.conn.info)
@@ -163,16 +156,10 @@ class ArenaClient:
 
     def pack(
         self, objs: list[Any], timeout: float | None, deadline: float | None,
-        ident: dict[str, Any] | None = None, spares: int = 0,
-    ) -> tuple[list[dict[str, Any]], bytearray, int | None]:
-        """Write ``objs`` as blobs: (part descriptions, inline payload, the room of channel
-        ``ident`` if the broker was asked for memory). Frees on failure.
-
-        Arena blocks come from a spare set of the same sizes if one is left, else from the
-        broker, asking for up to ``spares`` more sets for the next calls: a stream of
-        same-sized objects then costs one allocation round trip per ``spares + 1`` objects.
-        Blobs go inline up to ``inline_threshold`` bytes each and ``INLINE_BUDGET`` in all.
-        """
+    ) -> tuple[list[dict[str, Any]], bytearray]:
+        """Write ``objs`` as DataSystem blobs: (part descriptions, inline payload). Blobs go
+        inline up to ``inline_threshold`` bytes each and ``INLINE_BUDGET`` in all; the others
+        into arena blocks the broker allocates. Frees on failure."""
         serialized = [serialize(obj) for obj in objs]
         plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
         inline, budget = [], INLINE_BUDGET
@@ -181,24 +168,13 @@ class ArenaClient:
             budget -= plan.size if inline[-1] else 0
         big = [p.size for p, small in zip(plans, inline) if not small]
         offsets: list[int] = []
-        room = None
         try:  # from before the alloc: no interrupt point between its reply and the try
             if big:
-                pool = self._spares.get(tuple(big))
-                if pool:
-                    offsets = pool.pop()
-                else:
-                    self.drop_spares()  # other sizes now: give their memory back
-                    reply, _ = self.conn.request(
-                        {"op": "alloc", **(ident or {}), "sizes": big,
-                         "spares": spares if sum(big) <= SPARE_LIMIT else 0,
-                         "timeout": remaining(deadline), "asked": timeout},
-                        on_interrupt=self._free_granted,
-                    )
-                    offsets = reply["offsets"]
-                    room = reply.get("room")
-                    if reply.get("spares"):
-                        self._spares[tuple(big)] = reply["spares"]
+                reply, _ = self.conn.request(
+                    {"op": "alloc", "sizes": big, "timeout": remaining(deadline), "asked": timeout},
+                    on_interrupt=self._free_granted,
+                )
+                offsets = reply["offsets"]
             payload = bytearray(INLINE_BUDGET - budget)
             inline_view = memoryview(payload)
             parts: list[dict[str, Any]] = []
@@ -216,19 +192,13 @@ class ArenaClient:
             if offsets and not self.conn.closed:
                 self.conn.request({"op": "free", "offsets": offsets})
             raise
-        return parts, payload, room
+        return parts, payload
 
     def _free_granted(self, reply: dict[str, Any], data: memoryview) -> None:
         """Free the blocks of an alloc whose caller was interrupted as they came."""
-        offsets = list(reply.get("offsets", [])) + [o for block in reply.get("spares") or [] for o in block]
+        offsets = list(reply.get("offsets", []))
         if offsets:
             self.conn.post({"op": "free", "offsets": offsets}, quiet=True)
-
-    def drop_spares(self) -> None:
-        offsets = [o for pool in self._spares.values() for block in pool for o in block]
-        self._spares.clear()
-        if offsets:
-            self.conn.post({"op": "free", "offsets": offsets})
 
     def unpack(self, item: dict[str, Any], data: memoryview, shared: bool) -> Any:
         """The object a reply item names; arena data is viewed, not copied."""
@@ -256,20 +226,3 @@ class ArenaClient:
         self.conn.hold()
         weakref.finalize(base, self.conn.release, item["key"]).atexit = False
         return base
-
-    def unhold(self, reply: dict[str, Any], data: memoryview) -> None:
-        """Undo the holds of a reply that raced an interrupt and was never used."""
-        for item in reply.get("items", [reply]):
-            if "offset" in item:
-                self.conn.hold()
-                self.conn.release(item["key"])
-
-
-def items_of(reply: dict[str, Any], data: memoryview) -> list[tuple[dict[str, Any], memoryview]]:
-    """A recv reply's items, each with its inline bytes (a view of ``data``)."""
-    view = memoryview(data)
-    out = []
-    for item in reply["items"]:
-        start, length = item.get("inline", (0, 0))
-        out.append((item, view[start : start + length]))
-    return out

@@ -27,7 +27,7 @@ class EmbeddedDataSystem:
 
     def put(self, obj: Any, timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
-        (part,), payload, _ = self._client.pack([obj], timeout, deadline)
+        (part,), payload = self._client.pack([obj], timeout, deadline)
         # An inline object waits at the broker for room, as an arena block waits in pack.
         track: list[Any] = []
         try:

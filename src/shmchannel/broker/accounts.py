@@ -24,9 +24,6 @@ from .records import Client, Part, Signal
 WAIT: Any = object()
 """Returned by an operation that must wait for a signal before it is tried again."""
 
-#: Most inline credit one client keeps (``grant_credit``), and at most a sixteenth of the
-#: store: room set aside, like a sender's spare blocks, that others cannot use meanwhile.
-MAX_CREDIT = 2 << 20
 
 
 class Accounts:
@@ -112,18 +109,6 @@ class Accounts:
         client.credit -= spent
         self.table.revoke(spent)  # the objects count from now on (``table.add``)
         return True
-
-    def grant_credit(self, client: Client, want: int) -> int:
-        """Top the client's inline credit up towards ``want`` bytes with room free now (at
-        most MAX_CREDIT, and a sixteenth of the store), never waiting; its credit. A sender
-        posts inline sends its credit covers without waiting for their replies, as it posts
-        sends into arena blocks it was given: a posted send never waits for memory."""
-        more = min(want, MAX_CREDIT, self.table.capacity // 16) - client.credit
-        more = min(more, self.table.free)
-        if more > 0:
-            self.table.grant(more)
-            client.credit += more
-        return client.credit
 
     def _store(self, client: Client, part: Part, refs: int) -> StoredObject:
         if part.inline is None:

@@ -3,7 +3,7 @@
 A frame leaves the buffer only whole, so a read cut short (an interrupt, a timeout) leaves
 the stream in step. Each frame's payload is copied into a buffer that starts on a 64-byte
 boundary -- the copy out of the read buffer was needed anyway -- because the inline blobs
-in it sit at 64-byte offsets (``store.table.describe_all``) and their arrays must start
+in it (a DataSystem get) start on 64-byte offsets and their arrays must start
 where the blob layout promises (issue 11: a bytearray starts where malloc puts it, 16 bytes).
 """
 

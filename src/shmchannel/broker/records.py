@@ -137,7 +137,7 @@ class Client:
     sends_to: set[tuple[str, str]] = field(default_factory=set)
     receives_from: set[tuple[str, str]] = field(default_factory=set)
     datasystem: bool = False
-    credit: int = 0  # inline bytes set aside for its next puts (accounts.Accounts.grant_credit)
+    credit: int = 0  # inline bytes set aside for its next puts (none is granted since issue 14)
 
 
 @dataclass

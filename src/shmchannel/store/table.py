@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from ..errors import StoreFull
 from .allocator import Allocator, align
@@ -43,28 +43,6 @@ class StoredObject:
         if self.arena is not None:
             where["arena"] = self.arena
         return where
-
-
-def describe_all(objs: Iterable[StoredObject]) -> tuple[list[dict[str, Any]], bytes]:
-    """Descriptions of ``objs`` and the one payload holding the inline ones' bytes, each
-    at a 64-byte offset: a reader that puts the payload on a 64-byte boundary gets every
-    blob there too, as its layout assumes (see ``inline_span``)."""
-    described, inline, pos = [], [], 0
-    for obj in objs:
-        if obj.inline is not None:
-            start = align(pos)
-            inline.append(bytes(start - pos))
-            described.append(obj.describe(start))
-            inline.append(obj.inline)
-            pos = start + len(obj.inline)
-        else:
-            described.append(obj.describe())
-    return described, b"".join(inline)
-
-
-def inline_span(pos: int, obj: StoredObject) -> int:
-    """Where the payload of ``describe_all`` ends if ``obj`` follows ``pos`` bytes of it."""
-    return pos if obj.inline is None else align(pos) + len(obj.inline)
 
 
 @dataclass(frozen=True)
