@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import pytest
 
-from shmchannel import ChannelClosed, ChannelTimeout, DataReceiver, DataSender, InvalidArgument
+from shmchannel import ChannelClosed, ChannelTimeout, DataReceiver, DataSender, DataSystem, InvalidArgument
 from shmchannel.testing import join_ok, start_process, wait_until
 
 from .conftest import ADDRESS
@@ -132,6 +132,42 @@ def test_timed_out_arecv_object_goes_to_the_next_sync_recv(broker: int) -> None:
         assert receiver.recv(timeout=10) == [1]
         assert receiver.peek(timeout=10) == [2]
         assert receiver.recv(timeout=10) == [2]
+
+
+@pytest.mark.parametrize("ending", ["timeout", "end-of-stream"])
+def test_sync_recv_failing_after_an_arecv_gives_back_nothing_it_did_not_hand_out(address: str, ending: str) -> None:
+    """An arecv hands out object 0 on the receiver's worker thread; a plain recv then fails
+    (timeout, or end of stream). That recv had handed out nothing, so it puts nothing back:
+    0 is not delivered again, and nothing is left in the queue (before the fix: the failing
+    recv put the worker's object back, so it came out twice, or stayed queued after close
+    -- the store never emptied)."""
+    name = f"async-then-fail-{ending}-{os.getpid()}"
+    sender = DataSender(address, dataset_name=name)
+    try:
+        with DataReceiver(address, dataset_name=name, prefetch=1) as receiver:
+            sender.send([0])
+
+            async def first() -> Any:
+                return await receiver.arecv(timeout=10)
+
+            assert _run(first) == [0]
+            if ending == "timeout":
+                with pytest.raises(ChannelTimeout):
+                    receiver.recv(timeout=0.05)
+                sender.send([1])
+                assert receiver.recv(timeout=10) == [1]
+                assert sender.get_queue(0) == []
+            else:
+                sender.close()
+                with pytest.raises(ChannelClosed):
+                    receiver.recv(timeout=10)
+        if ending == "timeout":
+            assert sender.get_queue(0) == []
+    finally:
+        sender.close()
+    if address == ADDRESS:
+        with DataSystem(ADDRESS) as ds:
+            wait_until(lambda: (s := ds.stats()).objects == 0 and s.used == 0, 10, "the store to empty")
 
 
 def test_close_gives_back_what_an_abandoned_arecv_received(broker: int) -> None:

@@ -149,6 +149,22 @@ def test_recv_from_two_threads_hands_each_object_out_once(address: str) -> None:
     assert sorted(got) == list(range(100))
 
 
+def test_main_thread_recv_timing_out_after_another_threads_recv_puts_back_nothing(address: str) -> None:
+    """Another thread's recv hands out object 0; the main thread's recv then times out and
+    must not put 0 back (it never had it): the main thread's next recv gets 1, and each
+    object is delivered once."""
+    with DataSender(address, dataset_name="thread-then-timeout") as sender, DataReceiver(
+        address, dataset_name="thread-then-timeout", prefetch=1
+    ) as receiver:
+        sender.send(0)
+        assert Background(lambda: receiver.recv(timeout=WAIT), "reader").result() == 0
+        with pytest.raises(ChannelTimeout):
+            receiver.recv(timeout=0.05)
+        sender.send(1)
+        assert receiver.recv(timeout=WAIT) == 1
+        assert sender.get_queue(0) == []
+
+
 def test_close_from_another_thread_ends_a_blocked_send_and_the_stream(
     address: str, blocked_sender: tuple[DataSender, list[int], Background]
 ) -> None:

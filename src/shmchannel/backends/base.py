@@ -41,9 +41,10 @@ class ReceiverEndpoint(Protocol):
     def withdraw(self, thread: int | None) -> None:
         """End the wait of the recv ``thread`` makes (its caller gives up)."""
 
-    def hand_out(self) -> tuple[Any, Any]:
+    def hand_out(self, note: bool = False) -> tuple[Any, Any]:
         """When ``buffered()``: the next fetched object, and the entry that
-        ``buffer.appendleft`` takes to put it back (it left ``buffer`` by its last step)."""
+        ``buffer.appendleft`` takes to put it back (it left ``buffer`` by its last step);
+        ``note``: name that entry in ``handing`` before it leaves (main thread only)."""
 
     def close(self, give_back_last: bool = False) -> None:
         """Leave the channel; with ``give_back_last`` the object handed out last goes back to

@@ -283,7 +283,7 @@ class RayReceiver:
     def withdraw(self, thread: int | None) -> None:
         """Nothing: an actor call cannot be withdrawn; ``close`` ends it."""
 
-    def hand_out(self) -> tuple[Any, Any]:
+    def hand_out(self, note: bool = False) -> tuple[Any, Any]:
         raise AssertionError("a Ray receiver never has objects fetched ahead (buffered() is False)")
 
     def _put_back(self, reply: Any) -> None:

@@ -135,14 +135,18 @@ class EmbeddedReceiver(Withdrawable):
         self.buffer = collections.deque(sorted(waiting, key=lambda c: c.pos))
         self._handed = out
 
-    def hand_out(self) -> tuple[Any, Any]:
+    def hand_out(self, note: bool = False) -> tuple[Any, Any]:
         """The next claimed object, acknowledging the ones handed out before. It leaves
-        ``buffer`` by the last step; ``handing`` names it from before, so that an
-        interrupt anywhere until the caller has it puts it back (DataReceiver.recv)."""
+        ``buffer`` by the last step. With ``note`` (the main thread's recv only)
+        ``handing`` names it from before, so that an interrupt anywhere until the caller
+        has it puts it back (DataReceiver.recv); other threads' calls leave ``handing``
+        alone, or the main thread's next failing recv would put back an object a worker
+        had handed out (delivered twice, and one left in the queue at close)."""
         self._tidy()
         self.ack()
         claim = self.buffer[0]
-        self.handing = claim
+        if note:
+            self.handing = claim
         obj = self._unpack(claim)
         self._handed.append(claim)
         del self.buffer[0]

@@ -186,7 +186,7 @@ class DataReceiver(WorkerRecv):
             try:
                 if not endpoint.buffered():
                     return _EMPTIED
-                obj, _ = endpoint.hand_out()
+                obj, _ = endpoint.hand_out(note=True)
             finally:
                 self._main_waits = False
         return obj
