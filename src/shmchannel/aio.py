@@ -186,9 +186,21 @@ async def wait_for(job: Job, timeout: float | None = None, expired: Callable[[],
     return job.result()
 
 
+_main_ident = threading.main_thread().ident
+
+
+def _forked() -> None:
+    global _main_ident
+    _main_ident = threading.main_thread().ident  # the thread that forked (threading updated it first)
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def in_main_thread() -> bool:
-    """Whether this thread is the one interrupts are raised in."""
-    return threading.get_ident() == threading.main_thread().ident
+    """Whether this thread is the one interrupts are raised in (asked once per call: kept
+    in a global, renewed in a forked child)."""
+    return _thread.get_ident() == _main_ident
 
 
 def withdraw(job: Job, withdraw_once: Callable[[], None], timeout: float) -> None:

@@ -15,7 +15,6 @@ from ..broker import daemon, protocol
 from ..errors import BrokerUnavailable
 from ..queue.log import ClaimLog
 from ..serialization import deserialize, serialize
-from ..store import block
 from ..store.arena import ArenaMap
 from ..store.blob import plan_blob, read_blob, write_blob
 
@@ -73,13 +72,10 @@ class Session:
             reply, _ = self.conn.request({"op": "log"})
             view = arena.whole
             self.log = ClaimLog(arena.region, view, int(reply["offset"]), int(reply["capacity"]),
-                                int(reply["claimer"]), self._drop_ref)
+                                int(reply["claimer"]))
         except BaseException:
             self.conn.close()
             raise
-
-    def _drop_ref(self, offset: int, ref: int, pos: int) -> None:
-        block.drop(self.arena.region, self.arena.whole, offset, ref, pos)
 
 
 _sessions: dict[tuple[int, str], Session] = {}

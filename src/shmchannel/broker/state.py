@@ -128,7 +128,7 @@ class BrokerState(Accounts):
         size = ClaimLog.size_for(LOG_CAPACITY)
         offset = self._control_alloc(size, "this process's claim log")
         ClaimLog.format(self.view, offset, LOG_CAPACITY)
-        client.log = ClaimLog(self.region, self.view, offset, LOG_CAPACITY, claimer, self._drop_ref)
+        client.log = ClaimLog(self.region, self.view, offset, LOG_CAPACITY, claimer)
         client.log_size = size
         self._claimers.add(claimer)
         self._log({"r": "log", "offset": offset, "capacity": LOG_CAPACITY, "claimer": claimer, "pid": client.pid})
@@ -154,9 +154,6 @@ class BrokerState(Accounts):
 
     def _control_free(self, offset: int) -> None:
         self.control.release(offset - self._control_base)
-
-    def _drop_ref(self, offset: int, ref: int, pos: int) -> None:
-        block.drop(self.region, self.view, offset, ref, pos)
 
     def log_of(self, pid: int, claimer: int) -> ClaimLog | None:
         """Claim log ``claimer`` of process ``pid``: its session's, or one it had from a
@@ -517,7 +514,7 @@ class BrokerState(Accounts):
         for offset, saved in logs.items():
             size = ClaimLog.size_for(saved["capacity"])
             self.control.take(offset - self._control_base, size)
-            log = ClaimLog(self.region, self.view, offset, saved["capacity"], saved["claimer"], self._drop_ref)
+            log = ClaimLog(self.region, self.view, offset, saved["capacity"], saved["claimer"])
             self._claimers.add(log.claimer)
             self.orphans.append(Orphan(offset, size, log=log, pid=saved["pid"]))
         for offset, saved in slabs.items():

@@ -95,7 +95,7 @@ class Turn:
     @property
     def lock(self) -> threading.Lock:
         """The lock itself, for the main thread's ``with turn.lock:`` (receiver.py:
-        ``_recv_buffered``), whose enter and exit no interrupt can come between."""
+        ``_recv_main``), whose enter and exit no interrupt can come between."""
         return self._lock
 
     def held(self, timeout: float | None) -> _Held:

@@ -144,52 +144,29 @@ class DataReceiver(WorkerRecv):
 
     def _recv_main(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
         """recv/peek of the main thread, where interrupts are raised, on a backend whose
-        steps are interrupt-safe (embedded): objects are fetched into the buffer by the
-        connection's reader thread, and handed out by ``_recv_buffered``. The turn is a
-        with block on its lock, whose enter and exit are C: no interrupt comes between
-        taking it and owning the block. It waits for another thread's call without
-        counting that against ``timeout``."""
-        self._refuse_reentry("a recv/peek")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        left = timeout  # as asked, the first time: a TimeoutError names it
-        while True:
-            if not peek and endpoint.buffered():
-                got = self._recv_buffered(endpoint)
-                if got is not _EMPTIED:
-                    return got
-            with self._turn.lock:
-                if self._endpoint is not endpoint:  # closed by another thread meanwhile
-                    raise EndpointClosed(f"{self!r} is closed")
-                self._main_waits = True
-                try:
-                    if peek:
-                        return endpoint.recv(left, True)
-                    if not endpoint.buffered():
-                        endpoint.fetch(left)
-                finally:
-                    self._main_waits = False
-            left = left_of(deadline)
-
-    def _recv_buffered(self, endpoint: Any) -> Any:
-        """A prefetched object for the main thread (``_EMPTIED`` if another thread took the
-        last meanwhile), without the hop to the worker (which costs more than the rest of
-        such a recv). Interrupt-safe by its order of steps:
-        the turn is taken by a with block on a lock (its enter and exit are C, so an
-        interrupt cannot come between taking the lock and owning the block); the object
+        steps are interrupt-safe (embedded), in one turn: claim into the buffer if it is
+        empty, then hand out its oldest. Interrupt-safe by its order of steps: the turn is
+        a with block on a lock (its enter and exit are C, so no interrupt comes between
+        taking the lock and owning the block); a claim is the endpoint's once in its
+        buffer (one that never got there is found by the next call: ``_tidy``); the object
         leaves the buffer by the last step of ``hand_out``, which names it (``handing``)
-        until ``recv`` returns it; an interrupt raised after that step -- at the with
-        block's exit, or at any return on the way out -- makes ``recv`` put it back."""
+        until ``recv`` returns it, and an interrupt after that step -- at the with block's
+        exit, or at any return on the way out -- makes ``recv`` put it back. It waits for
+        another thread's call without counting that against ``timeout``."""
+        self._refuse_reentry("a recv/peek")
         with self._turn.lock:
             if self._endpoint is not endpoint:  # closed by another thread meanwhile
                 raise EndpointClosed(f"{self!r} is closed")
             self._main_waits = True  # a signal handler calling in raises ReentrantCall, not deadlock
             try:
+                if peek:
+                    return endpoint.recv(timeout, True)
                 if not endpoint.buffered():
-                    return _EMPTIED
+                    endpoint.fetch(timeout)
                 obj, _ = endpoint.hand_out(note=True)
+                return obj
             finally:
                 self._main_waits = False
-        return obj
 
     def _take(self, endpoint: Any, timeout: float | None, peek: bool) -> Any:
         with self._turn.held(timeout) as left:
@@ -306,6 +283,3 @@ class DataReceiver(WorkerRecv):
             f"<DataReceiver {getattr(self, '_namespace', '?')}/{getattr(self, '_dataset_name', '?')} "
             f"shard {getattr(self, '_shard_id', '?')}/{shards} {state}>"
         )
-
-
-_EMPTIED = object()  # what _recv_buffered returns when the buffer emptied before it took the turn

@@ -5,6 +5,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import numpy as np
+
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
@@ -189,6 +191,8 @@ class DataSender(ChannelEnd):
     def _parts(self, obj: Any) -> list[Any]:
         """The blocks of ``obj`` for the shards (the whole object once if it is not split)."""
         divisor = 1 if self._full_batch else self._num_shards
+        if divisor == 1 and type(obj) is np.ndarray and obj.ndim and obj.shape[0]:
+            return [obj]  # the most common object, checked as row_count would, without its cost
         if divisor == 1 and not splittable(obj):
             return [obj]  # any picklable object; serialize() names what it cannot carry
         rows = row_count(obj)  # UnsupportedType / InvalidArgument saying why obj cannot be split

@@ -54,7 +54,7 @@ S_RECV_BYTES = 128  # u64: bytes claimed (for status; returned ones are taken ba
 
 # slot words (from the slot's base)
 W_STATE, W_OFFSET, W_SIZE, W_POS = 0, 8, 16, 24
-_SLOT = struct.Struct("<QQQ")  # offset, size, pos
+SLOT_WORDS = struct.Struct("<QQQ")  # offset, size, pos (from W_OFFSET)
 
 # slot state: bits 0-3 code, 4-23 claimer, 24-63 position modulo 2**40
 FREE, READY, CLAIMED = 0, 1, 2
@@ -144,8 +144,8 @@ def read_header(view: memoryview, base: int) -> Layout:
 
 def read_slot(view: memoryview, at: int) -> tuple[int, int, int]:
     """(offset, size, pos) of the slot at ``at`` -- called only by the slot's owner."""
-    return _SLOT.unpack_from(view, at + W_OFFSET)
+    return SLOT_WORDS.unpack_from(view, at + W_OFFSET)
 
 
 def write_slot(view: memoryview, at: int, offset: int, size: int, pos: int) -> None:
-    _SLOT.pack_into(view, at + W_OFFSET, offset, size, pos)
+    SLOT_WORDS.pack_into(view, at + W_OFFSET, offset, size, pos)

@@ -20,12 +20,14 @@ acknowledged object's block is kept until its last view is gone.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from typing import Callable, Iterator
 
 from ..errors import ProtocolError, StoreFull
 from .._native import Region
+from ..store import block
 
 ENTRY = 64
 #: Sleep marks: one word per thread of the process asleep in a channel wait, holding the
@@ -54,17 +56,18 @@ class ClaimLog:
     """This process's log at ``base`` of the shared memory, ``capacity`` entries.
 
     ``release(offset, ref, pos)`` drops a finished entry's reference ``ref`` on its block
-    at ``offset`` holding object ``pos``; it must be idempotent, also once the block holds
-    another object (a process interrupted inside it calls it again: store/block.py)."""
+    at ``offset`` holding object ``pos`` (``store.block.drop`` unless given); it must be
+    idempotent, also once the block holds another object (a process interrupted inside it
+    calls it again: store/block.py)."""
 
     def __init__(
         self, region: Region, view: memoryview, base: int, capacity: int, claimer: int,
-        release: Callable[[int, int, int], None],
+        release: Callable[[int, int, int], None] | None = None,
     ) -> None:
         if base < 0 or base % 64 or base + LOG_HEADER + capacity * ENTRY > len(view):
             raise ProtocolError(f"claim log at offset {base} ({capacity} entries) lies outside the shared memory")
         self.region, self.view, self.base, self.capacity, self.claimer = region, view, base, capacity, claimer
-        self._release = release
+        self._release = release or functools.partial(block.drop, region, view)
         self._free: list[int] = []
         self._marks = list(range(MARKS - 1, -1, -1))
         self.last = -1  # the entry of the latest claim (Claimer.repair looks there first)
@@ -124,31 +127,29 @@ class ClaimLog:
         Raises:
             LogFull: no entry is free.
         """
+        load, free = self.region.load, self._free
         with self._lock:  # (a C-level with: an interrupt cannot leave it taken)
-            return self._claim_entry(channel, shard, receiver, pos, offset, size, ref)
-
-    def _claim_entry(self, channel: int, shard: int, receiver: int, pos: int, offset: int, size: int, ref: int) -> int:
-        load = self.region.load
-        while True:
-            if not self._free:
-                self._rescan()
-                if not self._free:
-                    raise LogFull(
-                        f"this process holds {self.capacity} received objects (claimed and not acknowledged, or "
-                        "still viewed): drop some of the objects received, or acknowledge them, to receive more"
-                    )
-            index = self._free[-1]
-            if _reusable(load(self.state_at(index))):
-                break
-            self._free.pop()  # taken after all: an interrupt came between its store and its pop
-        at = self.state_at(index)
-        _FIELDS.pack_into(self.view, at + 8, channel, shard, receiver, pos, offset, size, ref)
-        self.region.store(at, CLAIMED)
-        self.last = index
-        # Popped after the entry is CLAIMED: an interrupt before leaves it on the list,
-        # FREE; after, it is off the list and recorded.
-        self._free.pop()
-        return index
+            while True:
+                if not free:
+                    self._rescan()
+                    free = self._free
+                    if not free:
+                        raise LogFull(
+                            f"this process holds {self.capacity} received objects (claimed and not acknowledged, "
+                            "or still viewed): drop some of the objects received, or acknowledge them, to receive more"
+                        )
+                index = free[-1]
+                at = self.base + LOG_HEADER + index * ENTRY
+                if _reusable(load(at)):
+                    break
+                free.pop()  # taken after all: an interrupt came between its store and its pop
+            _FIELDS.pack_into(self.view, at + 8, channel, shard, receiver, pos, offset, size, ref)
+            self.region.store(at, CLAIMED)
+            self.last = index
+            # Popped after the entry is CLAIMED: an interrupt before leaves it on the list,
+            # FREE; after, it is off the list and recorded.
+            free.pop()
+            return index
 
     def fields(self, index: int) -> tuple[int, int, int, int, int, int, int]:
         """(channel, shard, receiver, pos, offset, size, ref) of an entry."""
@@ -170,7 +171,7 @@ class ClaimLog:
 
     def drop_view(self, index: int) -> None:
         self.unfinished.add(index)
-        at = self.state_at(index)
+        at = self.base + LOG_HEADER + index * ENTRY
         state = self.region.add(at, -VIEW) - VIEW
         if state & STATUS == ACKED and state >> 8 == 0:
             self._finish(index, at, state)
@@ -180,18 +181,20 @@ class ClaimLog:
         """The entry's object is consumed (CLAIMED -> ACKED); its block goes once no view is
         left. With ``channel`` and ``pos``, only if the entry still names that object (an
         ack said again after an interrupt must not hit the entry's next claim)."""
-        at = self.state_at(index)
-        if pos is not None and (self.fields(index)[0], self.fields(index)[3]) != (channel, pos):
-            return
+        at = self.base + LOG_HEADER + index * ENTRY
+        if pos is not None:
+            found = _FIELDS.unpack_from(self.view, at + 8)
+            if found[0] != channel or found[3] != pos:
+                return
         self.unfinished.add(index)
-        cas = self.region.cas
-        state = self.region.load(at)
+        region = self.region
+        state = region.load(at)
         while state & STATUS == CLAIMED:
-            found = cas(at, state, state - CLAIMED + ACKED)
-            if found == state:
+            found_state = region.cas(at, state, state - CLAIMED + ACKED)
+            if found_state == state:
                 state = state - CLAIMED + ACKED
                 break
-            state = found
+            state = found_state
         if state & STATUS == ACKED and state >> 8 == 0:
             self._finish(index, at, state)
         self.unfinished.discard(index)
@@ -227,7 +230,7 @@ class ClaimLog:
         self._complete(index, at)
 
     def _complete(self, index: int, at: int) -> None:
-        _, _, _, pos, offset, _, ref = self.fields(index)
+        _, _, _, pos, offset, _, ref = _FIELDS.unpack_from(self.view, at + 8)
         self._release(offset, ref, pos)
         self.region.store(at, FREE)
         self._free.append(index)

@@ -122,6 +122,8 @@ class Publisher(Queues):
     def __init__(self, region: Region, view: memoryview, base: int) -> None:
         super().__init__(region, view, base)
         self._room = 0  # objects every shard is sure to take (room only grows behind our back)
+        lay = self.layout
+        self._slot0 = [base + lay.slot(s, 0) for s in range(lay.num_shards)]  # slot p is at + (p % R) * SLOT
 
     def room(self) -> int:
         lay, load, tail = self.layout, self.region.load, self.tail
@@ -143,19 +145,23 @@ class Publisher(Queues):
             if self._room <= 0:
                 return None
         mine = L.ready(p)  # our own, uncommitted write of p (an interrupted try)
-        slots = [base + lay.slot(s, p) for s in range(lay.num_shards)]
+        step = (p % lay.ring) * L.SLOT
+        slots = [at + step for at in self._slot0]
         for at in slots:
             state = load(at)
             if state != L.FREE and state != mine:
                 return None  # a claim still holds the slot, or a dead claimer's (the broker returns it)
         if len(parts) == 1 and len(slots) > 1:
             parts = parts * len(slots)
+        pack = L.SLOT_WORDS.pack_into
+        sent = 0
         for at, (offset, size) in zip(slots, parts):
-            L.write_slot(view, at, offset, size, p)
+            pack(view, at + L.W_OFFSET, offset, size, p)
             store(at, mine)
+            sent += size
         store(base + L.H_TAIL, p + 1)  # the commit point
         self._room -= 1
-        region.add(base + L.H_SENT_BYTES, sum(size for _, size in parts))
+        region.add(base + L.H_SENT_BYTES, sent)
         region.add32(base + L.H_DATA_SEQ, 1)
         if region.load32(base + L.H_DATA_WAITERS):
             region.wake(base + L.H_DATA_SEQ, -1)
@@ -227,11 +233,13 @@ class Claimer(Queues):
     def try_claim(self) -> Claim | None:
         """The oldest claimable object of the shard, now recorded CLAIMED in our log; None
         if there is none. Returned objects (older) come first."""
-        sb = self._sb
-        got = self._take(sb + L.S_RET_HEAD, self.region.load(sb + L.S_RET_TAIL), self.layout.returned_slot)
-        if got is None:
-            got = self._take(sb + L.S_HEAD, self.region.load(self.base + L.H_TAIL), self.layout.slot)
-        return got
+        sb, load = self._sb, self.region.load
+        returned = load(sb + L.S_RET_TAIL)
+        if returned > load(sb + L.S_RET_HEAD):  # (looked at here: it is nearly always empty)
+            got = self._take(sb + L.S_RET_HEAD, returned, self.layout.returned_slot)
+            if got is not None:
+                return got
+        return self._take(sb + L.S_HEAD, load(self.base + L.H_TAIL), self.layout.slot)
 
     def _take(self, head_at: int, end: int, slot_of: Callable[[int, int], int]) -> Claim | None:
         region, base, shard = self.region, self.base, self.shard
@@ -254,7 +262,7 @@ class Claimer(Queues):
         """Record the claim of the slot at ``at`` (ours by CAS) in the log (unless
         ``entry`` holds it already), free the slot, move the head past it."""
         region = self.region
-        offset, size, pos = L.read_slot(self.view, at)
+        offset, size, pos = L.SLOT_WORDS.unpack_from(self.view, at + L.W_OFFSET)
         if entry < 0:
             entry = self.log.claim_entry(self.base, self.shard, self.receiver, pos, offset, size, self.ref)
         claim = Claim(entry, offset, size, pos, head_at == self._sb + L.S_RET_HEAD)

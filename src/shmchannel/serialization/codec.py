@@ -59,7 +59,7 @@ import pickle
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -167,17 +167,43 @@ _RAW_HEAD = struct.Struct("<4sBBH")  # magic, fortran, ndim, len(dtype.str)
 _RAW_KINDS = frozenset("biufcmMSU")  # dtypes that np.dtype(dtype.str) rebuilds exactly
 
 
+#: Raw headers made and read lately: a stream repeats a few dtypes and shapes, and building
+#: or parsing one costs more than the rest of a small array's way (bounded: cleared when full).
+_RAW_CACHE_SIZE = 256
+_raw_headers: dict[tuple[Any, ...], bytes] = {}
+_raw_shapes: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, Literal["C", "F"]]] = {}
+
+
 def _raw_header(obj: np.ndarray) -> bytes:
-    dtype = obj.dtype.str.encode()
-    return _RAW_HEAD.pack(_RAW, fortran(obj), obj.ndim, len(dtype)) + dtype + struct.pack(f"<{obj.ndim}q", *obj.shape)
+    f = not obj.flags.c_contiguous and fortran(obj)
+    key = (obj.dtype, obj.shape, f)
+    header = _raw_headers.get(key)
+    if header is None:
+        dtype = obj.dtype.str.encode()
+        header = _RAW_HEAD.pack(_RAW, f, obj.ndim, len(dtype)) + dtype + struct.pack(f"<{obj.ndim}q", *obj.shape)
+        if len(_raw_headers) >= _RAW_CACHE_SIZE:
+            _raw_headers.clear()
+        _raw_headers[key] = header
+    return header
 
 
 def _raw_array(header: Any, buffer: Any) -> np.ndarray:
-    _, fortran, ndim, dtype_len = _RAW_HEAD.unpack_from(header)
-    start = _RAW_HEAD.size
-    dtype = np.dtype(bytes(header[start : start + dtype_len]).decode())
-    shape = struct.unpack_from(f"<{ndim}q", header, start + dtype_len)
-    return rebuild_ndarray(buffer, dtype, shape, bool(fortran))
+    key = bytes(header)
+    found = _raw_shapes.get(key)
+    if found is None:
+        _, fortran_order, ndim, dtype_len = _RAW_HEAD.unpack_from(header)
+        start = _RAW_HEAD.size
+        dtype = np.dtype(bytes(header[start : start + dtype_len]).decode())
+        shape = struct.unpack_from(f"<{ndim}q", header, start + dtype_len)
+        order: Literal["C", "F"] = "F" if fortran_order else "C"
+        found = (dtype, shape, bool(fortran_order), order)
+        if len(_raw_shapes) >= _RAW_CACHE_SIZE:
+            _raw_shapes.clear()
+        _raw_shapes[key] = found
+    dtype, shape, fortran_order, order = found
+    if len(buffer) and dtype.itemsize:  # rebuild_ndarray's way, inline for the common case
+        return np.frombuffer(buffer, dtype=dtype, count=len(buffer) // dtype.itemsize).reshape(shape, order=order)
+    return rebuild_ndarray(buffer, dtype, shape, fortran_order)
 
 
 #: Header of an Arrow Table, RecordBatch or polars DataFrame sent on its own (each shard of a

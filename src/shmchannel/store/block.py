@@ -38,7 +38,8 @@ _HEAD = struct.Struct("<IIQQQ")
 
 def header_size(refs: int) -> int:
     """Bytes before the blob for a block with ``refs`` references (64 up to 256)."""
-    return align(REFS_AT + 8 * ((refs + 63) // 64))
+    return 64 if refs <= 64 else align(REFS_AT + 8 * ((refs + 63) // 64))
+
 
 
 def block_size(blob: int, refs: int) -> int:
@@ -77,6 +78,23 @@ def check(view: memoryview, offset: int, limit: int | None = None) -> tuple[int,
     return refs, size
 
 
+def blob_of(view: memoryview, offset: int, size: int) -> int:
+    """The offset of the blob of ``size`` bytes in the block at ``offset``, checked as
+    ``check`` does (the descriptor came from shared memory).
+
+    Raises:
+        ProtocolError: no block there, or one the blob does not fit.
+    """
+    # check()'s tests inline: this runs once per object received.
+    if 0 <= offset and not offset % 64 and offset + 64 <= len(view):
+        magic, refs, block_size, _, _ = _HEAD.unpack_from(view, offset)
+        head = 64 if refs <= 64 else header_size(refs)
+        if magic == MAGIC and refs >= 1 and head + size <= block_size and offset + block_size <= len(view):
+            return offset + head
+    refs, block_size = check(view, offset)  # raises, naming what is wrong ...
+    raise ProtocolError(f"object of {size} bytes does not fit its block of {block_size} at {offset}")  # ... or this
+
+
 def drop(region: Region, view: memoryview, offset: int, ref: int, pos: int) -> bool:
     """Clear reference ``ref`` of the block at ``offset`` if it still holds object ``pos``;
     True if the block is free after it (two callers clearing the last bits of different
@@ -85,27 +103,27 @@ def drop(region: Region, view: memoryview, offset: int, ref: int, pos: int) -> b
     now, when its memory went to a block starting elsewhere -- changes nothing: while our
     bit is set the block cannot be reused, so the check and the clear cannot be torn.
     """
-    try:
-        refs, _ = check(view, offset)
-    except ProtocolError:
-        return False  # dropped before, and its memory reused since (or never a block)
-    if not 0 <= ref < refs or region.load(offset + POS_AT) != pos:
-        return False  # dropped before, and reused since (or not a reference of it)
+    # The word first, then the header: the sender writes a reused block's header before
+    # it sets the new object's bits, so a bit seen set here comes with that object's pos
+    # below -- read the other way round, an old pos could pair with the new object's bit.
+    # (One read of the header, not check(): this runs once per object received.)
     at, bit = offset + REFS_AT + 8 * (ref // 64), 1 << (ref % 64)
+    if offset < 0 or offset % 64 or ref < 0 or at + 8 > len(view):
+        return False
     word = region.load(at)
+    magic, refs, size, owner, held = _HEAD.unpack_from(view, offset)
+    if magic != MAGIC or ref >= refs or held != pos or offset + size > len(view):
+        return False  # dropped before, and its memory reused since (or never a block)
     while word & bit:
         found = region.cas(at, word, word & ~bit)
         if found == word:
-            if word != bit:
-                return False  # other bits of this word remain
-            if _free(region, offset, refs):
-                owner = struct.unpack_from("<Q", view, offset + 16)[0]
-                if owner:  # its freed word; the waiter count follows it (store/slabs.py)
-                    region.add32(owner - 1, 1)
-                    if region.load32(owner - 1 + 4):
-                        region.wake(owner - 1, -1)
-                return True
-            return False
+            if word != bit or (refs > 64 and not _free(region, offset, refs)):
+                return False  # other references remain
+            if owner:  # its freed word; the waiter count follows it (store/slabs.py)
+                region.add32(owner - 1, 1)
+                if region.load32(owner + 3):
+                    region.wake(owner - 1, -1)
+            return True
         word = found
     return False
 
