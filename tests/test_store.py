@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import mmap
 import random
 
 import pytest
 
+from shmchannel._native import Region
 from shmchannel.errors import ProtocolError, StoreFull
+from shmchannel.store import block
 from shmchannel.store.allocator import ALIGNMENT, Allocator
 from shmchannel.store.blob import read_blob
+from shmchannel.store.slabs import Slabs
 from shmchannel.store.table import ObjectTable
 
 
@@ -82,3 +86,25 @@ def test_table_counts_inline_objects_and_credit_against_the_capacity() -> None:
     table.revoke(4160)
     assert table.unref(obj.key)
     assert table.allocate([8192]) == [0]
+
+
+def test_a_sender_takes_its_oldest_block_again_once_its_receivers_are_done() -> None:
+    """A steady stream cycles through a few blocks (their pages stay in cache): the oldest
+    block out is taken again when all its references are cleared and it has the size
+    asked; a block still referenced, or of another size, is not."""
+    memory = mmap.mmap(-1, 1 << 20)
+    region, view = Region(memory), memoryview(memory)
+    slabs = Slabs(region, view)
+    slabs.add(0, 1 << 20)
+    first = slabs.alloc(1000, 1, 0)
+    second = slabs.alloc(1000, 1, 1)
+    assert first is not None and second is not None and first != second
+    third = slabs.alloc(1000, 1, 2)  # the oldest (first) is still referenced: a new block
+    assert third is not None and third[0] not in (first[0], second[0])
+    assert block.drop(region, view, first[0], 0, 0)  # its one receiver is done with it
+    again = slabs.alloc(1000, 1, 3)
+    assert again is not None and again[0] == first[0]  # taken again, now the newest out
+    assert block.drop(region, view, second[0], 0, 1)
+    other = slabs.alloc(5000, 1, 4)  # another size: the free block is left to reclaim
+    assert other is not None and other[0] != second[0]
+    assert sorted(slabs.outstanding()) == sorted([third[0], again[0], other[0]])

@@ -15,14 +15,15 @@ from workloads import Workload
 
 class _Receiver:
     def __init__(self, rx: Any) -> None:
-        self.rx = rx
-
-    def recv(self, timeout: float) -> Any:
         from shmchannel import ChannelClosed
 
+        self.rx = rx
+        self._closed = ChannelClosed  # imported once, not per message (the other peers import nothing per message)
+
+    def recv(self, timeout: float) -> Any:
         try:
             return self.rx.recv(timeout=timeout)
-        except ChannelClosed:
+        except self._closed:
             return END
 
     def release(self) -> None:

@@ -242,15 +242,16 @@ class Claimer(Queues):
         return self._take(sb + L.S_HEAD, load(self.base + L.H_TAIL), self.layout.slot)
 
     def _take(self, head_at: int, end: int, slot_of: Callable[[int, int], int]) -> Claim | None:
-        region, base, shard = self.region, self.base, self.shard
-        load, cas, me = region.load, region.cas, self.log.claimer
+        region = self.region
+        load, cas, taken = region.load, region.cas, self.log.claimer << 4 | L.CLAIMED
+        first, ring = self.base + slot_of(self.shard, 0), self.layout.ring
         h = load(head_at)
         while h < end:
-            at = base + slot_of(shard, h)
+            at = first + h % ring * L.SLOT
             state = load(at)
-            if state == L.ready(h):
+            if state == (h & L.POS_MASK) << 24 | L.READY:  # L.ready(h), inline: once per object
                 self.claiming = at
-                if cas(at, state, L.claimed(h, me)) == state:
+                if cas(at, state, state - L.READY + taken) == state:  # L.claimed(h, us)
                     return self._finish_claim(at, head_at, h)
                 self.claiming = -1
                 continue  # lost the CAS to another claimer: look again

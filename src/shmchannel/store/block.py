@@ -41,7 +41,6 @@ def header_size(refs: int) -> int:
     return 64 if refs <= 64 else align(REFS_AT + 8 * ((refs + 63) // 64))
 
 
-
 def block_size(blob: int, refs: int) -> int:
     return header_size(refs) + blob
 
@@ -55,6 +54,9 @@ def write_header(
     Plain stores: the block is the writer's alone until it is published, and publication
     (a release store in the queue) orders them before any reader's loads."""
     _HEAD.pack_into(view, offset, MAGIC, refs, size, owner + 1, pos)
+    if refs <= 64:  # one word (the usual case)
+        region.store(offset + REFS_AT, (1 << refs) - 1)
+        return offset + 64
     words = (refs + 63) // 64
     for i in range(words):
         bits = 64 if i < words - 1 or refs % 64 == 0 else refs % 64

@@ -66,22 +66,39 @@ class Slabs:
     def alloc(self, blob_size: int, refs: int, pos: int) -> tuple[int, int] | None:
         """A new block for object ``pos``, a blob of ``blob_size`` bytes with ``refs``
         references: (block offset, blob offset); None if no slab has room, even after
-        ``reclaim``."""
+        ``reclaim``.
+
+        The oldest block out is taken again as it is if its receivers are done with it and
+        it has the size asked: a stream's blocks come back in the order they went, so a
+        steady stream cycles through a few blocks whose pages stay in cache, at the cost
+        of one load per send."""
         size = block.block_size(blob_size, refs)
         self._check()
+        # ``_changing`` until ``_out`` names the block: an interrupt anywhere before leaves
+        # the allocators to be rebuilt from ``_out``, which then never had it (no leak).
         self._changing = True
-        found = self._alloc(size)
-        self._changing = False
-        if found is None and self.reclaim():
-            self._changing = True
-            found = self._alloc(size)
-            self._changing = False
+        found = None
+        for oldest, (slab, oldest_refs, oldest_size) in self._out.items():
+            if (align(oldest_size) == align(size) and oldest_refs == refs
+                    and block.is_free(self.region, oldest, oldest_refs)):
+                del self._out[oldest]  # (re-entered last below: the newest now)
+                found = slab, oldest - slab - SLAB_HEADER
+            break
         if found is None:
+            found = self._alloc(size)
+        if found is None:
+            self._changing = False
+            if self.reclaim():
+                self._changing = True
+                found = self._alloc(size)
+        if found is None:
+            self._changing = False
             return None
         slab, start = found
         offset = slab + SLAB_HEADER + start
         blob = block.write_header(self.region, self.view, offset, size, refs, pos, owner=slab + FREED)
-        self._out[offset] = (slab, refs, size)  # last: what is in ``_out`` has its header
+        self._out[offset] = (slab, refs, size)  # what is in ``_out`` has its header
+        self._changing = False
         return offset, blob
 
     def _alloc(self, size: int) -> tuple[int, int] | None:
