@@ -102,7 +102,8 @@ class Connection(Wire):
         self._watch = watch(self, box, self._wake, self.pid)
         try:
             # One C call, not Thread.start (see aio.Worker); the writer starts the reader.
-            _thread.start_new_thread(write_loop, (weakref.ref(self), box, self._wake))
+            mine: weakref.ref[Wire] = weakref.ref(self)
+            _thread.start_new_thread(write_loop, (mine, box, self._wake))
             self.info, _ = self.request({"op": "hello", "version": protocol.PROTOCOL_VERSION})
         except BaseException:
             self._shutdown()

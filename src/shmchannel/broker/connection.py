@@ -14,15 +14,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import protocol
 from .protocol import FrameError
 from .records import Client
 
-if TYPE_CHECKING:
-    from .operations import Waiter
-    from .server import Server
+
+
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (server.py) -- named here,
+    so that this module imports neither the server nor its operations."""
+
+    state: Any  # its ``journal`` (None, or flushed before a reply that confirms a change)
+
+    def _accept(self, conn: ClientConnection, sock: Any) -> None: ...
+
+    def _dispatch(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> None: ...
+
+    def _forget(self, conn: ClientConnection, exc: Exception | None) -> None: ...
+
+
+class Pending(Protocol):
+    """A request of the connection that waits (operations.py: ``Waiter``)."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def cancel(self) -> None: ...
 
 log = logging.getLogger("shmchannel.broker")
 
@@ -42,12 +61,12 @@ class ClientConnection(asyncio.Protocol):
     handed to the server synchronously (a Protocol, not StreamReader coroutines: this
     halves the broker's cost per request, which every send and recv pays)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.client: Client  # set when the server accepts the peer
         self.accepted = False
         self.transport: asyncio.Transport | None = None
-        self.waiter: Waiter | None = None
+        self.waiter: Pending | None = None
         self.waiter_id: Any = None  # the id of the waiting request (see protocol.py)
         self.acted = False  # sent more than looking requests (see Server.OBSERVING)
         # Requests that arrived while ``waiter`` waits: a client may post several requests

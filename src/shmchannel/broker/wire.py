@@ -15,16 +15,13 @@ import socket
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import BrokerUnavailable, ChannelError, EndpointClosed, ProtocolError, from_wire
 from . import protocol
 from .calls import WITHDRAWN, Call, Cancel, Frame, encode
 from .framing import FrameReader, Reply
 from .holds import Holds
-
-if TYPE_CHECKING:
-    from .client import Connection
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +229,7 @@ class Wire:
         return BrokerUnavailable(f"lost the broker at {self.path}: {exc}")
 
 
-def write_loop(ref: weakref.ref[Connection], box: list[socket.socket], wake: queue.SimpleQueue[Any]) -> None:
+def write_loop(ref: weakref.ref[Wire], box: list[socket.socket], wake: queue.SimpleQueue[Any]) -> None:
     """The writer thread: connects, starts the reader, writes what is queued at each alarm
     until told to stop (or the connection is dropped), then what is left; then closes."""
     conn = ref()
@@ -272,7 +269,7 @@ def write_loop(ref: weakref.ref[Connection], box: list[socket.socket], wake: que
         abort(box, wake)
 
 
-def read_loop(ref: weakref.ref[Connection], sock: socket.socket) -> None:
+def read_loop(ref: weakref.ref[Wire], sock: socket.socket) -> None:
     """The reader thread: reads and routes replies until the socket ends."""
     conn = ref()
     if conn is not None:
