@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -402,3 +403,30 @@ def test_channel_errors_share_one_root() -> None:
     """Every error raised on purpose is a ChannelError (so one except clause catches them all)."""
     for cls in (InvalidArgument, ChannelNotFound, NameInUse, UnsupportedType, EndpointClosed):
         assert issubclass(cls, ChannelError)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "10001", "nan"])
+def test_a_bad_spin_setting_is_refused_at_import_naming_it(value: str) -> None:
+    """``SHMCHANNEL_SPIN_US`` out of range or not a number: importing shmchannel fails with
+    an error naming the variable, the range and the value (not a raw ValueError)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SHMCHANNEL_SPIN_US": value}
+    done = subprocess.run([sys.executable, "-c", "import shmchannel"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert f"InvalidArgument: SHMCHANNEL_SPIN_US must be microseconds from 0 to 10000, got {value!r}" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "", "150.5"])
+def test_a_good_spin_setting_is_taken(value: str) -> None:
+    """0 turns polling off, empty means the default, fractions are fine."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SHMCHANNEL_SPIN_US": value}
+    code = "from shmchannel.queue import ring; print(ring.SPIN)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == (float(value) if value else 20.0) / 1e6

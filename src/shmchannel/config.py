@@ -89,6 +89,28 @@ def default_idle_timeout() -> float:
     return float(env) if env else DEFAULT_IDLE_TIMEOUT
 
 
+#: Microseconds a waiting endpoint polls before it sleeps (queue/ring.py: ``SPIN``).
+DEFAULT_SPIN_US = 20.0
+
+
+def spin_seconds() -> float:
+    """``SHMCHANNEL_SPIN_US`` in seconds (0 turns polling off).
+
+    Raises:
+        InvalidArgument: it is not a number of microseconds from 0 to 10,000.
+    """
+    env = os.environ.get("SHMCHANNEL_SPIN_US")
+    if not env:
+        return DEFAULT_SPIN_US / 1e6
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10_000:
+        raise InvalidArgument(f"SHMCHANNEL_SPIN_US must be microseconds from 0 to 10000, got {env!r}")
+    return value / 1e6
+
+
 def shm_name(broker_pid: int, what: str) -> str:
     """Name of one /dev/shm entry of the broker ``broker_pid``."""
     return f"{SHM_PREFIX}-{os.getuid()}-{broker_pid}-{what}"
