@@ -211,14 +211,13 @@ FUZZ_CORPUS: list[tuple[dict[str, Any], bytes]] = [
     ({"op": "create", **FUZZ_IDENT, "num_shards": 2, "max_queue_size": 3}, b""),
     ({"op": "slab", "size": 1 << 20, "need": 4096, "timeout": 0.2}, b""),
     ({"op": "unslab", "offsets": [0]}, b""),
-    ({"op": "alloc", "sizes": [100], "spares": 1}, b""),
+    ({"op": "alloc", "sizes": [100]}, b""),
     ({"op": "free", "offsets": [0]}, b""),
     ({"op": "log"}, b""),
     ({"op": "open", **FUZZ_IDENT, "shard": 1}, b""),
     ({"op": "queue", **FUZZ_IDENT}, b""),
     ({"op": "put", "parts": [{"inline": [0, 4]}]}, b"data"),
     ({"op": "get", "key": "k"}, b""),
-    ({"op": "hold", "key": "k"}, b""),
     ({"op": "release", "keys": ["k"]}, b""),
     ({"op": "contains", "key": "k"}, b""),
     ({"op": "delete", "key": "k"}, b""),
@@ -446,8 +445,6 @@ MALFORMED = [pytest.param(*case, id=f"{case[0]['op'] or 'no-op'}-{i}") for i, ca
 BAD_ONE_WAY: list[tuple[dict[str, Any], str | None]] = [
     ({"op": "release", "keys": 5}, "release failed: InvalidArgument(\"request field 'keys'"),
     ({"op": "release", "keys": [5, None, {"a": 1}, "no-such-key"]}, None),
-    ({"op": "hold", "key": [1]}, "hold failed: InvalidArgument(\"request field 'key'"),
-    ({"op": "hold", "key": "<queued>"}, None),
     ({"op": "cancel", "junk": {"a": [1]}}, None),
 ]
 

@@ -176,11 +176,6 @@ def format_status(status: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def format_ray_channels(address: str, channels: list[dict[str, Any]]) -> str:
-    """Plain-text table of a Ray cluster's channels (``list_channels``)."""
-    return format_status({"backend": "ray", "address": address, "channels": channels})
-
-
 _PLAIN_COLUMNS = ("channel", "shards", "queued", "sent", "received", "sent/s", "received/s", "sender",
                   "receivers", "state")
 

@@ -1,7 +1,8 @@
-"""The embedded backend's side of the arena: this process's mapping of it, and a broker
-connection that packs objects into blobs (inline, or in arena blocks it allocates) and
-unpacks replies into objects that view the arena (zero-copy, each view holding its block
-until dropped). The endpoints (embedded.py) say what to send and receive."""
+"""The embedded backend's side of the arena: this process's mapping of it, its session
+with the broker (the claim log its receivers share), and a broker connection that packs
+DataSystem objects into blobs (inline, or in arena blocks it allocates) and unpacks get
+replies into objects that view the arena (zero-copy, each view holding its block until
+dropped). The endpoints (embedded.py, sending.py, receiving.py) say what to do."""
 
 from __future__ import annotations
 
@@ -38,20 +39,6 @@ def _arena_for(info: dict[str, Any]) -> ArenaMap:
             # Dropping an old broker's map unmaps it once no view of it is left.
             _arena = (os.getpid(), info["arena"], ArenaMap(info["arena"], int(info["capacity"])))
         return _arena[2]
-
-
-_foreign: dict[tuple[int, str], ArenaMap] = {}  # (pid, path) -> map of a dead broker's arena
-
-
-def _foreign_arena(path: str) -> ArenaMap:
-    """This process's mapping of a dead broker's arena, whose objects a new broker recovered.
-    Kept for the life of the process: a mapping outlives the file's removal, and objects
-    received from it may still be viewed."""
-    with _arena_lock:
-        key = (os.getpid(), path)
-        if key not in _foreign:
-            _foreign[key] = ArenaMap(path, os.stat(path).st_size)
-        return _foreign[key]
 
 
 class Session:
@@ -196,29 +183,25 @@ class ArenaClient:
         if offsets:
             self.conn.post({"op": "free", "offsets": offsets}, quiet=True)
 
-    def unpack(self, item: dict[str, Any], data: memoryview, shared: bool) -> Any:
-        """The object a reply item names; arena data is viewed, not copied."""
+    def unpack(self, item: dict[str, Any], data: memoryview) -> Any:
+        """The DataSystem object a get's reply names, read-only whatever its size (others
+        may get it too); arena data is viewed, not copied."""
         if "offset" not in item:
-            view = memoryview(data)
-            # Shared objects are read-only whatever their size.
-            header, buffers = read_blob(view.toreadonly() if shared else view)
+            header, buffers = read_blob(memoryview(data).toreadonly())
             return deserialize(header, buffers)
         base = item.get("_base")
         if base is None:
-            base = self.view(item, shared)
+            base = self.view(item)
         header, buffers = read_blob(memoryview(base))
         return deserialize(header, buffers)
 
-    def view(self, item: dict[str, Any], shared: bool) -> Any:
-        """The array viewing an arena item's block, with this process's hold on it, released
-        when the array goes (a finalizer). Made for prefetched items as they arrive, on the
+    def view(self, item: dict[str, Any]) -> Any:
+        """The read-only array viewing an arena item's block, with this process's hold on
+        it, released when the array goes (a finalizer). Made as the reply arrives, on the
         connection's reader thread, and kept in the item (``_base``): no interrupt can come
-        between counting the hold and arming its release, and an item unpacked again after
-        an interrupt (EmbeddedReceiver.hand_out) reuses it."""
-        arena = self.arena if "arena" not in item else _foreign_arena(str(item["arena"]))
-        base = arena.array(int(item["offset"]), int(item["size"]))
-        if shared:
-            base.flags.writeable = False  # other receivers read the same memory
+        between counting the hold and arming its release."""
+        base = self.arena.array(int(item["offset"]), int(item["size"]))
+        base.flags.writeable = False  # others read the same memory
         self.conn.hold()
         weakref.finalize(base, self.conn.release, item["key"]).atexit = False
         return base

@@ -53,11 +53,11 @@ class EmbeddedDataSystem:
         # thread as the reply comes: an interrupt of ours cannot come between the hold and
         # the finalizer that releases it (ArenaClient.view).
         reply, data = self._client.conn.request({"op": "get", "key": key}, on_reply=self._arrive)
-        return self._client.unpack(reply, data, True)
+        return self._client.unpack(reply, data)
 
     def _arrive(self, reply: dict[str, Any], data: memoryview) -> None:
         if "offset" in reply:
-            reply["_base"] = self._client.view(reply, True)
+            reply["_base"] = self._client.view(reply)
 
     def delete(self, key: str) -> None:
         self._client.conn.request({"op": "delete", "key": key})

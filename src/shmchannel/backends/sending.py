@@ -96,10 +96,12 @@ class EmbeddedSender(Withdrawable):
                 raise
 
     def _send(self, parts: list[Any], timeout: float | None, deadline: float | None) -> None:
-        self._settle()
+        if self._unsettled is not None:
+            self._settle()
         me = threading.get_ident()
-        self._withdrawn.discard(me)  # a withdrawal was for an earlier call
-        self._check_withdrawn(me)
+        if self._withdrawn:
+            self._withdrawn.discard(me)  # a withdrawal was for an earlier call
+            self._check_withdrawn(me)
         serialized = [serialization.serialize(part) for part in parts]
         plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
         blocks: list[int] = []
@@ -134,11 +136,11 @@ class EmbeddedSender(Withdrawable):
     def _alloc(self, blob_size: int, pos: int, timeout: float | None, deadline: float | None) -> tuple[int, int]:
         """A block for a blob of ``blob_size`` bytes: from our slabs, else from a new slab,
         else (the store is full) after blocks come free, within ``deadline``."""
-        me = threading.get_ident()
         while True:
             got = self._slabs.alloc(blob_size, self._refs, pos)
             if got is not None:
                 return got
+            me = threading.get_ident()
             need = block.block_size(blob_size, self._refs) + S.SLAB_HEADER
             freed = self._slabs.freed_word()
             try:

@@ -22,14 +22,14 @@ Every call returns once its frame is written (a few one-way notes excepted), so 
 did survives the process's death right after.
 
 Requests are multiplexed: each carries an id that its reply repeats (protocol.py), so a
-thread whose request the broker holds back (a send waiting for room, a recv waiting for
-data) never keeps another thread's request from its answer, and the broker answers looks
-(``protocol.IMMEDIATE``) on arrival (issue 11).
+thread whose request the broker holds back (a put waiting for room, an open waiting for
+its channel) never keeps another thread's request from its answer, and the broker answers
+looks (``protocol.IMMEDIATE``) on arrival (issue 11).
 
 A request either waits for its reply (``request``) or is *posted*: queued, its reply read
-later (``post``; a sender posts sends it knows the broker can take without waiting). The
-broker answers a posted request only if it fails; the reader notes that failure, and the
-next request or post (a look excepted) raises it.
+later (``post``, for the frees that undo an interrupted call; ``close`` posts its
+farewell). The broker answers a posted request only if it fails; the reader notes that
+failure, and the next request or post (a look excepted) raises it.
 
 ``close`` withdraws the requests other threads wait in (they raise EndpointClosed) and
 refuses new ones. Releases of zero-copy objects are queued by finalizers (holds.py) and
@@ -145,18 +145,12 @@ class Connection(Wire):
         """Send ``msg`` without waiting: the broker answers it only if it fails, and that
         failure is raised by the next request or post made after it came. Only for requests the broker can complete without waiting,
         and only from a thread that no other thread's request of this connection can
-        overtake (the sender posts under its endpoint's turn). ``quiet``: leave a failure
-        already noted to the caller's next call (an ``on_interrupt`` undoing a call)."""
+        overtake. ``quiet``: leave a failure already noted to the caller's next call (an
+        ``on_interrupt`` undoing a call)."""
         if not quiet:
             self._raise_posted_failure()
         self._unconfirmed = True  # before queueing: a sync at close may be one too many, never one too few
         self._queue({**msg, "posted": True, "id": next(self._ids)}, payload)
-
-    def one_way(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"", *, wait: bool = True) -> None:
-        """Send ``msg``, which the broker never answers (protocol.ONE_WAY). Without ``wait``
-        it may still be queued for the writer on return: for a note whose loss, should
-        this process die at once, the broker's own clean-up makes up for."""
-        self._queue(msg, payload, wait=wait)
 
     @staticmethod
     def unsent(track: list[Any]) -> bool:
@@ -206,9 +200,9 @@ class Connection(Wire):
             raise
 
     def _queue(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-               call: Call | None = None, wait: bool = True) -> None:
-        """Write one frame, or hand it to the writer; return once it is written (a request,
-        or without ``wait``: once it is queued)."""
+               call: Call | None = None) -> None:
+        """Write one frame, or hand it to the writer; return once it is written (a request:
+        once it is queued)."""
         self._live()
         me = threading.get_ident()
         if me == self._writer:  # undoing an interrupted call: its loop writes this next
@@ -234,7 +228,7 @@ class Connection(Wire):
                     return
         frame = Frame(encode(msg, payload), call)
         self._hand_over(frame)
-        if call is not None or not wait:
+        if call is not None:
             return
         while not frame.gone.wait(1.0) and self._failure is None:
             pass  # (a frame queued as the writer left for a failure is never gone: the failure says it)

@@ -173,8 +173,8 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def reply(self, msg: dict[str, Any], payload: bytes = b"", confirms: bool = True) -> None:
-        """Send a reply. One that ``confirms`` a change (a send, a close...) goes out only
-        after the journal holds it; others (recv, alloc...) do not wait for that. A reply
+        """Send a reply. One that ``confirms`` a change (a create, a close...) goes out only
+        after the journal holds it; others (get, alloc...) do not wait for that. A reply
         over the frame bounds becomes an error reply: the client would drop a frame it
         cannot take, and the connection with it."""
         journal = self.server.state.journal

@@ -39,7 +39,7 @@ log = logging.getLogger("shmchannel.broker")
 
 START_TIMEOUT = 20.0
 #: Seconds the journal's records may wait to be written unless a reply confirming them
-#: goes out first: the one write then covers every object received meanwhile.
+#: goes out first: the one write then covers every change made meanwhile.
 JOURNAL_DELAY = 0.01
 
 
@@ -265,7 +265,7 @@ def _run(memory: int, idle_timeout: float, ready_fd: int) -> None:
 
         async def main() -> None:
             assert state is not None and journal is not None
-            server = Server(state, arena, str(sock_path), idle_timeout, memory)
+            server = Server(state, arena, str(sock_path), idle_timeout)
             loop = asyncio.get_running_loop()
             journal_state, journal_file = state, journal
 

@@ -1,7 +1,7 @@
 """The zero-copy objects a process holds through one connection, and their releases.
 
-A received array views the broker's arena; the broker reuses its block only once every
-process viewing it has released it. A release comes from a finalizer (``weakref.finalize``
+An array a DataSystem get returns views the broker's arena; the broker reuses its block
+only once every process viewing it has released it. A release comes from a finalizer (``weakref.finalize``
 on the array), which may run in any thread at any allocation -- including inside the
 connection's own code, in the same thread. So a release is only queued here, never
 written: the connection's writer thread writes the queued releases in front of its next

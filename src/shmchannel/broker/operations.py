@@ -5,9 +5,9 @@ that retries when the state's signals fire (see state.py) -- the broker never sl
 find out whether something changed.
 
 This module holds what every request shares -- decoding its fields, waiting -- and the
-requests of a client and its channels (hello, create, open, detach, close, alloc, free,
-send, recv, queue); system.py those that name no channel (the DataSystem's, stats,
-status, stop).
+requests of a client and its channels (hello, create, open, log, detach, close, slab,
+unslab, alloc, free, queue); system.py those that name no channel (the DataSystem's,
+stats, status, stop).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from .state import WAIT, BrokerState
 log = logging.getLogger("shmchannel.broker")
 
 Reply = tuple[dict[str, Any], bytes]
-
-#: Most spare block sets one alloc may ask for (see EmbeddedSender).
-MAX_SPARES = 8
 
 
 def request_field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
@@ -65,9 +62,9 @@ def _asked(msg: dict[str, Any]) -> Any:
 
 class Waiter:
     """A request that cannot complete yet. It is retried when one of its signals fires --
-    on the loop's next turn, so a burst of changes (several sends read in one go) costs one
+    on the loop's next turn, so a burst of changes (several frees read in one go) costs one
     retry that takes them all -- and answered when it completes, fails, times out or is
-    cancelled. A callback, not a task: a wake-up is the hot path of every blocked recv.
+    cancelled. A callback, not a task: a wake-up costs one call, not a task's turn.
     """
 
     def __init__(
@@ -262,14 +259,13 @@ class Operations:
 
     def _alloc(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
         sizes = _counts(msg, "sizes")
-        spares = min(request_field(msg, "spares", int, optional=True) or 0, MAX_SPARES)
         table = self.state.table
         tmpfs_full: list[OSError] = []  # why the last attempt failed, if the tmpfs was the limit
 
         def attempt() -> Any:
             tmpfs_full.clear()
             try:
-                return self.state.try_allocate(conn.client, sizes, spares)
+                return self.state.try_allocate(conn.client, sizes)
             except OSError as exc:  # the tmpfs itself is full: wait for our own frees
                 log.warning("cannot reserve shared memory in %s: %s", self.arena.path.parent, exc)
                 tmpfs_full.append(exc)
@@ -284,17 +280,8 @@ class Operations:
                 )
             return self._store_full(sum(sizes), msg)
 
-        def done(blocks: tuple[list[int], list[list[int]]]) -> Reply:
-            offsets, spare_sets = blocks
-            return protocol.ok(offsets=offsets, spares=spare_sets), b""
-
-        return self._blocking(
-            attempt,
-            lambda: [self.state.store_freed],
-            msg,
-            done,
-            full,
-        )
+        return self._blocking(attempt, lambda: [self.state.store_freed], msg,
+                              lambda offsets: (protocol.ok(offsets=offsets), b""), full)
 
     def _free(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         self.state.free_allocations(conn.client, _counts(msg, "offsets"))

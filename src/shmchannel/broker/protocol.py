@@ -34,7 +34,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dump
 CONFIRMS = frozenset({"create", "close", "detach", "queue", "status", "sync", "stop", "slab", "unslab", "log"})
 
 #: Operations that get no reply.
-ONE_WAY = frozenset({"release", "cancel", "hold"})
+ONE_WAY = frozenset({"release", "cancel"})
 
 #: Requests answered on arrival, even while an earlier request of the connection waits:
 #: they never wait themselves, and no earlier request of the same connection can change

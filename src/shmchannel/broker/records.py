@@ -136,8 +136,6 @@ class Client:
     log_size: int = 0  # bytes of the log's block
     sends_to: set[tuple[str, str]] = field(default_factory=set)
     receives_from: set[tuple[str, str]] = field(default_factory=set)
-    datasystem: bool = False
-    credit: int = 0  # inline bytes set aside for its next puts (none is granted since issue 14)
 
 
 @dataclass

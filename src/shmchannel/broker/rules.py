@@ -67,8 +67,9 @@ def no_limit(timeout: float) -> bool:
     return timeout > MAX_TIMEOUT
 
 
-#: Most objects a receiver fetches in one call (``prefetch``): their descriptions share one
-#: reply, whose JSON must stay small (a few hundred bytes each).
+#: Largest ``prefetch`` a receiver accepts. Kept as the API's bound, though neither backend
+#: fetches ahead now: the embedded receiver claims one object at a time from shared
+#: memory, the Ray one asks its channel actor for each.
 MAX_PREFETCH = 1024
 
 

@@ -36,13 +36,12 @@ class Server(SystemOperations):
     OBSERVING = frozenset({"hello", "status", "stats", "sync"})
 
     def __init__(
-        self, state: BrokerState, arena: ArenaFile, socket_path: str, idle_timeout: float, memory: int
+        self, state: BrokerState, arena: ArenaFile, socket_path: str, idle_timeout: float
     ) -> None:
         self.state = state
         self.arena = arena
         self.socket_path = socket_path
         self.idle_timeout = idle_timeout
-        self.memory = memory
         self.started = time.time()
         self.stopping = asyncio.Event()
         self._conns: set[ClientConnection] = set()
@@ -205,8 +204,6 @@ class Server(SystemOperations):
                 conn.waiter.cancel()
             elif rid is not None and (withdrawn := conn.withdraw(rid)) is not None:
                 self._answer(conn, str(withdrawn["op"]), withdrawn.get("posted") is True, rid, Cancelled("request cancelled by the client"))
-        elif op == "hold":
-            self.state.hold(conn.client, request_field(msg, "key", str))
         self._after_change()
 
     # -- what clients leave behind ---------------------------------------------------------

@@ -67,7 +67,6 @@ class SystemOperations(Operations):
     def _put(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply | Waiter:
         (part,) = self._parts(msg, payload)
         client = conn.client
-        client.datasystem = True
 
         def give_back() -> None:
             self.state.free_allocations(client, [part.offset] if part.inline is None else [])
@@ -87,7 +86,7 @@ class SystemOperations(Operations):
 
     def _get(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         obj = self.state.get(conn.client, request_field(msg, "key", str))
-        return protocol.ok(**obj.describe(), shared=True), obj.inline or b""
+        return protocol.ok(**obj.describe()), obj.inline or b""
 
     def _delete(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         self.state.delete(request_field(msg, "key", str))

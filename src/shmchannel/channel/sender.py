@@ -104,9 +104,9 @@ class DataSender(ChannelEnd):
         ``num_shards=1`` or ``full_batch``; with ``full_batch`` every shard gets the whole
         object. Blocks while a shard's queue holds ``max_queue_size`` objects (or the store
         is full), at most ``timeout`` seconds. All shards are queued or none. On the embedded
-        backend a send the queue is known to have room for returns without waiting for the
-        broker's answer; should the broker still refuse it, a later call of this sender
-        raises that error.
+        backend a send is a copy into shared memory and a few atomic operations: no message
+        to the broker, which hears from a sender only when it needs another slab of memory
+        (DESIGN.md, "The data path").
 
         Raises:
             TypeError (``UnsupportedType``): ``obj`` must be split but cannot be (another

@@ -79,9 +79,6 @@ class Allocator:
             self.release(start)
             self._used[offset] = size
 
-    def size_of(self, offset: int) -> int:
-        return self._used[offset]
-
     def release(self, offset: int) -> None:
         """Return the block at ``offset``; KeyError if it is not allocated."""
         size = self._used.pop(offset)

@@ -1,17 +1,16 @@
 """The object table: key -> stored object, reference counts, memory accounting.
 
-Pure bookkeeping (the broker calls it; it touches no user data). An object's ``refs`` is
-the number of queue entries naming it, plus outstanding hand-outs to clients (each received
-or peeked copy that a client still holds), plus one while a DataSystem key pins it. The
-memory returns to the allocator exactly when ``refs`` drops to zero.
+Pure bookkeeping (the broker calls it; it touches no user data). It holds the DataSystem's
+objects: an object's ``refs`` is one while its key pins it, plus one for each view of it
+in the arena a client holds (a ``get`` whose array it has not released). The memory
+returns to the allocator exactly when ``refs`` drops to zero.
 
 One capacity bounds every byte the broker keeps for users (issue 13): arena blocks, and the
 bytes of inline objects, which live in the broker's own memory, each counted as an arena
-block of its size would be (``align``). Inline *credit* -- room set aside for a sender's
-next inline objects, so that it can send them without waiting for a reply (state.py) --
-counts too. Counting inline bytes against the arena's capacity, rather than a budget of
-their own, keeps one number to configure and one ``StoreFull`` for both kinds; the arena
-then may have blocks free that no one can take, which costs address space, not pages.
+block of its size would be (``align``). Counting inline bytes against the arena's capacity,
+rather than a budget of their own, keeps one number to configure and one ``StoreFull`` for
+both kinds; the arena then may have blocks free that no one can take, which costs address
+space, not pages.
 """
 
 from __future__ import annotations
@@ -31,18 +30,13 @@ class StoredObject:
     offset: int = -1  # arena offset; -1 when the blob is kept inline
     inline: bytes | None = None
     refs: int = 0
-    arena: str | None = None  # file name of a dead broker's arena holding it (None: ours)
 
-    def describe(self, pos: int = 0) -> dict[str, Any]:
-        """Where the object is, as replies and journal records carry it: ``offset`` (and
-        ``arena`` if it is a dead broker's), or ``inline`` [start, length] of the payload
-        that goes with the description, where its bytes are put at ``pos``."""
+    def describe(self) -> dict[str, Any]:
+        """Where the object is, as a get's reply carries it: its ``offset`` in the arena,
+        or ``inline`` [start, length] of the payload that goes with the reply."""
         if self.inline is not None:
-            return {"key": self.key, "size": self.size, "inline": [pos, len(self.inline)]}
-        where: dict[str, Any] = {"key": self.key, "size": self.size, "offset": self.offset}
-        if self.arena is not None:
-            where["arena"] = self.arena
-        return where
+            return {"key": self.key, "size": self.size, "inline": [0, len(self.inline)]}
+        return {"key": self.key, "size": self.size, "offset": self.offset}
 
 
 @dataclass(frozen=True)
@@ -51,9 +45,9 @@ class StoreStats:
 
     Attributes:
         capacity: bytes the store may hold, in the arena and inline together.
-        used: bytes the store holds: arena blocks (objects, allocations being written and
-            senders' spare blocks), inline objects (each rounded up to 64 bytes, as an
-            arena block would be), and inline room set aside for senders.
+        used: bytes the store holds: arena blocks (objects, allocations being written,
+            senders' slabs), and inline objects (each rounded up to 64 bytes, as an arena
+            block would be).
         free: ``capacity - used`` (0 if a recovered broker's objects take more).
         reserved: bytes of the arena backed by /dev/shm pages so far (never shrinks).
         objects: objects stored (in the arena or inline).
@@ -79,13 +73,10 @@ class ObjectTable:
     def __init__(self, capacity: int, reserve: Callable[[int], None], key_prefix: str) -> None:
         self.allocator = Allocator(capacity)
         self._reserve = reserve
-        self.on_foreign_freed: Callable[[StoredObject], None] = lambda obj: None
-        self._reserved_upto = 0
         self._objects: dict[str, StoredObject] = {}
         self._keys = (f"{key_prefix}{n:x}" for n in itertools.count(1))
         self.inline_bytes = 0
         self.inline_charged = 0  # inline_bytes, each object's rounded up (``charge``)
-        self.credit = 0  # inline room set aside for senders (``grant``)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -102,8 +93,8 @@ class ObjectTable:
 
     @property
     def used(self) -> int:
-        """Bytes held: arena blocks, inline objects and inline credit (module docstring)."""
-        return self.allocator.used + self.inline_charged + self.credit
+        """Bytes held: arena blocks and inline objects (module docstring)."""
+        return self.allocator.used + self.inline_charged
 
     @property
     def free(self) -> int:
@@ -113,14 +104,6 @@ class ObjectTable:
         """Whether ``nbytes`` more (counted with ``charge``) fit now (nothing always does:
         recovered objects may have taken ``free`` below zero)."""
         return nbytes <= 0 or nbytes <= self.free
-
-    def grant(self, nbytes: int) -> None:
-        """Set ``nbytes`` of inline credit aside (the caller checked ``fits``)."""
-        self.credit += nbytes
-
-    def revoke(self, nbytes: int) -> None:
-        """Give back ``nbytes`` of inline credit: unused, or spent on objects (``add``)."""
-        self.credit -= nbytes
 
     def check_fits(self, sizes: list[int]) -> None:
         total = sum(map(charge, sizes))
@@ -161,15 +144,10 @@ class ObjectTable:
     def free_allocation(self, offset: int) -> None:
         self.allocator.release(offset)
 
-    def add(
-        self, size: int, *, offset: int = -1, inline: bytes | None = None, refs: int,
-        key: str | None = None, arena: str | None = None,
-    ) -> StoredObject:
-        """A new object: in our arena at ``offset``, inline, or (recovered after a broker
-        died, under its old ``key``) in that broker's ``arena``. An inline object is counted
-        in ``used`` from now on: the caller checked that it ``fits``, or revoked the credit
-        it was sent on (a recovered one is taken in any case)."""
-        obj = StoredObject(key or next(self._keys), size, offset, inline, refs, arena)
+    def add(self, size: int, *, offset: int = -1, inline: bytes | None = None, refs: int) -> StoredObject:
+        """A new object: in the arena at ``offset``, or inline. An inline object is counted
+        in ``used`` from now on: the caller checked that it ``fits``."""
+        obj = StoredObject(next(self._keys), size, offset, inline, refs)
         self._objects[obj.key] = obj
         if inline is not None:
             self.inline_bytes += len(inline)
@@ -183,9 +161,7 @@ class ObjectTable:
         if obj.refs > 0:
             return False
         del self._objects[key]
-        if obj.arena is not None:
-            self.on_foreign_freed(obj)
-        elif obj.offset >= 0:
+        if obj.offset >= 0:
             self.allocator.release(obj.offset)
         if obj.inline is not None:
             self.inline_bytes -= len(obj.inline)
