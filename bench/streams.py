@@ -103,7 +103,7 @@ def _producer(channels: int, k: int, count: int, reps: int, barrier: Any, out: A
             tx = DataSender(ADDRESS, dataset_name=_dataset(channels, k, rep), max_queue_size=MAX_IN_FLIGHT)
             barrier.wait(BARRIER_TIMEOUT)   # every endpoint open
             barrier.wait(BARRIER_TIMEOUT)   # the driver has read the broker's CPU: go
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             sent = 0
             for seq in range(count):
                 obj = pool[seq % POOL]
@@ -113,7 +113,7 @@ def _producer(channels: int, k: int, count: int, reps: int, barrier: Any, out: A
                 if time.perf_counter() - start > CAP:
                     break
             tx.close()                      # the end of the stream is part of it
-            out.put((f"producer{k}", rep, sent, None))
+            out.put((f"producer{k}", rep, (sent, time.process_time() - cpu), None))
             barrier.wait(BARRIER_TIMEOUT)   # every receiver has all
             barrier.wait(BARRIER_TIMEOUT)   # the driver has read the CPU again
         out.put((f"producer{k}", "done", os.getpid(), None))
@@ -132,7 +132,7 @@ def _consumer(channels: int, k: int, reps: int, barrier: Any, out: Any) -> None:
             rx = DataReceiver(ADDRESS, dataset_name=_dataset(channels, k, rep), wait=60)
             barrier.wait(BARRIER_TIMEOUT)
             barrier.wait(BARRIER_TIMEOUT)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             got, in_order = 0, True
             while True:
                 try:
@@ -143,8 +143,8 @@ def _consumer(channels: int, k: int, reps: int, barrier: Any, out: Any) -> None:
                 in_order &= seq == got
                 got += 1
                 del part
-            end = time.perf_counter()
-            out.put((f"consumer{k}", rep, (start, end, got, in_order), None))
+            end, cpu = time.perf_counter(), time.process_time() - cpu
+            out.put((f"consumer{k}", rep, (start, end, got, in_order, cpu), None))
             barrier.wait(BARRIER_TIMEOUT)
             barrier.wait(BARRIER_TIMEOUT)
             rx.close()                      # after the driver's second reading
@@ -218,13 +218,15 @@ def run_config(broker_pid: int, channels: int, count: int, reps: int,
                 driver.poll(f"rep {rep}: reports", 0.1)
             values = {who: v for (who, r), v in driver.values.items() if r == rep}
             driver.wait(f"rep {rep}: readings taken")
-            sent = sum(values[f"producer{k}"] for k in range(channels))
+            sent = sum(values[f"producer{k}"][0] for k in range(channels))
+            endpoint_cpu = sum(values[f"producer{k}"][1] for k in range(channels))
             starts, ends = [], []
             for k in range(channels):
-                start, end, got, in_order = values[f"consumer{k}"]
-                if got != values[f"producer{k}"] or not in_order:
+                start, end, got, in_order, cpu = values[f"consumer{k}"]
+                endpoint_cpu += cpu
+                if got != values[f"producer{k}"][0] or not in_order:
                     raise RuntimeError(f"streams: {channels} channels, rep {rep}: receiver {k} got {got} of "
-                                       f"{values[f'producer{k}']}{'' if in_order else ', out of order'}")
+                                       f"{values[f'producer{k}'][0]}{'' if in_order else ', out of order'}")
                 starts.append(start)
                 ends.append(end)
             elapsed = max(ends) - min(starts)
@@ -232,11 +234,12 @@ def run_config(broker_pid: int, channels: int, count: int, reps: int,
             results.append({"channels": channels, "messages": sent, "elapsed": elapsed,
                             "msgs_per_s": sent / elapsed, "broker_cpu_s": cpu_s,
                             "broker_us_per_obj": cpu_s / sent * 1e6,
+                            "endpoint_us_per_obj": endpoint_cpu / sent * 1e6,
                             "broker_sched_us_per_obj": (ns1 - ns0) / 1e3 / sent if ns0 and ns1 else float("nan")})
             r = results[-1]
             progress(f"{channels} channel(s), rep {rep + 1}/{reps}: {sent:,} objects, {r['msgs_per_s']:,.0f} msgs/s, "
                      f"broker {ticks1 - ticks0} ticks = {r['broker_us_per_obj']:.2f} us/object "
-                     f"(schedstat {r['broker_sched_us_per_obj']:.2f})")
+                     f"(schedstat {r['broker_sched_us_per_obj']:.2f}), endpoints' CPU {r['endpoint_us_per_obj']:.1f} us/object")
         for p in procs:
             p.join(30)
         return results
@@ -267,6 +270,7 @@ def measure(count: int = COUNT, reps: int = 3, channels: tuple[int, ...] = CHANN
     summary = {n: {"channels": n, "reps": len(rs), "messages": int(med(r["messages"] for r in rs)),
                    "msgs_per_s": med(r["msgs_per_s"] for r in rs),
                    "broker_us_per_obj": med(r["broker_us_per_obj"] for r in rs),
+                   "endpoint_us_per_obj": med(r["endpoint_us_per_obj"] for r in rs),
                    "broker_sched_us_per_obj": med(r["broker_sched_us_per_obj"] for r in rs)}
                for n, rs in configs.items()}
     result: dict[str, Any] = {"count": count, "reps": reps, "seconds": time.monotonic() - t0,
@@ -277,10 +281,12 @@ def measure(count: int = COUNT, reps: int = 3, channels: tuple[int, ...] = CHANN
     if 1 in summary and SCALE_CHANNELS in summary:
         result["scale_ratio"] = summary[SCALE_CHANNELS]["msgs_per_s"] / summary[1]["msgs_per_s"]
         result["scale_ok"] = result["scale_ratio"] >= SCALE_TARGET
+        result["cpu_ratio"] = summary[SCALE_CHANNELS]["endpoint_us_per_obj"] / summary[1]["endpoint_us_per_obj"]
     return result
 
 
-HEADER = ["channels", "msgs/s (all)", "msgs/s per channel", "broker us/object", "(schedstat)", "objects x reps"]
+HEADER = ["channels", "msgs/s (all)", "msgs/s per channel", "broker us/object", "(schedstat)",
+          "endpoints' CPU us/object", "objects x reps"]
 
 
 def first_line(error: str) -> str:
@@ -296,9 +302,9 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
     for n, s in result["configs"].items():
         out.append([str(n), f"{s['msgs_per_s']:,.0f}", f"{s['msgs_per_s'] / n:,.0f}",
                     f"{s['broker_us_per_obj']:.2f}", f"{s['broker_sched_us_per_obj']:.2f}",
-                    f"{s['messages']:,} x {s['reps']}"])
+                    f"{s['endpoint_us_per_obj']:.1f}", f"{s['messages']:,} x {s['reps']}"])
     for n, error in result.get("errors", {}).items():
-        out.append([str(n), "FAILED", "", "", "", first_line(error)[:200]])
+        out.append([str(n), "FAILED", "", "", "", "", first_line(error)[:200]])
     return out
 
 
@@ -312,7 +318,8 @@ def summary(result: dict[str, Any]) -> list[str]:
                      f"one clock tick = {resolution:.2f} us/object here)")
     if "scale_ratio" in result:
         lines.append(f"scale: {SCALE_CHANNELS} channels' aggregate msgs/s / one channel's = {result['scale_ratio']:.2f} "
-                     f"(target >= {SCALE_TARGET:g}: {'met' if result['scale_ok'] else 'MISSED'})")
+                     f"(target >= {SCALE_TARGET:g}: {'met' if result['scale_ok'] else 'MISSED'}); the endpoints' "
+                     f"CPU per object, {SCALE_CHANNELS} channels / one: {result['cpu_ratio']:.2f}")
     for n, error in result.get("errors", {}).items():
         lines.append(f"{n} channel(s): FAILED: {first_line(error)}")
     return lines

@@ -17,7 +17,7 @@ import pytest
 
 from shmchannel import ChannelClosed, DataReceiver, DataSender, DataSystem, config
 from shmchannel.broker import daemon
-from shmchannel.queue import layout
+from shmchannel.queue import layout, ring
 from shmchannel.testing import join_ok, start_process, wait_until
 
 from .conftest import ADDRESS
@@ -59,9 +59,9 @@ def _start_data_system_at_once(barrier: Any, results: Any) -> None:
 
 def _waiting_for_reply(native_id: int, receiver: DataReceiver) -> bool:
     """True once the thread sleeps in recv on the channel's futex word (queue/ring.py),
-    counted among its waiters: a send now must wake it."""
+    announced in its event count: a send now must wake it."""
     claimer = receiver._endpoint._claimer
-    counted = claimer.region.load32(claimer.base + layout.H_DATA_WAITERS) > 0
+    counted = bool(claimer.region.load32(claimer.base + layout.H_DATA_SEQ) & ring.WAITING)
     try:
         with open(f"/proc/self/task/{native_id}/syscall") as f:
             call = f.read().split()[0]

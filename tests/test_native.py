@@ -311,6 +311,9 @@ def test_operations_return_the_old_value_and_wrap(region: Region) -> None:
     assert region.add32(16, -1) == 0 and region.load32(16) == 2**32 - 1
     assert region.cas(24, 1, 9) == 0 and region.load(24) == 0  # not replaced
     assert region.cas(24, 0, 9) == 0 and region.load(24) == 9
+    assert region.cas32(40, 1, 7) == 0 and region.load32(40) == 0  # not replaced
+    assert region.cas32(40, 0, 2**32 - 1) == 0 and region.load32(40) == 2**32 - 1
+    assert region.load32(44) == 0  # the word next to it untouched: 32 bits only
     region.store(32, 2**64 - 1)
     assert region.load(32) == 2**64 - 1
     assert region.size == SIZE
@@ -346,6 +349,8 @@ def test_words_are_little_endian_in_the_buffer() -> None:
         (lambda r: r.load(4), 4),
         (lambda r: r.store(12, 0), 12),
         (lambda r: r.cas(1, 0, 0), 1),
+        (lambda r: r.cas32(SIZE, 0, 0), SIZE),
+        (lambda r: r.cas32(2, 0, 0), 2),
         (lambda r: r.load32(2), 2),
         (lambda r: r.store32(6, 0), 6),
         (lambda r: r.wait(2, 0, 0), 2),
@@ -369,6 +374,8 @@ def test_offsets_out_of_bounds_negative_or_misaligned_are_value_errors_naming_th
         (lambda r: r.store(8, -1), OverflowError, ["store", "offset 8", "-1"]),
         (lambda r: r.cas(8, -1, 0), OverflowError, ["cas", "offset 8", "expected -1"]),
         (lambda r: r.cas(8, 0, 2**64), OverflowError, ["cas", "offset 8", "desired"]),
+        (lambda r: r.cas32(8, 2**32, 0), OverflowError, ["cas32", "offset 8", "expected 4294967296", "32-bit"]),
+        (lambda r: r.cas32(8, 0, -1), OverflowError, ["cas32", "offset 8", "desired -1"]),
         (lambda r: r.add(8, 2**63), OverflowError, ["add", "offset 8", "delta"]),
         (lambda r: r.wait(8, 2**32, 0), OverflowError, ["wait", "offset 8", "expected 4294967296"]),
         (lambda r: r.wait(8, -1, 0), OverflowError, ["wait", "offset 8", "expected -1"]),

@@ -20,7 +20,7 @@ import pytest
 
 from shmchannel.errors import ProtocolError
 from shmchannel.queue import layout as L
-from shmchannel.queue import reap
+from shmchannel.queue import reap, ring
 from shmchannel._native import Region
 from shmchannel.queue.log import ACKED, CLAIMED, FREE, RETURNED, STATUS, ClaimLog, LogFull
 from shmchannel.queue.ring import Claimer, Publisher
@@ -320,24 +320,55 @@ def test_a_log_outside_the_memory_is_refused() -> None:
         ClaimLog(mem.region, mem.view, len(mem.view) - 64, 4, 1, lambda *a: None)
 
 
+def test_a_change_no_one_waits_for_leaves_the_event_count_alone_and_one_wake_up_serves_many() -> None:
+    """The data word is an event count: publishes with no claimer announced only load it;
+    the first publish after an announcement starts a new epoch (clearing the bit, waking
+    all), and the next ones, made before any claimer announces itself again, leave it alone
+    -- with a waiter count, each of them woke the sleepers again (1.5 wake calls per
+    object measured with 8 channels on 2 cores)."""
+    mem = Memory()
+    pub, word = mem.publisher(), L.H_DATA_SEQ
+    for pos in range(3):
+        pub.try_publish(parts(pos))
+    assert mem.region.load32(word) == 0
+    expected = ring._announce(mem.region, word)
+    assert expected == mem.region.load32(word) == ring.WAITING
+    assert ring._announce(mem.region, word) == expected  # a second waiter: the same value to sleep on
+    pub.try_publish(parts(3))
+    assert mem.region.load32(word) == 2  # epoch 1, no waiter announced
+    assert mem.region.wait(word, expected, 5)  # a sleep on the announced value returns at once: it moved
+    pub.try_publish(parts(4))
+    pub.try_publish(parts(5))
+    assert mem.region.load32(word) == 2
+    claimer = mem.claimer(1)
+    assert drain(claimer) == list(range(6))
+    assert mem.region.load32(L.H_SPACE_SEQ) == 0  # claims with no sender waiting: no epoch either
+
+
 @pytest.mark.timeout(30)
-def test_a_claimer_killed_asleep_has_its_waiter_count_lowered() -> None:
+def test_a_claimer_killed_asleep_leaves_nothing_that_stalls_the_queue() -> None:
+    """A claimer SIGKILLed while asleep leaves its announcement in the event count: the
+    next publish spends one spare wake-up on it (a new epoch), and a new claimer takes the
+    object at once. Nothing needs the broker's repair."""
     mem = Memory()
     log = mem.log(1)
-    pid = _spawn(lambda: mem.claimer(1, log=log).claim(None, mark=log.take_mark()))
+    pid = _spawn(lambda: mem.claimer(1, log=log).claim(None))
     deadline = time.monotonic() + 10
-    while mem.region.load32(L.H_DATA_WAITERS) != 1:
-        assert time.monotonic() < deadline, "the child never went to sleep"
+    while not mem.region.load32(L.H_DATA_SEQ) & ring.WAITING:
+        assert time.monotonic() < deadline, "the child never announced itself"
         time.sleep(0.001)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    assert mem.region.load32(L.H_DATA_WAITERS) == 1
-    reap.release_acknowledged(mem.log(1, fresh=False))
-    assert mem.region.load32(L.H_DATA_WAITERS) == 0
-    assert all(mem.region.load(m) == 0 for m in log.marks())
+    mem.publisher().try_publish(parts(0))
+    assert mem.region.load32(L.H_DATA_SEQ) == 2  # the bit cleared by a new epoch
+    got = mem.claimer(2).claim(time.monotonic() + 5)
+    assert got is not None and got.pos == 0
 
 
-def test_an_interrupted_wait_leaves_no_waiter_counted() -> None:
+def test_an_interrupted_wait_leaves_the_claimer_usable() -> None:
+    """A KeyboardInterrupt raised in a claimer's sleep ends the claim with nothing taken;
+    the same claimer then takes the next object (its announcement left behind costs a
+    spare wake-up, nothing more)."""
     mem = Memory()
     claimer = mem.claimer(1)
 
@@ -348,12 +379,14 @@ def test_an_interrupted_wait_leaves_no_waiter_counted() -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(KeyboardInterrupt):
-            claimer.claim(None, mark=claimer.log.take_mark())
+            claimer.claim(None)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert mem.region.load32(L.H_DATA_WAITERS) == 0
-    assert all(mem.region.load(m) == 0 for m in claimer.log.marks())
+    assert claimer.repair() is None and claimer.queued(0) == 0
+    mem.publisher().try_publish(parts(0))
+    got = claimer.claim(time.monotonic() + 5)
+    assert got is not None and got.pos == 0
 
 
 def _publish_all(mem: Memory, count: int) -> None:
@@ -402,11 +435,10 @@ def _claimer_main(mem: Memory, claimer: int) -> None:
     log = mem.log(claimer)
     c = mem.claimer(claimer, log=log)
     last = -1
-    mark = log.take_mark()
     try:
         while True:
             try:
-                claim = c.claim(time.monotonic() + 20, mark=mark)
+                claim = c.claim(time.monotonic() + 20)
             except EOFError:
                 os._exit(0)
             if claim is None:
@@ -424,7 +456,7 @@ def _claimer_main(mem: Memory, claimer: int) -> None:
 
 
 def _sender_main(mem: Memory) -> None:
-    pub = mem.publisher()  # (unmarked: a sender killed asleep leaves the space count high, harmless)
+    pub = mem.publisher()  # (a sender killed asleep leaves its announcement: one spare wake-up, harmless)
     pub.recover()
     try:
         while True:
@@ -504,7 +536,6 @@ def test_one_sender_eight_claimers_random_kills_lose_nothing() -> None:
         for pid in list(claimers) + ([sender] if sender else []):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    assert mem.region.load32(L.H_DATA_WAITERS) == 0  # dead sleepers' counts were lowered by the reaping
     counts = struct.unpack_from(f"<{N_OBJECTS}I", mem.view, COUNTS)
     lost = [pos for pos, n in enumerate(counts) if n == 0]
     assert not lost, f"{len(lost)} objects never consumed, e.g. {lost[:10]} (kills: {kills})"

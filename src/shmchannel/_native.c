@@ -238,6 +238,19 @@ static PyObject *region_cas(Region *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromUnsignedLongLong(found);
 }
 
+/* cas32(offset, expected, desired) -> the 32-bit value found (a futex word's compare-and-swap). */
+static PyObject *region_cas32(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("cas32(offset, expected, desired)", nargs, 3, 3) < 0) return NULL;
+    uint32_t *p = word(self, args[0], 4, "cas32");
+    if (p == NULL) return NULL;
+    unsigned long long expected, desired;
+    if (unsigned_arg(args[1], 32, "cas32", args[0], "expected", &expected) < 0) return NULL;
+    if (unsigned_arg(args[2], 32, "cas32", args[0], "desired", &desired) < 0) return NULL;
+    uint32_t found = (uint32_t)expected;
+    __atomic_compare_exchange_n(p, &found, (uint32_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return PyLong_FromUnsignedLong(found);
+}
+
 /* add(offset, delta) -> the value before; delta is signed, the word wraps modulo 2**64. */
 static PyObject *region_add(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs("add(offset, delta)", nargs, 2, 2) < 0) return NULL;
@@ -389,6 +402,8 @@ static PyMethodDef region_methods[] = {
     {"store32", (PyCFunction)(void (*)(void))region_store32, METH_FASTCALL, "store32(offset, value): atomic 32-bit store."},
     {"cas", (PyCFunction)(void (*)(void))region_cas, METH_FASTCALL,
      "cas(offset, expected, desired) -> the value found; replaced by desired iff it equals expected."},
+    {"cas32", (PyCFunction)(void (*)(void))region_cas32, METH_FASTCALL,
+     "cas32(offset, expected, desired) -> the 32-bit value found; replaced by desired iff it equals expected."},
     {"add", (PyCFunction)(void (*)(void))region_add, METH_FASTCALL,
      "add(offset, delta) -> the 64-bit value before adding delta (signed; wraps modulo 2**64)."},
     {"add32", (PyCFunction)(void (*)(void))region_add32, METH_FASTCALL,

@@ -79,7 +79,6 @@ class EmbeddedReceiver(Withdrawable):
         arena = client.arena
         self._log = self._session.log
         self._claimer = Claimer(arena.region, arena.whole, int(reply["queues"]), shard_id, self._log, self._number)
-        self._mark = self._log.take_mark()
         self.buffer: collections.deque[Claim] = collections.deque()  # claimed, not handed out yet
         self.handing: Claim | None = None  # see hand_out
         self._handed: list[Claim] = []  # handed out, not acknowledged yet
@@ -106,7 +105,7 @@ class EmbeddedReceiver(Withdrawable):
         self._withdrawn.discard(me)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            claim = self._claimer.claim(deadline, stop=self._stopped, mark=self._mark)
+            claim = self._claimer.claim(deadline, stop=self._stopped)
         except EOFError:
             raise rules.drained(self._label, self._shard) from None
         if claim is None:
@@ -189,7 +188,7 @@ class EmbeddedReceiver(Withdrawable):
         self._withdrawn.discard(me)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            got = self._claimer.peek(self._raw, deadline, stop=self._stopped, mark=self._mark)
+            got = self._claimer.peek(self._raw, deadline, stop=self._stopped)
         except EOFError:
             raise rules.drained(self._label, self._shard) from None
         if got is None:
@@ -267,8 +266,6 @@ class EmbeddedReceiver(Withdrawable):
             self.ack()
             self.buffer.clear()
         finally:
-            mark, self._mark = self._mark, -1  # (given back once, though close runs again)
-            self._log.give_mark(mark)
             detach = {"op": "detach", **self._ident, "claimer": self._log.claimer, "receiver": self._number,
                       "shard": self._shard}
             gone = self._client.conn.closed

@@ -38,10 +38,8 @@ H_FLAGS = 24  # u64: FULL_BATCH
 H_TAIL = 64  # u64: objects published (the commit point of every shard at once)
 H_CLOSED = 72  # u64: 1 once the sender ended the stream
 H_SENT_BYTES = 80  # u64: bytes of the parts published (for status)
-H_DATA_SEQ = 128  # u32 futex: bumped when objects become claimable
-H_DATA_WAITERS = 132  # u32: receivers asleep (or going to sleep) on it
-H_SPACE_SEQ = 192  # u32 futex: bumped when slots are claimed
-H_SPACE_WAITERS = 196  # u32: senders asleep on it
+H_DATA_SEQ = 128  # u32 futex, an event count (ring.py): receivers wait on it for objects
+H_SPACE_SEQ = 192  # u32 futex, an event count: senders wait on it for room
 
 FULL_BATCH = 1
 

@@ -30,10 +30,7 @@ from .._native import Region
 from ..store import block
 
 ENTRY = 64
-#: Sleep marks: one word per thread of the process asleep in a channel wait, holding the
-#: offset (+ 1) of the waiter count its native wait raised (see ``_native.c: wait``).
-MARKS = 64
-LOG_HEADER = 64 + MARKS * 8
+LOG_HEADER = 64
 LOG_MAGIC = 0x474F4C53  # "SLOG"
 RELEASED = 16  # u64 in the log's header: 1 once its process let it go
 
@@ -69,7 +66,6 @@ class ClaimLog:
         self.region, self.view, self.base, self.capacity, self.claimer = region, view, base, capacity, claimer
         self._release = release or functools.partial(block.drop, region, view)
         self._free: list[int] = []
-        self._marks = list(range(MARKS - 1, -1, -1))
         self.last = -1  # the entry of the latest claim (Claimer.repair looks there first)
         # Entries an ack or a view's drop is changing: an interrupt (or a finalizer cut short)
         # leaves them here, and ``finish_pending`` completes their release.
@@ -93,23 +89,6 @@ class ClaimLog:
     @property
     def released(self) -> bool:
         return bool(self.region.load(self.base + RELEASED))
-
-    def take_mark(self) -> int:
-        """A sleep mark's offset for a wait about to start (-1 if every mark is in use:
-        that wait then goes unmarked, and a death during it leaves a count one high, which
-        costs wake-ups, never a missed one)."""
-        try:
-            return self.base + 64 + 8 * self._marks.pop()
-        except IndexError:
-            return -1
-
-    def give_mark(self, mark: int) -> None:
-        if mark >= 0:
-            self._marks.append((mark - self.base - 64) // 8)
-
-    def marks(self) -> Iterator[int]:
-        """Offsets of every sleep mark (for the broker, once the process is gone)."""
-        return (self.base + 64 + 8 * i for i in range(MARKS))
 
     def state_at(self, index: int) -> int:
         return self.base + LOG_HEADER + index * ENTRY

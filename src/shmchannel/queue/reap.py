@@ -11,8 +11,9 @@ detached (``return_claims``):
   one object; it goes back once.
 
 Acknowledged entries (ACKED, RELEASING) drop their block reference instead: the process
-that viewed the memory is gone. A claimer that died asleep left a sleep mark in its log
-naming the waiter count it raised: the count is lowered.
+that viewed the memory is gone. (A claimer that died asleep leaves nothing to undo: at
+most its announcement in the channel's event count, which costs the next publish one
+spare wake-up.)
 
 If a returned list is full, what did not fit stays where it was (CLAIMED in the dead log,
 or in its slot) and ``Backlog`` keeps it for the next try; the shard's ``pending`` count
@@ -103,13 +104,8 @@ def give_back(backlog: Backlog) -> bool:
 
 def release_acknowledged(log: ClaimLog) -> int:
     """Drop the block references of a dead process's acknowledged entries (its views died
-    with it), and lower the waiter counts it left raised; the number of entries freed."""
+    with it); the number of entries freed."""
     region, freed = log.region, 0
-    for mark in log.marks():
-        raised = region.load(mark)
-        if raised:
-            region.add32(raised - 1, -1)
-            region.store(mark, 0)
     for index, state in log.entries():
         if state & STATUS in (ACKED, RELEASING):
             region.store(log.state_at(index), RELEASING)

@@ -17,9 +17,13 @@ Room: a shard holds ``tail - head`` objects not yet claimed; the sender publishe
 that is below ``max_queue_size`` for every shard. Objects a receiver has claimed are its
 own (in its claim log), so they no longer count.
 
-Waking: a publisher bumps the channel's ``data`` futex word after each commit and wakes
-sleepers only if the waiter count says there are any; a claimer does the same with the
-``space`` word. The order that makes this miss no wake-up is in DESIGN.md.
+Waking: the channel's ``data`` and ``space`` futex words are event counts (``_announce``,
+``_notify``): a waiter announces itself in the word, looks once more, and sleeps on the
+value it announced; a publisher (a claimer, for ``space``) that finds a waiter announced
+starts a new epoch and wakes them all. So a change no one waits for costs one load, and a
+wake-up costs one system call however many changes come before the woken run -- with a
+waiter count instead, every change until then woke them again (measured: 1.5 wake calls
+per object with 8 channels on 2 cores). Why this misses no wake-up is in DESIGN.md.
 """
 
 from __future__ import annotations
@@ -42,20 +46,60 @@ Stop = Callable[[], bool]
 SPIN = config.spin_seconds()
 
 
-def _spin(region: Region, at: int, seq: int, deadline: float | None) -> bool:
-    """Poll the futex word at ``at`` for up to SPIN seconds (not past ``deadline``);
-    whether it moved from ``seq``."""
+def _spin(probe: Callable[[], int], deadline: float | None) -> bool:
+    """Poll ``probe()`` (a counter the awaited change moves) for up to SPIN seconds, not
+    past ``deadline``; whether it moved."""
     if SPIN <= 0:
         return False
     clock = time.monotonic  # the clock of deadlines
     until = clock() + SPIN
     if deadline is not None and deadline < until:
         until = deadline
-    load32 = region.load32
-    while load32(at) == seq:
+    start = probe()
+    while probe() == start:
         if clock() >= until:
             return False
     return True
+
+
+#: Bit 0 of an event-count futex word: a waiter announced itself (bits 1-31: the epoch).
+WAITING = 1
+_EPOCH_MASK = 0xFFFFFFFE
+
+
+def _announce(region: Region, at: int) -> int:
+    """Announce a waiter in the event count at ``at``; the value to sleep on. Any
+    ``_notify`` after this changes the word, so a sleep on the value returns at once."""
+    state = region.load32(at)
+    while not state & WAITING:
+        found = region.cas32(at, state, state | WAITING)
+        if found == state:
+            break
+        state = found
+    return state | WAITING
+
+
+def _notify(region: Region, at: int) -> None:
+    """After a change a waiter may wait for: if one announced itself, a new epoch (which
+    clears the bit) and a wake-up of all; else nothing but this load."""
+    state = region.load32(at)
+    while state & WAITING:
+        found = region.cas32(at, state, (state + 2) & _EPOCH_MASK)
+        if found == state:
+            region.wake(at, -1)
+            return
+        state = found
+
+
+def _wake_all(region: Region, at: int) -> None:
+    """A new epoch and a wake-up of all, waiter announced or not (a close, a withdrawal)."""
+    state = region.load32(at)
+    while True:
+        found = region.cas32(at, state, (state + 2) & _EPOCH_MASK)
+        if found == state:
+            region.wake(at, -1)
+            return
+        state = found
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -122,22 +166,42 @@ class Queues:
                 and load(sb + L.S_PENDING) == 0)
 
     def wake_all(self) -> None:
-        """Wake every sleeper of the channel (they re-check their condition)."""
-        region, base = self.region, self.base
-        region.add32(base + L.H_DATA_SEQ, 1)
-        region.wake(base + L.H_DATA_SEQ, -1)
-        region.add32(base + L.H_SPACE_SEQ, 1)
-        region.wake(base + L.H_SPACE_SEQ, -1)
+        """Wake every sleeper of the channel (they look again)."""
+        _wake_all(self.region, self.base + L.H_DATA_SEQ)
+        _wake_all(self.region, self.base + L.H_SPACE_SEQ)
 
-    def _sleep(self, seq: int, waiters: int, expected: int, deadline: float | None, mark: int) -> bool:
-        """Sleep on futex word ``seq`` while it holds ``expected`` (False: the deadline
-        passed). The waiter count is raised and lowered inside the one native call, and
-        ``mark`` (a word of the caller's claim log, or -1) names it meanwhile, so that the
-        broker can lower it for a process that dies asleep."""
-        timeout = _remaining(deadline)
-        if timeout == 0.0:
-            return False
-        return self.region.wait(self.base + seq, expected, timeout, self.base + waiters, mark)
+    def _await(self, word: int, attempt: Callable[[], Any], probe: Callable[[], int], deadline: float | None,
+               stop: Stop | None, ended: Callable[[], bool] = lambda: False) -> Any:
+        """``attempt()`` until it gives something (returned), sleeping on the event count
+        at ``word`` between tries; None once the deadline passes or ``stop()`` is true.
+        Before it sleeps it polls ``probe()`` (``_spin``), then announces itself and tries
+        once more: a change after the announcement wakes it or keeps it from sleeping.
+
+        Raises:
+            EOFError: ``ended()`` (the stream ended and the shard is drained).
+        """
+        region = self.region
+        while True:
+            got = attempt()
+            if got is not None:
+                return got
+            if ended():
+                raise EOFError
+            if stop is not None and stop():
+                return None
+            if _spin(probe, deadline):
+                continue  # it moved: look again, no wake-up needed on either side
+            expected = _announce(region, word)
+            got = attempt()
+            if got is not None:
+                return got
+            if ended():
+                raise EOFError
+            if stop is not None and stop():
+                return None
+            timeout = _remaining(deadline)
+            if timeout == 0.0 or not region.wait(word, expected, timeout):
+                return None
 
 
 class Publisher(Queues):
@@ -186,26 +250,18 @@ class Publisher(Queues):
         store(base + L.H_TAIL, p + 1)  # the commit point
         self._room -= 1
         region.add(base + L.H_SENT_BYTES, sent)
-        region.add32(base + L.H_DATA_SEQ, 1)
-        if region.load32(base + L.H_DATA_WAITERS):
-            region.wake(base + L.H_DATA_SEQ, -1)
+        _notify(region, base + L.H_DATA_SEQ)
         return p
 
-    def publish(self, parts: list[tuple[int, int]], deadline: float | None, stop: Stop | None = None, mark: int = -1) -> int | None:
+    def publish(self, parts: list[tuple[int, int]], deadline: float | None, stop: Stop | None = None) -> int | None:
         """Publish, sleeping while a shard is full; the object's number, or None if the
         deadline passed (or ``stop()`` became true) first, with nothing published."""
-        region, seq_at = self.region, self.base + L.H_SPACE_SEQ
-        while True:
-            seq = region.load32(seq_at)
-            p = self.try_publish(parts)
-            if p is not None:
-                return p
-            if stop is not None and stop():
-                return None
-            if _spin(region, seq_at, seq, deadline):
-                continue  # a claim made room meanwhile: its claimer had no one to wake
-            if not self._sleep(L.H_SPACE_SEQ, L.H_SPACE_WAITERS, seq, deadline, mark):
-                return None
+        return self._await(self.base + L.H_SPACE_SEQ, lambda: self.try_publish(parts), self._claimed, deadline, stop)
+
+    def _claimed(self) -> int:
+        """Objects claimed from the rings so far (what makes room), for ``_spin``."""
+        load, base, lay = self.region.load, self.base, self.layout
+        return sum(load(base + lay.shard(s) + L.S_HEAD) for s in range(lay.num_shards))
 
     def committed(self, p: int) -> bool:
         """Whether object ``p`` was published (for a caller an interrupt left unsure)."""
@@ -298,46 +354,25 @@ class Claimer(Queues):
         self.claiming = -1
         region.cas(head_at, h, h + 1)
         region.add(self._sb + L.S_RECV_BYTES, size)
-        # Bumped always, woken only if counted: a sender between its last look and its
-        # sleep is not counted yet, and finds the word changed (DESIGN.md, Ordering 3).
-        region.add32(self.base + L.H_SPACE_SEQ, 1)
-        if region.load32(self.base + L.H_SPACE_WAITERS):
-            region.wake(self.base + L.H_SPACE_SEQ, -1)
+        _notify(region, self.base + L.H_SPACE_SEQ)  # a sender may wait for this room
         return claim
 
-    def claim(self, deadline: float | None, stop: Stop | None = None, mark: int = -1) -> Claim | None:
+    def claim(self, deadline: float | None, stop: Stop | None = None) -> Claim | None:
         """Claim, sleeping while the shard is empty; None if the deadline passed or
         ``stop()`` became true first.
 
         Raises:
             EOFError: the stream ended and the shard is drained.
         """
-        return self._until(self.try_claim, deadline, stop, mark)
+        return self._until(self.try_claim, deadline, stop)
 
-    def _until(self, attempt: Callable[[], Any], deadline: float | None, stop: Stop | None, mark: int) -> Any:
-        """``attempt()`` until it gives something, sleeping on the data futex between tries;
-        None once the deadline passes or ``stop()`` is true.
+    def _until(self, attempt: Callable[[], Any], deadline: float | None, stop: Stop | None) -> Any:
+        """``attempt()`` until it gives something, sleeping on the data event count."""
+        tail_at = self.base + L.H_TAIL
+        return self._await(self.base + L.H_DATA_SEQ, attempt, lambda: self.region.load(tail_at), deadline, stop,
+                           lambda: self.drained(self.shard))
 
-        Raises:
-            EOFError: the stream ended and the shard is drained.
-        """
-        region, seq_at = self.region, self.base + L.H_DATA_SEQ
-        while True:
-            seq = region.load32(seq_at)  # before the try: a publish after it changes the word
-            got = attempt()
-            if got is not None:
-                return got
-            if self.drained(self.shard):
-                raise EOFError
-            if stop is not None and stop():
-                return None
-            if _spin(region, seq_at, seq, deadline):
-                continue  # something was published meanwhile: no sleep, no wake-up to wait for
-            if not self._sleep(L.H_DATA_SEQ, L.H_DATA_WAITERS, seq, deadline, mark):
-                return None
-
-    def peek(self, read: Callable[[int, int], object], deadline: float | None, stop: Stop | None = None,
-             mark: int = -1) -> object:
+    def peek(self, read: Callable[[int, int], object], deadline: float | None, stop: Stop | None = None) -> object:
         """``read(offset, size)`` of the oldest object, which stays where it is: read
         without claiming it, and kept only if its slot did not change meanwhile (a slot
         still READY for the same position was claimed by no one, so its block was neither
@@ -356,7 +391,7 @@ class Claimer(Queues):
                 got = self._look(sb + L.S_HEAD, region.load(self.base + L.H_TAIL), self.layout.slot, read)
             return got
 
-        got = self._until(look, deadline, stop, mark)
+        got = self._until(look, deadline, stop)
         return None if got is None else got[0]
 
     def _look(self, head_at: int, end: int, slot_of: Callable[[int, int], int],
