@@ -542,3 +542,45 @@ def test_one_sender_eight_claimers_random_kills_lose_nothing() -> None:
     extra = sum(n - 1 for n in counts)
     assert extra <= kills["claimer"], f"{extra} duplicates for {kills['claimer']} killed claimers"
     assert kills["claimer"] > 5 and kills["sender"] >= 1, kills
+
+
+@pytest.mark.timeout(30)
+def test_a_release_finished_by_another_thread_meanwhile_keeps_the_entrys_next_claim() -> None:
+    """Thread T drops the last view of an acknowledged entry and is inside its release
+    when the main thread (its next recv: ``finish_pending``, ``unfinished`` is shared by
+    the process) completes the same release and claims a new object into the freed
+    entry. When T goes on, the new claim stays (before the fix T stored FREE over it: the
+    claim vanished from the log, its block leaked, the entry was listed free twice)."""
+    import threading
+
+    mem = Memory()
+    paused, go = threading.Event(), threading.Event()
+
+    def release(offset: int, ref: int, pos: int) -> None:
+        mem.released.append((offset, ref, pos))
+        if threading.current_thread().name == "T":
+            paused.set()
+            go.wait(10)
+
+    base = LOGS + 1 * ClaimLog.size_for(LOG_CAPACITY)
+    mem.view[base : base + ClaimLog.size_for(LOG_CAPACITY)] = bytes(ClaimLog.size_for(LOG_CAPACITY))
+    ClaimLog.format(mem.view, base, LOG_CAPACITY)
+    log = ClaimLog(mem.region, mem.view, base, LOG_CAPACITY, 1, release)
+    claimer = mem.claimer(1, log=log)
+    pub = mem.publisher()
+    pub.try_publish(parts(0))
+    first = claimer.try_claim()
+    assert first is not None
+    log.add_view(first.entry)
+    log.ack(first.entry)  # acknowledged, one view left
+    t = threading.Thread(target=log.drop_view, args=(first.entry,), name="T")
+    t.start()
+    assert paused.wait(10)
+    log.finish_pending()  # the main thread completes T's release ...
+    pub.try_publish(parts(1))
+    second = claimer.try_claim()  # ... and claims into the entry it freed
+    assert second is not None and second.entry == first.entry
+    go.set()
+    t.join(10)
+    assert log.status(second.entry) == CLAIMED, "the other thread's release wiped the new claim"
+    assert log._free.count(first.entry) == 0

@@ -92,20 +92,31 @@ def test_table_counts_inline_objects_against_the_capacity() -> None:
 def test_a_sender_takes_its_oldest_block_again_once_its_receivers_are_done() -> None:
     """A steady stream cycles through a few blocks (their pages stay in cache): the oldest
     block out is taken again when all its references are cleared and it has the size
-    asked; a block still referenced, or of another size, is not."""
+    asked; one still referenced goes to the back, so that it does not stop the reuse of
+    those behind it; a block of another size is left to the first-fit allocator. Every
+    block handed out is also appended to the caller's list (what to free if its send
+    fails)."""
     memory = mmap.mmap(-1, 1 << 20)
     region, view = Region(memory), memoryview(memory)
     slabs = Slabs(region, view)
     slabs.add(0, 1 << 20)
-    first = slabs.alloc(1000, 1, 0)
-    second = slabs.alloc(1000, 1, 1)
-    assert first is not None and second is not None and first != second
-    third = slabs.alloc(1000, 1, 2)  # the oldest (first) is still referenced: a new block
-    assert third is not None and third[0] not in (first[0], second[0])
-    assert block.drop(region, view, first[0], 0, 0)  # its one receiver is done with it
-    again = slabs.alloc(1000, 1, 3)
-    assert again is not None and again[0] == first[0]  # taken again, now the newest out
-    assert block.drop(region, view, second[0], 0, 1)
-    other = slabs.alloc(5000, 1, 4)  # another size: the free block is left to reclaim
-    assert other is not None and other[0] != second[0]
-    assert sorted(slabs.outstanding()) == sorted([third[0], again[0], other[0]])
+    handed: list[int] = []
+
+    def alloc(size: int, pos: int) -> int:
+        got = slabs.alloc(size, 1, pos, handed)
+        assert got is not None and handed[-1] == got[0]
+        return got[0]
+
+    a, b = alloc(1000, 0), alloc(1000, 1)
+    assert a != b
+    assert block.drop(region, view, a, 0, 0)  # its one receiver is done with it
+    c = alloc(1000, 2)
+    assert c == a  # the oldest, free: taken again, now the newest out
+    d = alloc(1000, 3)  # the oldest (b) is still referenced: a new block, b to the back
+    assert d not in (a, b)
+    assert block.drop(region, view, c, 0, 2)
+    assert alloc(1000, 4) == c  # the free one behind b was next
+    assert block.drop(region, view, d, 0, 3)
+    other = alloc(5000, 5)  # another size: d stays for reclaim, the allocator gives a new block
+    assert other not in (a, b, d)
+    assert sorted(slabs.outstanding()) == sorted([b, c, other])  # reclaim took d back

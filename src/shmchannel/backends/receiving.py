@@ -20,33 +20,21 @@ import collections
 import itertools
 import threading
 import time
-import weakref
 from typing import Any
 
 from .. import serialization
 from ..broker import rules
 from ..errors import ProtocolError
-from ..queue.log import CLAIMED, STATUS, VIEW, ClaimLog
+from ..queue.log import CLAIMED, STATUS
 from ..queue.ring import Claim, Claimer
 from ..serialization.arrays import aligned_copy
 from ..store import block
 from ..store.blob import read_blob
+from . import views
 from .arena_client import ArenaClient, leave_session, session_for, tell_next_broker
 from .sending import Withdrawable, _queue
 
 _receivers = itertools.count(1)  # receiver numbers within this process (claim-log entries name them)
-
-#: The live views handed out in this process: id of a weak reference to the view's base
-#: array -> (that reference, claim log, entry). Here, not in a receiver, so that a view
-#: outliving its receiver still drops its count.
-_views: dict[int, tuple[weakref.ref[Any], ClaimLog, int]] = {}
-
-
-def _view_gone(ref: weakref.ref[Any]) -> None:
-    found = _views.pop(id(ref), None)
-    if found is not None:  # (unarmed: an interrupt came before its count; nothing to drop)
-        found[1].drop_view(found[2])
-
 
 class EmbeddedReceiver(Withdrawable):
     """One shard's receiver on the direct path (see the module docstring)."""
@@ -118,6 +106,7 @@ class EmbeddedReceiver(Withdrawable):
         """Finish what an interrupt cut short -- a claim, a release (queue/ring.py:
         ``repair``; a few attribute checks when there is nothing) -- and take a claim
         the caller never got into ``buffer``."""
+        views.drain()
         claimer = self._claimer
         if claimer.claiming < 0 and claimer.claimed is None and not self._log.unfinished:
             return  # nothing was cut short (the usual case: three attribute checks)
@@ -158,7 +147,7 @@ class EmbeddedReceiver(Withdrawable):
         alone, or the main thread's next failing recv would put back an object a worker
         had handed out (delivered twice, and one left in the queue at close)."""
         self._tidy()
-        self.ack()
+        self._ack_handed()
         claim = self.buffer[0]
         if note:
             self.handing = claim
@@ -205,15 +194,7 @@ class EmbeddedReceiver(Withdrawable):
         base = arena.array(block.blob_of(arena.whole, claim.offset, claim.size), claim.size)
         if self._shared:
             base.flags.writeable = False  # the other shards read the same memory
-        # The callback first, armed (its entry in ``_views``) only together with the count:
-        # between the dict store and the native add there is no interrupt point -- the add
-        # is called here, not through a Python method, whose entry is one -- so the count
-        # and the drop to come are made both or neither.
-        log = self._log
-        at = log.state_at(claim.entry)
-        ref = weakref.ref(base, _view_gone)
-        _views[id(ref)] = (ref, log, claim.entry)
-        log.region.add(at, VIEW)
+        views.count(self._log, claim.entry, base)
         header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]
         return serialization.deserialize(header, buffers)
 
@@ -230,6 +211,10 @@ class EmbeddedReceiver(Withdrawable):
         """Acknowledge what was handed out -- not what is back in ``buffer`` (an interrupt
         put it back before the caller had it). Said again (after an interrupt) it changes
         nothing: an entry is acknowledged only while it still names its object."""
+        views.drain()  # (a view dropped just now, if an interrupt kept its callback from it)
+        self._ack_handed()
+
+    def _ack_handed(self) -> None:
         handed = self._handed
         if not handed:
             return
@@ -259,6 +244,7 @@ class EmbeddedReceiver(Withdrawable):
         ``give_back_last``: it never reached the user), and the broker puts back at the
         head of the shard, in order, whatever this receiver still holds claimed."""
         try:
+            views.drain()
             self._rebuild()
             if give_back_last and self._handed:
                 last = self._handed.pop()

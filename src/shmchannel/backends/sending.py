@@ -110,8 +110,7 @@ class EmbeddedSender(Withdrawable):
         view = self._client.arena
         descriptors = []
         for s, plan in zip(serialized, plans):
-            offset, blob = self._alloc(plan.size, pos, timeout, deadline)
-            blocks.append(offset)
+            offset, blob = self._alloc(plan.size, pos, blocks, timeout, deadline)
             write_blob(view.view(blob, plan.size), plan, s.header, s.buffers)
             descriptors.append((offset, plan.size))
         if self._pub.publish(descriptors, deadline, stop=self._stopped) is None:
@@ -133,11 +132,13 @@ class EmbeddedSender(Withdrawable):
                     self._slabs.free(offset)
             self._unsettled = None
 
-    def _alloc(self, blob_size: int, pos: int, timeout: float | None, deadline: float | None) -> tuple[int, int]:
-        """A block for a blob of ``blob_size`` bytes: from our slabs, else from a new slab,
-        else (the store is full) after blocks come free, within ``deadline``."""
+    def _alloc(self, blob_size: int, pos: int, blocks: list[int], timeout: float | None,
+               deadline: float | None) -> tuple[int, int]:
+        """A block for a blob of ``blob_size`` bytes, appended to ``blocks``: from our slabs,
+        else from a new slab, else (the store is full) after blocks come free, within
+        ``deadline``."""
         while True:
-            got = self._slabs.alloc(blob_size, self._refs, pos)
+            got = self._slabs.alloc(blob_size, self._refs, pos, blocks)
             if got is not None:
                 return got
             me = threading.get_ident()

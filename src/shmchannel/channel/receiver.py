@@ -110,8 +110,10 @@ class DataReceiver(WorkerRecv):
             ReentrantCall (a RuntimeError): called from a signal handler while its own
                 thread is inside a recv/peek of this receiver.
 
-        Another thread's recv/peek of this receiver goes first; the wait for it counts
-        against ``timeout``.
+        Another thread's recv/peek of this receiver goes first. From any thread but the
+        main one the wait for it counts against ``timeout``; the main thread waits for it
+        to end without counting (it takes the turn with a ``with`` block, which no
+        interrupt can cut between taking and owning it), then has all of ``timeout``.
 
         Example::
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..errors import ProtocolError
 
 MAGIC = 0x51434D53  # "SMCQ" little-endian
-VERSION = 1
+VERSION = 2  # 2: the futex words are event counts (ring.py), no waiter counts
 HEADER = 512
 SHARD_HEADER = 256
 SLOT = 32

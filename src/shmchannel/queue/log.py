@@ -32,6 +32,7 @@ from ..store import block
 ENTRY = 64
 LOG_HEADER = 64
 LOG_MAGIC = 0x474F4C53  # "SLOG"
+LOG_VERSION = 2  # 2: no sleep marks (a 64-byte header)
 RELEASED = 16  # u64 in the log's header: 1 once its process let it go
 
 FREE, CLAIMED, ACKED, RELEASING, RETURNED = 0, 1, 2, 3, 4
@@ -67,7 +68,7 @@ class ClaimLog:
         self._release = release or functools.partial(block.drop, region, view)
         self._free: list[int] = []
         self.last = -1  # the entry of the latest claim (Claimer.repair looks there first)
-        # Entries an ack or a view's drop is changing: an interrupt (or a finalizer cut short)
+        # Entries an ack or a view's drop is changing: an interrupt (or a view's callback cut short)
         # leaves them here, and ``finish_pending`` completes their release.
         self.unfinished: set[int] = set()
         self._lock = threading.Lock()  # the process's receivers take entries from one list
@@ -79,7 +80,7 @@ class ClaimLog:
 
     @staticmethod
     def format(view: memoryview, base: int, capacity: int) -> None:
-        struct.pack_into("<IIQ", view, base, LOG_MAGIC, 1, capacity)
+        struct.pack_into("<IIQ", view, base, LOG_MAGIC, LOG_VERSION, capacity)
 
     def release(self) -> None:
         """Say in the log that its process is done with it (``released``): for a broker
@@ -148,9 +149,14 @@ class ClaimLog:
         """A view of the entry's memory now exists in this process (``drop_view`` when gone)."""
         self.region.add(self.state_at(index), VIEW)
 
-    def drop_view(self, index: int) -> None:
+    def drop_view(self, index: int, done: list[bool] | None = None) -> None:
+        """A view counted by ``add_view`` is gone. ``done[0]`` is set in the same step as
+        the count drops (no interrupt point between): a caller cut short after it must not
+        drop it again (backends/views.py)."""
         self.unfinished.add(index)
         at = self.base + LOG_HEADER + index * ENTRY
+        if done is not None:
+            done[0] = True
         state = self.region.add(at, -VIEW) - VIEW
         if state & STATUS == ACKED and state >> 8 == 0:
             self._finish(index, at, state)
@@ -211,8 +217,12 @@ class ClaimLog:
     def _complete(self, index: int, at: int) -> None:
         _, _, _, pos, offset, _, ref = _FIELDS.unpack_from(self.view, at + 8)
         self._release(offset, ref, pos)
-        self.region.store(at, FREE)
-        self._free.append(index)
+        # A CAS, not a store: another thread may complete the same release meanwhile
+        # (``finish_pending`` finds it in ``unfinished``, which all receivers of the
+        # process share) and the entry be claimed again -- a store here would wipe that
+        # claim. One of them frees it and lists it.
+        if self.region.cas(at, RELEASING, FREE) == RELEASING:
+            self._free.append(index)
 
     def mark_returned(self, index: int) -> None:
         """CLAIMED -> RETURNED (by the broker: the object went back to its queue), keeping

@@ -174,13 +174,15 @@ class Queues:
                stop: Stop | None, ended: Callable[[], bool] = lambda: False) -> Any:
         """``attempt()`` until it gives something (returned), sleeping on the event count
         at ``word`` between tries; None once the deadline passes or ``stop()`` is true.
-        Before it sleeps it polls ``probe()`` (``_spin``), then announces itself and tries
-        once more: a change after the announcement wakes it or keeps it from sleeping.
+        Before its first sleep it polls ``probe()`` (``_spin``); before each it announces
+        itself and tries once more: a change after the announcement wakes it or keeps it
+        from sleeping.
 
         Raises:
             EOFError: ``ended()`` (the stream ended and the shard is drained).
         """
         region = self.region
+        spun = False  # once per call: a waiter that keeps losing to another polls no more
         while True:
             got = attempt()
             if got is not None:
@@ -189,8 +191,12 @@ class Queues:
                 raise EOFError
             if stop is not None and stop():
                 return None
-            if _spin(probe, deadline):
-                continue  # it moved: look again, no wake-up needed on either side
+            if deadline is not None and deadline <= time.monotonic():
+                return None  # (a poll with no time left announces nothing: no wake-up to cost anyone)
+            if not spun:
+                spun = True
+                if _spin(probe, deadline):
+                    continue  # it moved: look again, no wake-up needed on either side
             expected = _announce(region, word)
             got = attempt()
             if got is not None:

@@ -40,10 +40,11 @@ class BlobPlan(NamedTuple):
 
 
 def plan_blob(header_len: int, lengths: Sequence[int]) -> BlobPlan:
+    if len(lengths) <= 4:  # an array, a few columns: a stream repeats these, made once each
+        return _cached_plan(header_len, tuple(lengths))
     return _plan(header_len, tuple(lengths))
 
 
-@functools.lru_cache(maxsize=256)  # a stream repeats a few shapes: its plan is made once per shape
 def _plan(header_len: int, lengths: tuple[int, ...]) -> BlobPlan:
     pos = _HEAD.size + _ENTRY.size * len(lengths) + header_len
     offsets = []
@@ -55,6 +56,9 @@ def _plan(header_len: int, lengths: tuple[int, ...]) -> BlobPlan:
         _ENTRY.pack(o, n) for o, n in zip(offsets, lengths)
     )
     return BlobPlan(pos, header_len, tuple(offsets), lengths, table)
+
+
+_cached_plan = functools.lru_cache(maxsize=256)(_plan)
 
 
 def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence[Source]) -> None:

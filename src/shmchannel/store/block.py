@@ -112,22 +112,26 @@ def drop(region: Region, view: memoryview, offset: int, ref: int, pos: int) -> b
     at, bit = offset + REFS_AT + 8 * (ref // 64), 1 << (ref % 64)
     if offset < 0 or offset % 64 or ref < 0 or at + 8 > len(view):
         return False
-    word = region.load(at)
-    magic, refs, size, owner, held = _HEAD.unpack_from(view, offset)
-    if magic != MAGIC or ref >= refs or held != pos or offset + size > len(view):
-        return False  # dropped before, and its memory reused since (or never a block)
-    while word & bit:
+    while True:
+        word = region.load(at)
+        if not word & bit:
+            return False
+        magic, refs, size, owner, held = _HEAD.unpack_from(view, offset)
+        if magic != MAGIC or ref >= refs or held != pos or offset + size > len(view):
+            return False  # dropped before, and its memory reused since (or never a block)
         found = region.cas(at, word, word & ~bit)
-        if found == word:
-            if word != bit or (refs > 64 and not _free(region, offset, refs)):
-                return False  # other references remain
-            if owner:  # its freed word; the waiter count follows it (store/slabs.py)
-                region.add32(owner - 1, 1)
-                if region.load32(owner + 3):
-                    region.wake(owner - 1, -1)
-            return True
-        word = found
-    return False
+        if found != word:
+            # The word changed: another shard's drop, or a drop of ours said twice at once
+            # (two threads) that freed the block, which may hold the next object already.
+            # So the header is read again, not only the word.
+            continue
+        if word != bit or (refs > 64 and not _free(region, offset, refs)):
+            return False  # other references remain
+        if owner:  # its freed word; the waiter count follows it (store/slabs.py)
+            region.add32(owner - 1, 1)
+            if region.load32(owner + 3):
+                region.wake(owner - 1, -1)
+        return True
 
 
 def is_free(region: Region, offset: int, refs: int) -> bool:

@@ -63,10 +63,12 @@ class Slabs:
     def slabs(self) -> dict[int, int]:
         return dict(self._sizes)
 
-    def alloc(self, blob_size: int, refs: int, pos: int) -> tuple[int, int] | None:
+    def alloc(self, blob_size: int, refs: int, pos: int, into: list[int]) -> tuple[int, int] | None:
         """A new block for object ``pos``, a blob of ``blob_size`` bytes with ``refs``
         references: (block offset, blob offset); None if no slab has room, even after
-        ``reclaim``.
+        ``reclaim``. The block's offset is appended to ``into`` in the same step that
+        records it here (no interrupt point between): the caller's list of what to free
+        should its send not go through.
 
         The oldest block out is taken again as it is if its receivers are done with it and
         it has the size asked: a stream's blocks come back in the order they went, so a
@@ -78,11 +80,17 @@ class Slabs:
         # the allocators to be rebuilt from ``_out``, which then never had it (no leak).
         self._changing = True
         found = None
-        for oldest, (slab, oldest_refs, oldest_size) in self._out.items():
-            if (align(oldest_size) == align(size) and oldest_refs == refs
-                    and block.is_free(self.region, oldest, oldest_refs)):
-                del self._out[oldest]  # (re-entered last below: the newest now)
-                found = slab, oldest - slab - SLAB_HEADER
+        for oldest, entry in self._out.items():
+            slab, oldest_refs, oldest_size = entry
+            if align(oldest_size) == align(size) and oldest_refs == refs:
+                del self._out[oldest]  # re-entered last (below, or now): the newest
+                if block.is_free(self.region, oldest, oldest_refs):
+                    found = slab, oldest - slab - SLAB_HEADER
+                else:
+                    # Still in use (a receiver keeps it): to the back, so that one kept block
+                    # does not stop the reuse of those behind it. (No interrupt point between
+                    # the del and this store.)
+                    self._out[oldest] = entry
             break
         if found is None:
             found = self._alloc(size)
@@ -98,6 +106,7 @@ class Slabs:
         offset = slab + SLAB_HEADER + start
         blob = block.write_header(self.region, self.view, offset, size, refs, pos, owner=slab + FREED)
         self._out[offset] = (slab, refs, size)  # what is in ``_out`` has its header
+        into.append(offset)
         self._changing = False
         return offset, blob
 
