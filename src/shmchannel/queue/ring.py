@@ -183,6 +183,7 @@ class Queues:
         """
         region = self.region
         spun = False  # once per call: a waiter that keeps losing to another polls no more
+        announced: int | None = None  # the value to sleep on, once announced and looked again
         while True:
             got = attempt()
             if got is not None:
@@ -191,23 +192,19 @@ class Queues:
                 raise EOFError
             if stop is not None and stop():
                 return None
+            if announced is not None:  # it looked again after announcing itself: sleep
+                timeout = _remaining(deadline)
+                if timeout == 0.0 or not region.wait(word, announced, timeout):
+                    return None
+                announced = None
+                continue
             if deadline is not None and deadline <= time.monotonic():
                 return None  # (a poll with no time left announces nothing: no wake-up to cost anyone)
             if not spun:
                 spun = True
                 if _spin(probe, deadline):
                     continue  # it moved: look again, no wake-up needed on either side
-            expected = _announce(region, word)
-            got = attempt()
-            if got is not None:
-                return got
-            if ended():
-                raise EOFError
-            if stop is not None and stop():
-                return None
-            timeout = _remaining(deadline)
-            if timeout == 0.0 or not region.wait(word, expected, timeout):
-                return None
+            announced = _announce(region, word)
 
 
 class Publisher(Queues):

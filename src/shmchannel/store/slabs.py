@@ -83,8 +83,13 @@ class Slabs:
         for oldest, entry in self._out.items():
             slab, oldest_refs, oldest_size = entry
             if align(oldest_size) == align(size) and oldest_refs == refs:
+                # Looked at before it leaves ``_out``: an interrupt at this call's check
+                # point with the block out of ``_out`` would have the allocators rebuilt
+                # without it -- and a block in use handed out again (found by the random
+                # interrupt test: one object overwritten by a later one).
+                free = block.is_free(self.region, oldest, oldest_refs)
                 del self._out[oldest]  # re-entered last (below, or now): the newest
-                if block.is_free(self.region, oldest, oldest_refs):
+                if free:
                     found = slab, oldest - slab - SLAB_HEADER
                 else:
                     # Still in use (a receiver keeps it): to the back, so that one kept block
@@ -121,11 +126,11 @@ class Slabs:
         """Give back a block that was never published (its send failed); again changes
         nothing (an interrupt may cut the caller short after the first time)."""
         self._check()
+        self._changing = True  # before the pop: a check point follows it (a C call)
         found = self._out.pop(offset, None)
         if found is not None:
-            self._changing = True
             self._slabs[found[0]].release(offset - found[0] - SLAB_HEADER)
-            self._changing = False
+        self._changing = False
 
     def reclaim(self) -> int:
         """Take back every block whose receivers are all done with it; how many."""
