@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from ..backends import backend_for
 from ..broker import rules
 from ..store.table import StoreStats
-from .checks import check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import Endpoint, _unmake
-
-
-def _close(endpoint: Any) -> None:
-    endpoint.close()
+from .checks import check_int, check_name, check_timeout
+from .endpoint import Endpoint, close_endpoint
 
 
 class DataSystem(Endpoint):
@@ -32,15 +27,7 @@ class DataSystem(Endpoint):
         if inline_threshold is not None:
             check_int("inline_threshold", inline_threshold, 0)
         backend = backend_for(address, inline_threshold=inline_threshold)
-        made: list[Any] = []  # the endpoint, as soon as it exists (backends/base.py)
-        label = ["DataSystem"]
-        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, _close)
-        try:
-            backend.data_system(made)
-            self._endpoint = made[0]
-        except BaseException:
-            _unmake(self, made, _close)
-            raise
+        self._open(backend.data_system, close_endpoint, "DataSystem")
 
     def put(self, obj: Any, *, timeout: float | None = None) -> str:
         """Store any picklable object; return its key. The object stays until ``delete``.
@@ -107,7 +94,7 @@ class DataSystem(Endpoint):
         endpoint = self._begin_close()
         if endpoint is not None:
             endpoint.close()
-            self._end_close(self._finalizer)
+            self._end_close()
 
     def __repr__(self) -> str:
         return f"<DataSystem {'closed' if self._endpoint is None else 'open'}>"

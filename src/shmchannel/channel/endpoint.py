@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, TypeVar
+import weakref
+from typing import Any, Callable, TypeVar
 
 from ..errors import ChannelTimeout, EndpointClosed, ReentrantCall
+from .checks import warn_unclosed
 
 E = TypeVar("E", bound="Endpoint")
 
 
 class Endpoint:
     _endpoint: Any
+    _finalizer: weakref.finalize
     _closing: Any = None  # the backend endpoint of a close() an interrupt cut short
 
     @property
@@ -33,11 +36,38 @@ class Endpoint:
         self._endpoint = None
         return endpoint
 
-    def _end_close(self, finalizer: Any) -> None:
+    def _end_close(self) -> None:
         """The close went through: no warning at collection, then no retry (in this order:
         an interrupt between them leaves a retry, which does nothing twice)."""
-        finalizer.detach()
+        self._finalizer.detach()
         self._closing = None
+
+    def _open(self, make: Callable[[list[Any]], object], close: Callable[[Any], None], name: str | None = None) -> Any:
+        """Make the backend endpoint and return it: ``make(made)`` appends it to ``made`` as
+        its last step (backends/base.py), so that it counts though an interrupt comes
+        before ``make`` returns. The finalizer warning of a forgotten ``close`` (which it
+        then does, with ``close``) is registered first, with ``made``; a constructor that
+        fails or is cut short closes what was made and empties ``made``, and nothing then
+        warns: the object never was. ``name`` names it in the warning (default: its repr,
+        taken again once it is open: it says "open" then)."""
+        made: list[Any] = []
+        label = [name or repr(self)]
+        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, close)
+        try:
+            make(made)
+            self._endpoint = made[0]
+            self._opened(self._endpoint)
+            label[0] = name or repr(self)
+        except BaseException:
+            self._endpoint = None
+            while made:
+                close(made[-1])
+                made.pop()
+            raise
+        return self._endpoint
+
+    def _opened(self, endpoint: Any) -> None:
+        """What the owner takes from its new backend endpoint (before its repr is taken)."""
 
     def _live(self) -> Any:
         if self._endpoint is None:
@@ -164,11 +194,7 @@ class _Held:
         self._turn.give()
 
 
-def _unmake(owner: Any, made: list[Any], close: Any) -> None:
-    """A constructor failed (or was interrupted): close the backend endpoint if it was
-    made, and empty ``made``, so that the finalizer (registered before, with ``made``)
-    finds nothing to warn about -- the object never was."""
-    owner._endpoint = None
-    while made:
-        close(made[-1])
-        made.pop()
+
+def close_endpoint(endpoint: Any) -> None:
+    """The finalizer's way to close a backend endpoint (and a failed constructor's)."""
+    endpoint.close()

@@ -5,20 +5,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-import weakref
 from typing import Any, Iterator
 
 from .. import aio
 from ..backends import backend_for
 from ..broker import rules
 from ..errors import ChannelClosed, ChannelTimeout, EndpointClosed
-from .checks import PREFETCH, check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import Turn, _unmake
+from .checks import PREFETCH, check_int, check_name, check_timeout
+from .endpoint import Turn, close_endpoint
 from .pending import WorkerRecv, Pending, left_of
-
-
-def _close(endpoint: Any) -> None:
-    endpoint.close()
 
 
 class DataReceiver(WorkerRecv):
@@ -76,17 +71,11 @@ class DataReceiver(WorkerRecv):
         wait = check_timeout("wait", wait)
         prefetch = check_int("prefetch", prefetch, 1, rules.MAX_PREFETCH)
         backend = backend_for(address)
-        made: list[Any] = []  # the endpoint, as soon as it exists (backends/base.py)
-        label = [repr(self)]
-        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, _close)
-        try:
-            backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch, made)
-            self._endpoint = made[0]
-            self._num_shards = self._endpoint.num_shards
-            label[0] = repr(self)
-        except BaseException:
-            _unmake(self, made, _close)
-            raise
+        self._open(lambda made: backend.open_receiver(namespace, dataset_name, shard_id, wait, prefetch, made),
+                   close_endpoint)
+
+    def _opened(self, endpoint: Any) -> None:
+        self._num_shards = endpoint.num_shards
 
     @property
     def shard_id(self) -> int:
@@ -275,7 +264,7 @@ class DataReceiver(WorkerRecv):
                 endpoint.close(give_back_last=give_back)  # also ends a recv blocked on the worker
             if self._worker is not None:
                 self._worker.stop()
-            self._end_close(self._finalizer)
+            self._end_close()
 
     def __repr__(self) -> str:
         state = "closed" if self._endpoint is None else "open"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import numpy as np
@@ -12,8 +11,8 @@ from ..backends import backend_for
 from ..broker import rules
 from ..errors import EndpointClosed, InvalidArgument
 from ..serialization import row_count, split, splittable
-from .checks import check_int, check_name, check_timeout, warn_unclosed
-from .endpoint import ChannelEnd, Turn, _unmake
+from .checks import check_int, check_name, check_timeout
+from .endpoint import ChannelEnd, Turn
 
 
 def _leave(endpoint: Any) -> None:
@@ -70,16 +69,8 @@ class DataSender(ChannelEnd):
             check_int("inline_threshold", inline_threshold, 0)
         backend = backend_for(address, inline_threshold=inline_threshold)
         self._address = address
-        made: list[Any] = []  # the endpoint, as soon as it exists (backends/base.py)
-        label = [repr(self)]
-        self._finalizer = weakref.finalize(self, warn_unclosed, label, made, _leave)
-        try:
-            backend.create_sender(namespace, dataset_name, num_shards, full_batch, max_queue_size, made)
-            self._endpoint = made[0]
-            label[0] = repr(self)
-        except BaseException:
-            _unmake(self, made, _leave)
-            raise
+        self._open(lambda made: backend.create_sender(namespace, dataset_name, num_shards, full_batch, max_queue_size,
+                                                      made), _leave)
 
     # -- reference API -------------------------------------------------------------------
 
@@ -266,7 +257,7 @@ class DataSender(ChannelEnd):
                 self._worker.stop()
             else:
                 endpoint.close(end_of_stream=True)
-            self._end_close(self._finalizer)
+            self._end_close()
 
     def __repr__(self) -> str:
         state = "closed" if self._endpoint is None else "open"
