@@ -133,6 +133,35 @@ class QueueFanout:
             q.put(None, timeout=60)
 
 
+class QueueReceiver:
+    """Receiver side of the queue-based peers (``multiprocessing.Queue``, faster-fifo, whose
+    ``get`` both raise ``queue.Empty`` on timeout): None ends the stream."""
+
+    def __init__(self, q: Any, what: str) -> None:
+        self.q, self.what = q, what
+
+    def recv(self, timeout: float) -> Any:
+        try:
+            obj = self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"{self.what}.get timed out") from None
+        return END if obj is None else obj
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def end_processes(procs: list[Any]) -> None:
+    """Kill what is still running of ``procs`` (after an error: the normal way out joined them)."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
 def mp_queues(w: Workload) -> list[Any]:
     ctx = mp.get_context("spawn")
     return [ctx.Queue(maxsize=MAX_IN_FLIGHT) for _ in range(w.consumers)]
@@ -273,10 +302,7 @@ def run_processes(peer: Peer, w: Workload, cfg: Config, progress: Callable[[str]
             p.join(30)
         return reps
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        end_processes(procs)
         peer.teardown(handles)
         out.close()
 

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from harness import end_processes  # noqa: E402
 from workloads import POOL, WORKLOADS  # noqa: E402
 
 ADDRESS = "127.0.0.1"
@@ -244,10 +245,7 @@ def run_config(broker_pid: int, channels: int, count: int, reps: int,
             p.join(30)
         return results
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        end_processes(procs)
         out.close()
 
 

@@ -12,31 +12,12 @@ without it the peer is skipped with a message, not failed.
 
 from __future__ import annotations
 
-import queue
 from typing import Any
 
-from harness import END, MAX_IN_FLIGHT, Peer, PeerUnavailable, QueueFanout
+from harness import MAX_IN_FLIGHT, Peer, PeerUnavailable, QueueFanout, QueueReceiver
 from workloads import Workload
 
 PICKLE_SLACK = 64 << 10  # bytes per message on top of its payload: pickle framing, the queue's header
-
-
-class _Receiver:
-    def __init__(self, q: Any) -> None:
-        self.q = q
-
-    def recv(self, timeout: float) -> Any:
-        try:
-            obj = self.q.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError("faster_fifo.Queue.get timed out") from None
-        return END if obj is None else obj
-
-    def release(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class FasterFifoPeer(Peer):
@@ -67,4 +48,4 @@ class FasterFifoPeer(Peer):
         return QueueFanout(handles)  # put(obj, timeout=60); None ends the stream
 
     def receiver(self, handles: Any, w: Workload, rep: int, shard: int) -> Any:
-        return _Receiver(handles[shard])
+        return QueueReceiver(handles[shard], "faster_fifo.Queue")
