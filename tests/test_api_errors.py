@@ -426,7 +426,7 @@ def test_a_good_spin_setting_is_taken(value: str) -> None:
     import sys
 
     env = {**os.environ, "SHMCHANNEL_SPIN_US": value}
-    code = "from shmchannel.queue import ring; print(ring.SPIN)"
+    code = "from shmchannel.queue import events; print(events.SPIN)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) == (float(value) if value else 20.0) / 1e6

@@ -17,7 +17,7 @@ import pytest
 
 from shmchannel import ChannelClosed, DataReceiver, DataSender, DataSystem, config
 from shmchannel.broker import daemon
-from shmchannel.queue import layout, ring
+from shmchannel.queue import events, layout
 from shmchannel.testing import join_ok, start_process, wait_until
 
 from .conftest import ADDRESS
@@ -61,7 +61,7 @@ def _waiting_for_reply(native_id: int, receiver: DataReceiver) -> bool:
     """True once the thread sleeps in recv on the channel's futex word (queue/ring.py),
     announced in its event count: a send now must wake it."""
     claimer = receiver._endpoint._claimer
-    counted = bool(claimer.region.load32(claimer.base + layout.H_DATA_SEQ) & ring.WAITING)
+    counted = bool(claimer.region.load32(claimer.base + layout.H_DATA_SEQ) & events.WAITING)
     try:
         with open(f"/proc/self/task/{native_id}/syscall") as f:
             call = f.read().split()[0]

@@ -20,7 +20,7 @@ import pytest
 
 from shmchannel.errors import ProtocolError
 from shmchannel.queue import layout as L
-from shmchannel.queue import reap, ring
+from shmchannel.queue import events, reap
 from shmchannel._native import Region
 from shmchannel.queue.log import ACKED, CLAIMED, FREE, RETURNED, STATUS, ClaimLog, LogFull
 from shmchannel.queue.ring import Claimer, Publisher
@@ -331,9 +331,9 @@ def test_a_change_no_one_waits_for_leaves_the_event_count_alone_and_one_wake_up_
     for pos in range(3):
         pub.try_publish(parts(pos))
     assert mem.region.load32(word) == 0
-    expected = ring._announce(mem.region, word)
-    assert expected == mem.region.load32(word) == ring.WAITING
-    assert ring._announce(mem.region, word) == expected  # a second waiter: the same value to sleep on
+    expected = events.announce(mem.region, word)
+    assert expected == mem.region.load32(word) == events.WAITING
+    assert events.announce(mem.region, word) == expected  # a second waiter: the same value to sleep on
     pub.try_publish(parts(3))
     assert mem.region.load32(word) == 2  # epoch 1, no waiter announced
     assert mem.region.wait(word, expected, 5)  # a sleep on the announced value returns at once: it moved
@@ -354,7 +354,7 @@ def test_a_claimer_killed_asleep_leaves_nothing_that_stalls_the_queue() -> None:
     log = mem.log(1)
     pid = _spawn(lambda: mem.claimer(1, log=log).claim(None))
     deadline = time.monotonic() + 10
-    while not mem.region.load32(L.H_DATA_SEQ) & ring.WAITING:
+    while not mem.region.load32(L.H_DATA_SEQ) & events.WAITING:
         assert time.monotonic() < deadline, "the child never announced itself"
         time.sleep(0.001)
     os.kill(pid, signal.SIGKILL)

@@ -89,7 +89,7 @@ def default_idle_timeout() -> float:
     return float(env) if env else DEFAULT_IDLE_TIMEOUT
 
 
-#: Microseconds a waiting endpoint polls before it sleeps (queue/ring.py: ``SPIN``).
+#: Microseconds a waiting endpoint polls before it sleeps (queue/events.py: ``SPIN``).
 DEFAULT_SPIN_US = 20.0
 
 

@@ -195,8 +195,7 @@ class EmbeddedReceiver(Withdrawable):
         if self._shared:
             base.flags.writeable = False  # the other shards read the same memory
         views.count(self._log, claim.entry, base)
-        header, buffers = read_blob(memoryview(base))  # type: ignore[arg-type]
-        return serialization.deserialize(header, buffers)
+        return self._object_of(base)
 
     def _raw(self, offset: int, size: int) -> Any:
         """A copy of an object's blob (a peek holds nothing)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..errors import ProtocolError
 
 MAGIC = 0x51434D53  # "SMCQ" little-endian
-VERSION = 2  # 2: the futex words are event counts (ring.py), no waiter counts
+VERSION = 2  # 2: the futex words are event counts (events.py), no waiter counts
 HEADER = 512
 SHARD_HEADER = 256
 SLOT = 32
@@ -38,7 +38,7 @@ H_FLAGS = 24  # u64: FULL_BATCH
 H_TAIL = 64  # u64: objects published (the commit point of every shard at once)
 H_CLOSED = 72  # u64: 1 once the sender ended the stream
 H_SENT_BYTES = 80  # u64: bytes of the parts published (for status)
-H_DATA_SEQ = 128  # u32 futex, an event count (ring.py): receivers wait on it for objects
+H_DATA_SEQ = 128  # u32 futex, an event count (events.py): receivers wait on it for objects
 H_SPACE_SEQ = 192  # u32 futex, an event count: senders wait on it for room
 
 FULL_BATCH = 1

@@ -17,13 +17,8 @@ Room: a shard holds ``tail - head`` objects not yet claimed; the sender publishe
 that is below ``max_queue_size`` for every shard. Objects a receiver has claimed are its
 own (in its claim log), so they no longer count.
 
-Waking: the channel's ``data`` and ``space`` futex words are event counts (``_announce``,
-``_notify``): a waiter announces itself in the word, looks once more, and sleeps on the
-value it announced; a publisher (a claimer, for ``space``) that finds a waiter announced
-starts a new epoch and wakes them all. So a change no one waits for costs one load, and a
-wake-up costs one system call however many changes come before the woken run -- with a
-waiter count instead, every change until then woke them again (measured: 1.5 wake calls
-per object with 8 channels on 2 cores). Why this misses no wake-up is in DESIGN.md.
+Waking: the channel's ``data`` and ``space`` futex words are event counts (events.py):
+receivers wait on ``data`` for objects, senders on ``space`` for room (``Queues._await``).
 """
 
 from __future__ import annotations
@@ -31,75 +26,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from .. import config
 from . import layout as L
+from .events import announce, notify, spin, wake_all_of
 from .._native import Region
 from .log import ClaimLog
 
 Stop = Callable[[], bool]
-
-
-#: Seconds an empty shard's claimer polls the data word before it sleeps on it. A futex
-#: wake-up costs the sleeper tens of microseconds (measured: ``make bench``'s ``wake`` and
-#: ``unloaded``) and the publisher a system call; an object that comes within this time is
-#: taken at once, with neither. Short, so that an idle receiver costs nothing to speak of.
-SPIN = config.spin_seconds()
-
-
-def _spin(probe: Callable[[], int], deadline: float | None) -> bool:
-    """Poll ``probe()`` (a counter the awaited change moves) for up to SPIN seconds, not
-    past ``deadline``; whether it moved."""
-    if SPIN <= 0:
-        return False
-    clock = time.monotonic  # the clock of deadlines
-    until = clock() + SPIN
-    if deadline is not None and deadline < until:
-        until = deadline
-    start = probe()
-    while probe() == start:
-        if clock() >= until:
-            return False
-    return True
-
-
-#: Bit 0 of an event-count futex word: a waiter announced itself (bits 1-31: the epoch).
-WAITING = 1
-_EPOCH_MASK = 0xFFFFFFFE
-
-
-def _announce(region: Region, at: int) -> int:
-    """Announce a waiter in the event count at ``at``; the value to sleep on. Any
-    ``_notify`` after this changes the word, so a sleep on the value returns at once."""
-    state = region.load32(at)
-    while not state & WAITING:
-        found = region.cas32(at, state, state | WAITING)
-        if found == state:
-            break
-        state = found
-    return state | WAITING
-
-
-def _notify(region: Region, at: int) -> None:
-    """After a change a waiter may wait for: if one announced itself, a new epoch (which
-    clears the bit) and a wake-up of all; else nothing but this load."""
-    state = region.load32(at)
-    while state & WAITING:
-        found = region.cas32(at, state, (state + 2) & _EPOCH_MASK)
-        if found == state:
-            region.wake(at, -1)
-            return
-        state = found
-
-
-def _wake_all(region: Region, at: int) -> None:
-    """A new epoch and a wake-up of all, waiter announced or not (a close, a withdrawal)."""
-    state = region.load32(at)
-    while True:
-        found = region.cas32(at, state, (state + 2) & _EPOCH_MASK)
-        if found == state:
-            region.wake(at, -1)
-            return
-        state = found
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -167,14 +99,14 @@ class Queues:
 
     def wake_all(self) -> None:
         """Wake every sleeper of the channel (they look again)."""
-        _wake_all(self.region, self.base + L.H_DATA_SEQ)
-        _wake_all(self.region, self.base + L.H_SPACE_SEQ)
+        wake_all_of(self.region, self.base + L.H_DATA_SEQ)
+        wake_all_of(self.region, self.base + L.H_SPACE_SEQ)
 
     def _await(self, word: int, attempt: Callable[[], Any], probe: Callable[[], int], deadline: float | None,
                stop: Stop | None, ended: Callable[[], bool] = lambda: False) -> Any:
         """``attempt()`` until it gives something (returned), sleeping on the event count
         at ``word`` between tries; None once the deadline passes or ``stop()`` is true.
-        Before its first sleep it polls ``probe()`` (``_spin``); before each it announces
+        Before its first sleep it polls ``probe()`` (``spin``); before each it announces
         itself and tries once more: a change after the announcement wakes it or keeps it
         from sleeping.
 
@@ -202,9 +134,9 @@ class Queues:
                 return None  # (a poll with no time left announces nothing: no wake-up to cost anyone)
             if not spun:
                 spun = True
-                if _spin(probe, deadline):
+                if spin(probe, deadline):
                     continue  # it moved: look again, no wake-up needed on either side
-            announced = _announce(region, word)
+            announced = announce(region, word)
 
 
 class Publisher(Queues):
@@ -253,7 +185,7 @@ class Publisher(Queues):
         store(base + L.H_TAIL, p + 1)  # the commit point
         self._room -= 1
         region.add(base + L.H_SENT_BYTES, sent)
-        _notify(region, base + L.H_DATA_SEQ)
+        notify(region, base + L.H_DATA_SEQ)
         return p
 
     def publish(self, parts: list[tuple[int, int]], deadline: float | None, stop: Stop | None = None) -> int | None:
@@ -262,7 +194,7 @@ class Publisher(Queues):
         return self._await(self.base + L.H_SPACE_SEQ, lambda: self.try_publish(parts), self._claimed, deadline, stop)
 
     def _claimed(self) -> int:
-        """Objects claimed from the rings so far (what makes room), for ``_spin``."""
+        """Objects claimed from the rings so far (what makes room), for ``spin``."""
         load, base, lay = self.region.load, self.base, self.layout
         return sum(load(base + lay.shard(s) + L.S_HEAD) for s in range(lay.num_shards))
 
@@ -357,7 +289,7 @@ class Claimer(Queues):
         self.claiming = -1
         region.cas(head_at, h, h + 1)
         region.add(self._sb + L.S_RECV_BYTES, size)
-        _notify(region, self.base + L.H_SPACE_SEQ)  # a sender may wait for this room
+        notify(region, self.base + L.H_SPACE_SEQ)  # a sender may wait for this room
         return claim
 
     def claim(self, deadline: float | None, stop: Stop | None = None) -> Claim | None:
