@@ -14,6 +14,12 @@ class SenderEndpoint(Protocol):
     def send(self, parts: list[Any], timeout: float | None) -> None:
         """Enqueue one object: part i to shard i (one part for every shard with full_batch)."""
 
+    def empty(self, shape: tuple[int, ...], dtype: Any, order: str, timeout: float | None) -> Any:
+        """A writable array a send of which copies nothing where the backend can (a loan)."""
+
+    def borrow(self, key: str) -> tuple[Any, Any]:
+        """The DataSystem object under ``key``, held for a send, and what ends that hold."""
+
     def queue(self, shard_id: int | None) -> Any:
         """Keys not yet consumed: of one shard, or ``{shard: keys}`` when shard_id is None."""
 

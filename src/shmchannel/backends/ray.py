@@ -205,6 +205,8 @@ class RaySender:
         from .ray_actor import ChannelActor, actor_name
 
         self._token = uuid.uuid4().hex
+        self._ray = ray
+        self._data_system: RayDataSystem | None = None
         actor = ChannelActor.options(  # type: ignore[attr-defined]
             name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
         ).remote(namespace, dataset_name)
@@ -224,6 +226,17 @@ class RaySender:
         sizes = [wire_size(wire) for wire in wires]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
         self._calls.call("put", self._token, wires, inline, timeout, timeout, sizes)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any, order: str, timeout: float | None) -> Any:
+        """An ordinary array: Ray's object store takes a send's bytes by ``ray.put``, a
+        copy, whatever memory they come from (no loan to fill in place)."""
+        return np.empty(shape, dtype, order="F" if order == "F" else "C")
+
+    def borrow(self, key: str) -> tuple[Any, Any]:
+        """The object under ``key`` from the Ray data system; a send of it copies it."""
+        if self._data_system is None:
+            self._data_system = RayDataSystem(self._ray)
+        return self._data_system.get(key), lambda: None
 
     def queue(self, shard_id: int | None) -> Any:
         return self._calls.call("queue", shard_id)[1]

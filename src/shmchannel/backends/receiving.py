@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from .. import serialization
 from ..broker import rules
 from ..errors import ProtocolError
@@ -31,6 +33,7 @@ from ..serialization.arrays import aligned_copy
 from ..store import block
 from ..store.blob import read_blob
 from . import views
+from .loans import Loaned
 from .arena_client import ArenaClient, leave_session, session_for, tell_next_broker
 from .sending import Withdrawable, _queue
 
@@ -195,15 +198,30 @@ class EmbeddedReceiver(Withdrawable):
         if self._shared:
             base.flags.writeable = False  # the other shards read the same memory
         views.count(self._log, claim.entry, base)
-        return self._object_of(base)
+        return self._object_of(base, base)
 
     def _raw(self, offset: int, size: int) -> Any:
         """A copy of an object's blob (a peek holds nothing)."""
         return aligned_copy(self._client.arena.view(block.blob_of(self._client.arena.whole, offset, size), size))
 
-    @staticmethod
-    def _object_of(data: Any) -> Any:
-        header, buffers = read_blob(memoryview(data))
+    def _object_of(self, data: Any, keep: Any = None) -> Any:
+        """The object of the blob ``data``. A buffer it references elsewhere in the store
+        (a sender's loan, an object sent by key: issue 15) is a read-only view that keeps
+        ``keep`` -- the blob's own view, counted in the claim log -- alive, so the blob's
+        block, which holds that memory for us (backends/loans.py), stays until it goes;
+        with no ``keep`` (a peek) it is a copy."""
+        arena = self._client.arena
+
+        def external(offset: int, length: int) -> Any:
+            if offset + length > arena.capacity:
+                raise ProtocolError(f"object references bytes [{offset}, {offset + length}) past the store's {arena.capacity}")
+            if keep is None:
+                return aligned_copy(arena.view(offset, length))
+            viewed = np.asarray(Loaned(arena.array(offset, length), keep))
+            viewed.flags.writeable = False  # other shards, channels and the sender read it too
+            return memoryview(viewed)
+
+        header, buffers = read_blob(memoryview(data), external)
         return serialization.deserialize(header, buffers)
 
     def ack(self) -> None:

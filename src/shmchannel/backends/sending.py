@@ -13,15 +13,18 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from .. import serialization
 from ..broker import rules
-from ..errors import Cancelled, ChannelTimeout, EndpointClosed, StoreFullTimeout
+from ..errors import Cancelled, ChannelError, ChannelTimeout, EndpointClosed, StoreFullTimeout
 from ..queue.ring import Publisher, Queues
 from ..store import block
 from ..store import slabs as S
 from ..store.allocator import align
-from ..store.blob import plan_blob, write_blob
+from ..store.blob import plan_blob, read_blob, write_blob
 from .arena_client import ArenaClient, remaining, tell_next_broker
+from .loans import Ledger
 
 #: Seconds a sender out of memory sleeps on its own slabs' freed word before it asks the
 #: broker again: memory freed in other senders' slabs wakes no one here.
@@ -77,6 +80,7 @@ class EmbeddedSender(Withdrawable):
         self._max_queue_size = max_queue_size
         self._refs = num_shards if full_batch else 1
         self._slabs = S.Slabs(client.arena.region, client.arena.whole)
+        self._ledger = Ledger(client.conn, client.arena)
         # (tail before, blocks) of the send in progress: a send an interrupt cut short
         # leaves it, and the next call frees the blocks unless the send was published.
         self._unsettled: tuple[int, list[int]] | None = None
@@ -102,16 +106,25 @@ class EmbeddedSender(Withdrawable):
         if self._withdrawn:
             self._withdrawn.discard(me)  # a withdrawal was for an earlier call
             self._check_withdrawn(me)
-        serialized = [serialization.serialize(part) for part in parts]
-        plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
+        ledger = self._ledger
+        if ledger:
+            ledger.tidy()
+        serialized = [serialization.serialize(part, arrow_streams=not ledger) for part in parts]
+        lent: list[list[Any]] = [[] for _ in serialized]  # per part: the loans it references
+        if ledger:
+            plans = [self._plan_referencing(s, found) for s, found in zip(serialized, lent)]
+        else:
+            plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
         blocks: list[int] = []
         pos = self._pub.tail  # what this object will be (one sender: no one else publishes)
         self._unsettled = (pos, blocks)
         view = self._client.arena
         descriptors = []
-        for s, plan in zip(serialized, plans):
+        for s, plan, loans in zip(serialized, plans, lent):
             offset, blob = self._alloc(plan.size, pos, blocks, timeout, deadline)
             write_blob(view.view(blob, plan.size), plan, s.header, s.buffers)
+            for loan in loans:
+                ledger.note(loan, offset, pos)
             descriptors.append((offset, plan.size))
         if self._pub.publish(descriptors, deadline, stop=self._stopped) is None:
             self._settle()
@@ -121,6 +134,19 @@ class EmbeddedSender(Withdrawable):
                 f"(max_queue_size={self._max_queue_size}); nothing was enqueued"
             )
         self._unsettled = None
+        if ledger:
+            ledger.sent([loan for loans in lent for loan in loans], [b for s in serialized for b in s.buffers])
+
+    def _plan_referencing(self, s: serialization.Serialized, loans: list[Any]) -> Any:
+        """The blob plan of ``s`` with each buffer that lies in a loan referenced, not
+        copied; the loans it references are appended to ``loans``."""
+        external = []
+        for source in s.buffers:
+            found = self._ledger.find(source)
+            external.append(-1 if found is None else found[0])
+            if found is not None and found[1] not in loans:
+                loans.append(found[1])
+        return plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers], external)
 
     def _settle(self) -> None:
         """Free the blocks of an unfinished send that was never published."""
@@ -166,6 +192,47 @@ class EmbeddedSender(Withdrawable):
             left = remaining(deadline)
             region.wait(word, seq, STORE_RECHECK if left is None else min(left, STORE_RECHECK), waiters)
 
+    def empty(self, shape: tuple[int, ...], dtype: Any, order: str, timeout: float | None) -> Any:
+        """A writable array in a new loan of the store (backends/loans.py): one round trip
+        to the broker, which may wait ``timeout`` seconds for room."""
+        self._ledger.tidy()  # what receivers finished with goes back first
+        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ledger = self._ledger
+        # Granted, the hold is in the ledger on the reader thread, as the reply comes: no
+        # interrupt of ours can come between them (what we have not recorded is not ours).
+        reply, _ = self._client.conn.request(
+            {"op": "loan", "size": nbytes, "timeout": remaining(deadline), "asked": timeout},
+            on_interrupt=self._unlend, on_reply=lambda r, _: self._lent(r, nbytes, sending=True),
+        )
+        return ledger.array(reply["_loan"], shape, dtype, order)
+
+    def _unlend(self, reply: dict[str, Any], data: Any) -> None:
+        """A loan granted as its caller was interrupted: nothing uses it (tidy gives it back)."""
+        if "_loan" in reply:
+            self._ledger.done_sending([reply["_loan"]])
+
+    def _lent(self, reply: dict[str, Any], size: int, sending: bool = False) -> None:
+        self._client.conn.hold()
+        reply["_loan"] = self._ledger.add(str(reply["key"]), int(reply["offset"]), size, sending)
+
+    def borrow(self, key: str) -> tuple[Any, Any]:
+        """The object under DataSystem ``key`` over the store's memory, held for a send
+        (``send`` references its buffers rather than copying them), and the function that
+        ends the hold's part in that send. An object kept inline at the broker is a copy."""
+        loan = self._ledger.lend_again(key)
+        if loan is None:
+            reply, data = self._client.conn.request(
+                {"op": "get", "key": key}, on_interrupt=self._unlend,
+                on_reply=lambda r, d: self._lent(r, int(r["size"]), sending=True) if "offset" in r else None,
+            )
+            if "offset" not in reply:
+                header, buffers = read_blob(memoryview(data).toreadonly())
+                return serialization.deserialize(header, buffers), lambda: None
+            loan = reply["_loan"]
+        header, buffers = read_blob(self._client.arena.view(loan.offset, loan.size).toreadonly())
+        return serialization.deserialize(header, buffers), lambda: self._ledger.done_sending([loan])
+
     def queue(self, shard_id: int | None) -> Any:
         return _queue(self._pub, shard_id)
 
@@ -189,6 +256,8 @@ class EmbeddedSender(Withdrawable):
             finally:
                 if end_of_stream:
                     self._pub.close()  # receivers see it at once, broker or not
+                if self._ledger.ever:
+                    self._hand_over_loans()
         finally:
             # The broker takes over our slabs: it frees each once its blocks are consumed.
             # If it died meanwhile, the next one has them (kept for us while we run).
@@ -197,6 +266,23 @@ class EmbeddedSender(Withdrawable):
             self._slabs.release_all()
             if gone and self._slabs.slabs:
                 tell_next_broker({"op": "unslab", "offsets": list(self._slabs.slabs)})
+
+
+    def _hand_over_loans(self) -> None:
+        """Give the broker our slabs while the connection still holds the loans: each
+        descriptor in use then holds what it references itself (broker/slab_grants.py),
+        and the loans need only cover this process's arrays -- the connection lingers
+        while any is left (client.py), and a loan nothing views goes back now."""
+        ledger = self._ledger
+        ledger.closed = True
+        if not self._client.conn.closed:
+            try:
+                self._client.conn.request({"op": "unslab", "offsets": list(self._slabs.slabs)})
+            except ChannelError:
+                return  # the broker is gone; a next one has our slabs whole, and no loans
+            self._slabs.forget()  # the broker's now: not to be written (release_all) by us
+        ledger.forget_uses()
+        ledger.tidy()
 
 
 def _queue(queues: Queues, shard_id: int | None) -> Any:

@@ -45,6 +45,17 @@ class Accounts:
             client.allocations[offset] = size
         return offsets
 
+    def try_loan(self, client: Client, size: int) -> Any:
+        """A new object of ``size`` bytes held by ``client`` (no key pins it: it goes when
+        the client releases it or leaves, unless a block it left references it); WAIT while
+        the store is too full."""
+        offsets = self.table.allocate([size])
+        if offsets is None:
+            return WAIT
+        obj = self.table.add(size, offset=offsets[0], refs=1)
+        client.holds[obj.key] += 1
+        return obj
+
     def free_allocations(self, client: Client, offsets: list[int]) -> None:
         for offset in offsets:
             if client.allocations.pop(offset, None) is not None:

@@ -258,14 +258,26 @@ class Operations:
         return protocol.ok(), b""
 
     def _alloc(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
-        sizes = _counts(msg, "sizes")
+        return self._allocating(msg, _counts(msg, "sizes"), lambda sizes: self.state.try_allocate(conn.client, sizes),
+                                lambda offsets: (protocol.ok(offsets=offsets), b""))
+
+    def _loan(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Any:
+        """A block of the store held by this client until it releases it (a sender's loan,
+        issue 15): an object without a key pinning it."""
+        return self._allocating(msg, [_count(msg.get("size"), "request field 'size'")],
+                                lambda sizes: self.state.try_loan(conn.client, sizes[0]),
+                                lambda obj: (protocol.ok(key=obj.key, offset=obj.offset), b""))
+
+    def _allocating(self, msg: dict[str, Any], sizes: list[int], try_: Callable[[list[int]], Any],
+                    reply: Callable[[Any], Reply]) -> Any:
+        """Wait (within the request's timeout) until ``try_`` finds room for ``sizes``."""
         table = self.state.table
         tmpfs_full: list[OSError] = []  # why the last attempt failed, if the tmpfs was the limit
 
         def attempt() -> Any:
             tmpfs_full.clear()
             try:
-                return self.state.try_allocate(conn.client, sizes)
+                return try_(sizes)
             except OSError as exc:  # the tmpfs itself is full: wait for our own frees
                 log.warning("cannot reserve shared memory in %s: %s", self.arena.path.parent, exc)
                 tmpfs_full.append(exc)
@@ -280,8 +292,7 @@ class Operations:
                 )
             return self._store_full(sum(sizes), msg)
 
-        return self._blocking(attempt, lambda: [self.state.store_freed], msg,
-                              lambda offsets: (protocol.ok(offsets=offsets), b""), full)
+        return self._blocking(attempt, lambda: [self.state.store_freed], msg, reply, full)
 
     def _free(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         self.state.free_allocations(conn.client, _counts(msg, "offsets"))

@@ -17,7 +17,7 @@ import json
 import struct
 from typing import Any
 
-PROTOCOL_VERSION = 5  # 5: event-count futex words, no sleep marks, no hold op; 4: the broker leaves the data path (issue 14); 3: request ids, IMMEDIATE requests, cancel by id
+PROTOCOL_VERSION = 6  # 6: loans, blobs referencing other objects (issue 15); 5: event-count futex words, no sleep marks, no hold op; 4: the broker leaves the data path (issue 14); 3: request ids, IMMEDIATE requests, cancel by id
 HEAD = struct.Struct("<II")
 MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20

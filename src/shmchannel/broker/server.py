@@ -59,6 +59,7 @@ class Server(SystemOperations):
             "slab": self._slab,
             "unslab": self._unslab,
             "alloc": self._alloc,
+            "loan": self._loan,
             "free": self._free,
             "queue": self._queue,
             "put": self._put,

@@ -22,6 +22,7 @@ from .._native import Region
 from ..queue import layout, reap
 from ..queue.log import ACKED, CLAIMED, RELEASING, STATUS
 from ..store import block, slabs
+from ..store.blob import external_offsets
 from ..store.table import StoreStats
 from .accounts import WAIT, Accounts
 from .records import Channel, Client, Orphan
@@ -37,6 +38,7 @@ class SlabGrants(Accounts):
     orphans: list[Orphan]
     backlogs: list[reap.Backlog]
     loose: dict[int, int]  # block offset -> reference bits
+    _lent: dict[int, list[str]]  # loose block offset -> the objects its blob references
     _headers: dict[int, int]  # slab offset -> loose blocks of it
 
     def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
@@ -87,10 +89,21 @@ class SlabGrants(Accounts):
         self.store_freed.fire()
 
     def _keep_loose(self, start: int, refs: int) -> None:
-        """Keep a block in use (and its slab's header) allocated on its own."""
+        """Keep a block in use (and its slab's header) allocated on its own, and the
+        objects its blob references (a loan, a DataSystem object sent by key: issue 15),
+        each with a reference of its own until the block is freed. The sender held those
+        through its connection while it ran; that hold is dropped after this (``disconnect``)."""
         _, length = block.check(self.view, start)
         self.table.allocator.take(start, length)
         self.loose[start] = refs
+        keys = []
+        for offset in external_offsets(self.view, start + block.header_size(refs), start + length):
+            obj = self.table.containing(offset)
+            if obj is not None:
+                obj.refs += 1
+                keys.append(obj.key)
+        if keys:
+            self._lent[start] = keys
         header = self._header_of(start)
         if header >= 0:
             if header not in self._headers:
@@ -111,6 +124,8 @@ class SlabGrants(Accounts):
         header = self._header_of(start)
         del self.loose[start]
         self.table.free_allocation(start)
+        for key in self._lent.pop(start, ()):
+            self.table.unref(key)
         if header in self._headers:
             self._headers[header] -= 1
             if not self._headers[header]:

@@ -66,6 +66,7 @@ class BrokerState(SlabGrants):
         # Blocks of slabs whose sender is gone, still in use: each holds just its own
         # bytes of the store (the rest of its slab went back at once) until it is freed.
         self.loose: dict[int, int] = {}  # block offset -> reference bits
+        self._lent: dict[int, list[str]] = {}  # loose block -> objects it references (slab_grants.py)
         # The header of each slab a loose block came from, kept while any of them lives:
         # a receiver freeing the block bumps the *freed* word there (store/block.py).
         self._headers: dict[int, int] = {}  # slab offset -> loose blocks of it

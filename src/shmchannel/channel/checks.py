@@ -3,9 +3,12 @@ expected and what was got. Also the finalizer of endpoints their user forgot to 
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Any, Callable
+
+import numpy as np
 
 from ..broker import rules
 from ..errors import InvalidArgument
@@ -50,3 +53,26 @@ def warn_unclosed(what: list[str], made: list[Any], close: Callable[[Any], None]
         close(made[0])
     except Exception:
         pass
+
+
+def check_shape(param: str, value: object) -> tuple[int, ...]:
+    """An array shape: an int >= 0 or a sequence of them (numpy's ``empty`` takes the same)."""
+    dims = (value,) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    try:
+        shape = tuple(operator.index(d) for d in dims)  # type: ignore[union-attr]
+    except TypeError:
+        shape = None
+    if shape is None or any(d < 0 for d in shape) or any(isinstance(d, bool) for d in dims):  # type: ignore[union-attr]
+        raise InvalidArgument(f"{param} must be an int >= 0 or a tuple of them, got {value!r:.80} ({type(value).__name__})")
+    return shape
+
+
+def check_dtype(param: str, value: object) -> np.dtype:
+    """A numpy dtype without Python objects in it (their addresses mean nothing elsewhere)."""
+    try:
+        dtype = np.dtype(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{param} must be a numpy dtype, got {value!r:.80}: {exc}") from None
+    if dtype.hasobject:
+        raise InvalidArgument(f"{param} must hold no Python objects, got {dtype}")
+    return dtype

@@ -121,13 +121,15 @@ def _reducers() -> tuple[_Reducers, _Reducers]:
 
 
 class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO) -> None:
+    def __init__(self, file: io.BytesIO, arrow_streams: bool = True) -> None:
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self.buffers: list[Source] = []
         # id(placeholder PickleBuffer) -> (placeholder, source); the placeholder is kept
         # alive so that its id stays unique until the pickler hands it to _take_buffer.
         self._sources: dict[int, tuple[pickle.PickleBuffer, Source]] = {}
         self._reducers, self._bases = _reducers()
+        if not arrow_streams:  # pyarrow's own pickling: each buffer its own out-of-band slot
+            self._reducers = {t: r for t, r in self._reducers.items() if r not in (reduce_table, reduce_batch)}
         self._base_types = tuple(self._bases)
 
     def _slot(self, source: Source) -> pickle.PickleBuffer:
@@ -224,8 +226,12 @@ def _streamed(obj: Any) -> Serialized | None:
     return None if stream is None else Serialized(_STREAM + bytes((entry[0],)), [stream])
 
 
-def serialize(obj: Any) -> Serialized:
+def serialize(obj: Any, arrow_streams: bool = True) -> Serialized:
     """Serialize ``obj``; array data stays in the source objects (no copy is made here).
+
+    ``arrow_streams=False``: Arrow tables and batches are pickled by pyarrow, each of their
+    buffers a source of its own, instead of written as one IPC stream -- for a sender with
+    loans, which can then reference the buffers that lie in them (backends/loans.py).
 
     Raises:
         UnsupportedType (a TypeError): ``obj``, or something inside it, cannot be pickled, or
@@ -234,11 +240,11 @@ def serialize(obj: Any) -> Serialized:
     if type(obj) is np.ndarray and obj.dtype.kind in _RAW_KINDS and obj.dtype.metadata is None and obj.ndim < 256:
         return Serialized(_raw_header(obj), [obj])
     try:
-        streamed = _streamed(obj)
+        streamed = _streamed(obj) if arrow_streams else None
         if streamed is not None:
             return streamed
         stream = io.BytesIO()
-        pickler = _Pickler(stream)
+        pickler = _Pickler(stream, arrow_streams)
         pickler.dump(obj)
     except (ChannelError, MemoryError):
         raise  # ours already names the cause (a tensor off the CPU); memory is not a type problem

@@ -9,13 +9,19 @@
 
 A blob describes itself, so the broker stores only (offset, size) per key and never reads
 user data; the same bytes travel inline over the socket for small objects.
+
+A buffer may instead be *referenced*: its entry's offset has the ``EXTERNAL`` bit set and
+names bytes elsewhere in the arena -- a sender's loan, or a DataSystem object sent by key
+(issue 15) -- which the blob does not hold. Whoever wrote such a blob holds that memory
+for as long as the blob's block is in use (backends/loans.py); a reader resolves the entry
+with the ``external`` function it is given, and a reader given none refuses it.
 """
 
 from __future__ import annotations
 
 import functools
 import struct
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 
@@ -24,7 +30,10 @@ from ..serialization.arrays import Source
 from .allocator import align
 
 MAGIC = b"SHMC"
-VERSION = 1
+VERSION = 2  # 2: referenced (EXTERNAL) buffers
+#: Set in a table entry's offset: the buffer is ``[offset & ~EXTERNAL, + length)`` of the
+#: arena, not of the blob.
+EXTERNAL = 1 << 63
 _HEAD = struct.Struct("<4sIQII")
 _ENTRY = struct.Struct("<QQ")
 
@@ -34,21 +43,28 @@ class BlobPlan(NamedTuple):
 
     size: int
     header_len: int
-    offsets: tuple[int, ...]
+    offsets: tuple[int, ...]  # in the blob, or EXTERNAL | arena offset
     lengths: tuple[int, ...]
     table: bytes  # the blob's table (its first bytes), packed once per plan
 
 
-def plan_blob(header_len: int, lengths: Sequence[int]) -> BlobPlan:
+def plan_blob(header_len: int, lengths: Sequence[int], external: Sequence[int] | None = None) -> BlobPlan:
+    """Where the header and each buffer go; ``external[i] >= 0``: buffer i is not written
+    but referenced, at that arena offset (``EXTERNAL``)."""
+    if external is not None:
+        return _plan(header_len, tuple(lengths), tuple(external))
     if len(lengths) <= 4:  # an array, a few columns: a stream repeats these, made once each
         return _cached_plan(header_len, tuple(lengths))
     return _plan(header_len, tuple(lengths))
 
 
-def _plan(header_len: int, lengths: tuple[int, ...]) -> BlobPlan:
+def _plan(header_len: int, lengths: tuple[int, ...], external: tuple[int, ...] = ()) -> BlobPlan:
     pos = _HEAD.size + _ENTRY.size * len(lengths) + header_len
     offsets = []
-    for n in lengths:
+    for i, n in enumerate(lengths):
+        if external and external[i] >= 0:
+            offsets.append(EXTERNAL | external[i])
+            continue
         pos = align(pos)
         offsets.append(pos)
         pos += n
@@ -67,7 +83,7 @@ def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence
     dst[:start] = plan.table
     dst[start : start + plan.header_len] = header
     for source, offset, length in zip(sources, plan.offsets, plan.lengths):
-        if length == 0:
+        if length == 0 or offset & EXTERNAL:
             continue
         if isinstance(source, np.ndarray):
             if source.flags.c_contiguous and source.dtype.kind in "biuf" and source.dtype.isnative:  # the cheapest way
@@ -85,11 +101,15 @@ def write_blob(dst: memoryview, plan: BlobPlan, header: bytes, sources: Sequence
             source.write_into(dst[offset : offset + length])
 
 
-def read_blob(view: memoryview) -> tuple[memoryview, list[memoryview]]:
-    """Split a blob into (header view, buffer views); all views of ``view``, no copy.
+def read_blob(
+    view: memoryview, external: Callable[[int, int], Any] | None = None
+) -> tuple[memoryview, list[Any]]:
+    """Split a blob into (header view, buffer views); all views of ``view``, no copy, but
+    for referenced buffers: ``external(arena offset, length)`` gives those.
 
     Raises:
-        ProtocolError: the bytes are not a blob (bad magic, version or bounds).
+        ProtocolError: the bytes are not a blob (bad magic, version or bounds), or it
+            references memory and ``external`` is None (or refuses the range).
     """
     if len(view) < _HEAD.size:
         raise ProtocolError(f"blob of {len(view)} bytes is shorter than its table")
@@ -102,7 +122,29 @@ def read_blob(view: memoryview) -> tuple[memoryview, list[memoryview]]:
     buffers = []
     for i in range(nbuf):
         offset, length = _ENTRY.unpack_from(view, _HEAD.size + _ENTRY.size * i)
+        if offset & EXTERNAL:
+            if external is None:
+                raise ProtocolError(f"blob buffer {i} references shared memory, and this reader has none")
+            buffers.append(external(offset & ~EXTERNAL, length))
+            continue
         if offset + length > len(view):
             raise ProtocolError(f"blob buffer {i} runs past its end")
         buffers.append(view[offset : offset + length])
     return view[start : start + header_len], buffers
+
+
+def external_offsets(view: memoryview, at: int, end: int) -> list[int]:
+    """The arena offsets a blob at ``view[at:end]`` references (``EXTERNAL`` entries), for
+    the broker taking over a block (broker/slab_grants.py). Garbage -- a block half written
+    by a sender that died, or by a hostile one -- references nothing."""
+    if at < 0 or at + _HEAD.size > min(end, len(view)):
+        return []
+    magic, version, _, nbuf, _ = _HEAD.unpack_from(view, at)
+    if magic != MAGIC or version != VERSION or at + _HEAD.size + _ENTRY.size * nbuf > min(end, len(view)):
+        return []
+    found = []
+    for i in range(nbuf):
+        offset, _ = _ENTRY.unpack_from(view, at + _HEAD.size + _ENTRY.size * i)
+        if offset & EXTERNAL:
+            found.append(offset & ~EXTERNAL)
+    return found

@@ -129,6 +129,9 @@ class Slabs:
         self._changing = True  # before the pop: a check point follows it (a C call)
         found = self._out.pop(offset, None)
         if found is not None:
+            # Its bits cleared: a loan it references sees it unused (backends/loans.py).
+            for i in range((found[1] + 63) // 64):
+                self.region.store(offset + block.REFS_AT + 8 * i, 0)
             self._slabs[found[0]].release(offset - found[0] - SLAB_HEADER)
         self._changing = False
 
@@ -176,6 +179,10 @@ class Slabs:
         """Say in each slab that this sender will write no more blocks in it."""
         for slab in self._slabs:
             self.region.store(slab + RELEASED, 1)
+
+    def forget(self) -> None:
+        """Forget every slab (handed over to the broker, blocks in use and all)."""
+        self._slabs, self._sizes, self._out = {}, {}, {}
 
     def drop(self, slab: int) -> None:
         """Forget a slab (given back to the broker); it must have no block in use."""

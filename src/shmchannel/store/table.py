@@ -154,6 +154,14 @@ class ObjectTable:
             self.inline_charged += charge(len(inline))
         return obj
 
+    def containing(self, offset: int) -> StoredObject | None:
+        """The arena object whose block holds byte ``offset`` (a look through all: only
+        when a sender's slabs are taken over)."""
+        for obj in self._objects.values():
+            if 0 <= obj.offset <= offset < obj.offset + max(obj.size, 1):
+                return obj
+        return None
+
     def unref(self, key: str, n: int = 1) -> bool:
         """Drop ``n`` references; True if that freed the object."""
         obj = self._objects[key]

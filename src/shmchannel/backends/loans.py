@@ -1,0 +1,262 @@
+"""A sender's loans: memory of the store it references from the blobs it sends instead of
+copying it (issue 15).
+
+A loan is an object of the store (store/table.py) that this sender's connection holds: a
+block ``DataSender.empty`` lent for the user to fill, or a DataSystem object sent by key
+(``send_key``). A blob that references it (store/blob.py: ``EXTERNAL``) is written into an
+ordinary block of the sender's slabs -- its *descriptor*, a few hundred bytes. The hold is
+given back (``release``, written by the connection's writer) once nothing uses the loan:
+
+- no array of this process views it (the arrays ``empty`` returned, and every view made of
+  them, keep one base object alive; a weak reference's C callback queues its death, as for
+  received views: backends/views.py), no send of it is running, and
+- every descriptor that references it is free: its receivers have released it, which the
+  sender sees by looking at the block (``_done``), as it does for its own blocks.
+
+Looking happens at each ``empty``, ``send`` and ``close``, and every ``TIDY_INTERVAL`` on a
+daemon thread (for a sender that stopped sending). When the sender leaves or dies, the
+broker takes over its slabs: each descriptor still in use then holds the objects it
+references itself (broker/slab_grants.py), before the connection's holds are dropped --
+so a loan is freed when its last receiver is done with it, and a killed sender leaks
+nothing.
+
+Interrupts: every change here is made under a lock by ``with`` (C enter and exit), in an
+order where a step cut short leaves a hold kept too long -- given back when the sender's
+connection closes -- never one given back too early.
+"""
+
+from __future__ import annotations
+
+import _thread
+import bisect
+import collections
+import os
+import struct
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+from ..store import block
+from ..store.arena import ArenaMap
+
+#: Seconds between the daemon thread's looks at the loans of senders that stopped sending.
+TIDY_INTERVAL = 0.05
+
+_HEAD = struct.Struct("<IIQQQ")  # a block's header (store/block.py)
+
+
+class Loaned:
+    """The one base object of every array over a loan's memory: numpy builds an array from
+    it (``__array_interface__``) and keeps it as that array's base, and every view of such
+    an array keeps it alive in turn. Its death is what says the process views it no more.
+    ``keep``: what must outlive the memory's users (a received descriptor's own view)."""
+
+    def __init__(self, source: np.ndarray, keep: Any = None) -> None:
+        self.__array_interface__ = source.__array_interface__
+        self.source, self.keep = source, keep
+
+
+class Loan:
+    """One object this sender holds (see the module docstring)."""
+
+    __slots__ = ("key", "offset", "size", "viewed", "sending", "uses", "root")
+
+    def __init__(self, key: str, offset: int, size: int) -> None:
+        self.key, self.offset, self.size = key, offset, size
+        self.viewed = False  # an array of this process views it
+        self.sending = 0  # sends of it running now
+        self.uses: list[tuple[int, int]] = []  # (descriptor block, object pos) referencing it
+        self.root: weakref.ref[np.ndarray] | None = None  # the array empty() returned
+
+
+class Ledger:
+    """The loans of one sender."""
+
+    def __init__(self, conn: Any, arena: ArenaMap) -> None:
+        self._conn, self._arena = conn, arena
+        self._loans: dict[str, Loan] = {}
+        self._starts: list[tuple[int, str]] = []  # (offset, key), sorted: ``find``
+        self._viewers: dict[int, tuple[weakref.ref[Any], str]] = {}  # id(ref) -> (ref, key)
+        self._dead: collections.deque[weakref.ref[Any]] = collections.deque()  # refs whose Loaned died
+        self._lock = threading.RLock()  # the daemon thread tidies too; re-entered by a signal handler
+        self._base, self._end = arena.address_range
+        self.ever = False  # a loan was ever taken (close then hands the slabs over first)
+        self.closed = False  # the sender closed: the daemon thread forgets it once empty
+
+    def __bool__(self) -> bool:
+        return bool(self._loans)
+
+    @property
+    def held(self) -> int:
+        return len(self._loans)
+
+    # -- taking loans ----------------------------------------------------------------------
+
+    def add(self, key: str, offset: int, size: int, sending: bool = False) -> Loan:
+        """Record a hold the broker granted (before anything else can fail: the caller's
+        on_interrupt gives it back if an interrupt comes first)."""
+        loan = Loan(key, offset, size)
+        loan.sending = int(sending)
+        self.ever = True
+        with self._lock:
+            self._loans[key] = loan
+            bisect.insort(self._starts, (offset, key))
+        _watch(self)
+        return loan
+
+    def lend_again(self, key: str) -> Loan | None:
+        """The loan of ``key`` if this sender holds it already, counted as being sent."""
+        with self._lock:
+            loan = self._loans.get(key)
+            if loan is not None:
+                loan.sending += 1
+            return loan
+
+    def array(self, loan: Loan, shape: tuple[int, ...], dtype: np.dtype, order: str) -> np.ndarray:
+        """A writable array over ``loan``; the loan is viewed until it and its views are gone."""
+        holder = Loaned(self._arena.array(loan.offset, loan.size))
+        ref = weakref.ref(holder, self._dead.append)
+        with self._lock:
+            self._viewers[id(ref)] = (ref, loan.key)
+            loan.viewed = True
+            loan.sending = max(0, loan.sending - 1)  # (held since it was granted: ``add``)
+        flat = np.asarray(holder)[: int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+        arr = flat.view(dtype).reshape(shape, order="F" if order == "F" else "C")
+        loan.root = weakref.ref(arr)
+        return arr
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def find(self, source: Any) -> tuple[int, Loan] | None:
+        """(arena offset, loan) of ``source``'s bytes if they are one contiguous run inside
+        a loan -- an array, a row block of one, a buffer of a frame over it -- else None."""
+        if isinstance(source, np.ndarray):
+            if not (source.flags.c_contiguous or source.flags.f_contiguous):
+                return None
+            address, nbytes = source.__array_interface__["data"][0], source.nbytes
+        elif isinstance(source, memoryview):
+            if not source.contiguous:
+                return None
+            nbytes = source.nbytes
+            address = np.frombuffer(source.cast("B") if source.format != "B" else source, np.uint8).__array_interface__["data"][0] if nbytes else 0
+        else:
+            return None  # a Writer (an Arrow stream) makes its bytes as it writes them
+        if not nbytes or not self._base <= address < self._end:
+            return None
+        offset = address - self._base
+        i = bisect.bisect_right(self._starts, (offset, "\uffff")) - 1
+        if i < 0:
+            return None
+        loan = self._loans.get(self._starts[i][1])
+        if loan is None or offset + nbytes > loan.offset + loan.size:
+            return None
+        return offset, loan
+
+    def note(self, loan: Loan, descriptor: int, pos: int) -> None:
+        """``descriptor`` (object ``pos``) references ``loan``: recorded before it is
+        published, so that no look can find the loan unused while a receiver may read it."""
+        with self._lock:
+            loan.uses.append((descriptor, pos))
+
+    def sent(self, loans: list[Loan], sources: list[Any]) -> None:
+        """A send referencing ``loans`` is queued: what it sent, and the arrays ``empty``
+        returned for those loans, become read-only (a write would change what receivers
+        read). Views made before the send keep their flag (numpy does not list them)."""
+        for source in sources:
+            if isinstance(source, np.ndarray):
+                source.flags.writeable = False
+        for loan in loans:
+            root = loan.root() if loan.root is not None else None
+            if root is not None:
+                root.flags.writeable = False
+
+    def done_sending(self, loans: list[Loan]) -> None:
+        with self._lock:
+            for loan in loans:
+                loan.sending = max(0, loan.sending - 1)
+
+    # -- giving back -----------------------------------------------------------------------
+
+    def tidy(self) -> int:
+        """Give back the loans nothing uses any more (module docstring); how many."""
+        if not self._loans:
+            return 0
+        given = 0
+        with self._lock:
+            while self._dead:
+                found = self._viewers.pop(id(self._dead[0]), None)
+                if found is not None:
+                    loan = self._loans.get(found[1])
+                    if loan is not None:
+                        loan.viewed = False
+                self._dead.popleft()
+            for loan in list(self._loans.values()):
+                if loan.viewed or loan.sending:
+                    continue
+                if loan.uses:
+                    loan.uses = [use for use in loan.uses if not self._done(*use)]
+                    if loan.uses:
+                        continue
+                # Out of the tables first: cut here, the hold stays until the connection closes.
+                del self._loans[loan.key]
+                self._starts.remove((loan.offset, loan.key))
+                self._conn.release(loan.key)
+                given += 1
+        return given
+
+    def _done(self, descriptor: int, pos: int) -> bool:
+        """Whether the descriptor block at ``descriptor`` no longer holds object ``pos``:
+        all its receivers released it (its bits are clear), or it was reused since (it
+        names another object). Our own block: only this sender writes its header."""
+        region = self._arena.region
+        magic, refs, _, _, held = _HEAD.unpack_from(self._arena.whole, descriptor)
+        if magic != block.MAGIC or held != pos:
+            return True
+        return block.is_free(region, descriptor, refs)
+
+    def forget_uses(self) -> None:
+        """The broker takes over our slabs now (the sender leaves): each descriptor in use
+        holds what it references on its own from then on, so the loans need only cover
+        this process's arrays."""
+        with self._lock:
+            for loan in self._loans.values():
+                loan.uses = []
+                loan.sending = 0
+
+
+# -- the daemon thread -----------------------------------------------------------------------
+
+_ledgers: set[Ledger] = set()  # strong: a closed sender's loans outlive it, until given back
+_tidier = False
+
+
+def _forked() -> None:
+    global _tidier
+    _ledgers.clear()  # a child's copies hold nothing at the broker
+    _tidier = False
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _watch(ledger: Ledger) -> None:
+    global _tidier
+    _ledgers.add(ledger)
+    if not _tidier:
+        _tidier = True
+        _thread.start_new_thread(_tidy_forever, ())  # one C call (see aio.Worker)
+
+
+def _tidy_forever() -> None:
+    while True:
+        time.sleep(TIDY_INTERVAL)
+        for ledger in list(_ledgers):
+            try:
+                ledger.tidy()
+            except Exception:  # noqa: BLE001 -- shared memory gone (process exiting): nothing to give back
+                pass
+            if ledger.closed and not ledger:
+                _ledgers.discard(ledger)
