@@ -69,3 +69,27 @@ def test_online_learning_example_trains_each_event_once_and_beats_the_base_rate(
     assert workdir and not Path(workdir[1]).exists(), f"temp dir left: {workdir}"
     assert "listening" in (Path(_isolated) / "broker.log").read_text(), "the broker ran elsewhere"
     wait_until(lambda: not processes_of(_isolated), 10, f"the example's processes to exit: {processes_of(_isolated)}")
+
+
+LOANED = Path(__file__).resolve().parents[1] / "examples" / "loaned_batches.py"
+
+
+def test_loaned_batches_example_sends_views_and_leaves_the_store_empty(_isolated: str) -> None:
+    """The in-place producer example (examples/loaned_batches.py) exits 0; each trainer gets
+    half the rows of every batch as read-only views, learns the known weights, and the store
+    is empty at the end: every loan went back."""
+    batches, rows = 12, 20_000
+    proc = subprocess.run([sys.executable, str(LOANED), "--batches", str(batches), "--rows", str(rows)],
+                          capture_output=True, text=True, timeout=90)
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    for shard in (0, 1):
+        done = re.search(rf"^\[trainer {shard}\] done: (\d+) batches, ([\d,]+) rows, views (\w+), "
+                         r"largest weight error ([\d.]+)$", out, re.M)
+        assert done, out
+        assert int(done[1]) == batches and int(done[2].replace(",", "")) == batches * rows // 2, out
+        assert done[3] == "True", f"trainer {shard} got copies, not read-only views:\n{out}"
+        assert float(done[4]) < 0.05, out
+    assert "store after the run: 0 objects, 0 bytes in use" in out, out
+    wait_until(lambda: not processes_of(_isolated), 10, f"the example's processes to exit: {processes_of(_isolated)}")

@@ -161,14 +161,14 @@ class Ledger:
         with self._lock:
             loan.uses.append((descriptor, pos))
 
-    def sent(self, loans: list[Loan], sources: list[Any]) -> None:
-        """A send referencing ``loans`` is queued: what it sent, and the arrays ``empty``
-        returned for those loans, become read-only (a write would change what receivers
-        read). Views made before the send keep their flag (numpy does not list them)."""
-        for source in sources:
+    def sent(self, referenced: list[tuple[Loan, Any]]) -> None:
+        """A send is queued that references these (loan, source): the sources, and the
+        arrays ``empty`` returned for those loans, become read-only (a write would change
+        what receivers read). Views made before the send keep their flag (numpy does not
+        list them); what the send copied keeps its own."""
+        for loan, source in referenced:
             if isinstance(source, np.ndarray):
                 source.flags.writeable = False
-        for loan in loans:
             root = loan.root() if loan.root is not None else None
             if root is not None:
                 root.flags.writeable = False

@@ -219,7 +219,7 @@ class EmbeddedReceiver(Withdrawable):
                 return aligned_copy(arena.view(offset, length))
             viewed = np.asarray(Loaned(arena.array(offset, length), keep))
             viewed.flags.writeable = False  # other shards, channels and the sender read it too
-            return memoryview(viewed)
+            return memoryview(viewed)  # type: ignore[arg-type]  # numpy exports a buffer
 
         header, buffers = read_blob(memoryview(data), external)
         return serialization.deserialize(header, buffers)

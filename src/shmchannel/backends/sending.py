@@ -110,7 +110,7 @@ class EmbeddedSender(Withdrawable):
         if ledger:
             ledger.tidy()
         serialized = [serialization.serialize(part, arrow_streams=not ledger) for part in parts]
-        lent: list[list[Any]] = [[] for _ in serialized]  # per part: the loans it references
+        lent: list[list[Any]] = [[] for _ in serialized]  # per part: (loan, source) it references
         if ledger:
             plans = [self._plan_referencing(s, found) for s, found in zip(serialized, lent)]
         else:
@@ -123,7 +123,7 @@ class EmbeddedSender(Withdrawable):
         for s, plan, loans in zip(serialized, plans, lent):
             offset, blob = self._alloc(plan.size, pos, blocks, timeout, deadline)
             write_blob(view.view(blob, plan.size), plan, s.header, s.buffers)
-            for loan in loans:
+            for loan in {id(loan): loan for loan, _ in loans}.values():
                 ledger.note(loan, offset, pos)
             descriptors.append((offset, plan.size))
         if self._pub.publish(descriptors, deadline, stop=self._stopped) is None:
@@ -135,17 +135,17 @@ class EmbeddedSender(Withdrawable):
             )
         self._unsettled = None
         if ledger:
-            ledger.sent([loan for loans in lent for loan in loans], [b for s in serialized for b in s.buffers])
+            ledger.sent([x for found in lent for x in found])
 
-    def _plan_referencing(self, s: serialization.Serialized, loans: list[Any]) -> Any:
+    def _plan_referencing(self, s: serialization.Serialized, found: list[Any]) -> Any:
         """The blob plan of ``s`` with each buffer that lies in a loan referenced, not
-        copied; the loans it references are appended to ``loans``."""
+        copied; (loan, source) of each is appended to ``found``."""
         external = []
         for source in s.buffers:
-            found = self._ledger.find(source)
-            external.append(-1 if found is None else found[0])
-            if found is not None and found[1] not in loans:
-                loans.append(found[1])
+            hit = self._ledger.find(source)
+            external.append(-1 if hit is None else hit[0])
+            if hit is not None:
+                found.append((hit[1], source))
         return plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers], external)
 
     def _settle(self) -> None:

@@ -57,12 +57,13 @@ def warn_unclosed(what: list[str], made: list[Any], close: Callable[[Any], None]
 
 def check_shape(param: str, value: object) -> tuple[int, ...]:
     """An array shape: an int >= 0 or a sequence of them (numpy's ``empty`` takes the same)."""
-    dims = (value,) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    dims: Any = (value,) if isinstance(value, (int, np.integer)) else value
     try:
-        shape = tuple(operator.index(d) for d in dims)  # type: ignore[union-attr]
+        shape = tuple(operator.index(d) for d in dims if not isinstance(d, bool))
+        whole = len(shape) == len(dims)  # no bool among them
     except TypeError:
-        shape = None
-    if shape is None or any(d < 0 for d in shape) or any(isinstance(d, bool) for d in dims):  # type: ignore[union-attr]
+        shape, whole = (), False
+    if not whole or any(d < 0 for d in shape):
         raise InvalidArgument(f"{param} must be an int >= 0 or a tuple of them, got {value!r:.80} ({type(value).__name__})")
     return shape
 

@@ -270,7 +270,7 @@ class DataSender(ChannelEnd):
         dtype = check_dtype("dtype", dtype)
         if order not in ("C", "F"):
             raise InvalidArgument(f'order must be "C" or "F", got {order!r:.40}')
-        return endpoint.empty(shape, dtype, order, check_timeout("timeout", timeout))  # type: ignore[no-any-return]
+        return endpoint.empty(shape, dtype, order, check_timeout("timeout", timeout))
 
     def empty_like(self, array: Any, dtype: Any = None, order: str = "K", shape: Any = None, *,
                    timeout: float | None = None) -> np.ndarray:
