@@ -9,6 +9,10 @@ spawn), runs every repetition in them, and returns one ``Rep`` per repetition:
     per repetition:  open endpoints -> barrier -> producer sends, consumers receive and check
                      -> consumers report -> barrier (the producer outlives its data: Ray)
 
+An ``inplace`` workload fills each object from the template before stamping it: in an
+array of the producer's pool, or in the one the peer's ``batch`` lends (``shmchannel-loan``:
+``DataSender.empty``); ``Peer.runs`` says which peers take part in which workloads.
+
 A ``lockstep`` workload ("unloaded") keeps one message in flight: after each send the
 producer waits on a semaphore that each consumer releases once it has checked the message
 (outside the timed send -> receive span, so the ack's own cost is not in the latency).
@@ -84,6 +88,14 @@ class Peer:
 
     def child_init(self) -> None:   # in each child, once
         pass
+
+    def runs(self, w: Workload) -> bool:   # driver: whether this peer takes part in ``w``
+        return not w.inplace   # the in-place workloads compare shmchannel's own paths (and "fill")
+
+    lends = False   # its sender lends the arrays to send (``batch``): the producer keeps no pool
+
+    def batch(self, tx: Any, w: Workload, pool: list[Any], seq: int) -> Any:   # producer: the next object
+        return pool[seq % len(pool)]
 
     def sender(self, handles: Any, w: Workload, rep: int) -> Any:
         raise NotImplementedError
@@ -190,7 +202,7 @@ def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, 
     try:
         peer.child_init()
         template = w.template()
-        pool = [template.copy() for _ in range(1 if w.latency_only else POOL)]
+        pool = [] if peer.lends else [template.copy() for _ in range(1 if w.latency_only else POOL)]
         count = cfg.count(w)
         for rep in range(cfg.reps):
             tx = peer.sender(handles, w, rep)
@@ -198,9 +210,11 @@ def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, 
             start = time.perf_counter()
             sent = 0
             for seq in range(count):
-                obj = pool[seq % len(pool)]
+                obj = peer.batch(tx, w, pool, seq)
                 if w.latency_only and not w.lockstep:
                     time.sleep(peer.wake_gap)
+                if w.inplace:
+                    w.fill(obj, template)
                 w.stamp(obj, seq, time.perf_counter())
                 tx.send(obj)
                 sent += 1
@@ -210,6 +224,7 @@ def _producer(peer: Peer, handles: Any, w: Workload, cfg: Config, barrier: Any, 
                             raise TimeoutError(f"no ack for message {seq} within {RECV_TIMEOUT} s")
                 if time.perf_counter() - start > cfg.cap:
                     break
+            obj = None  # a loan goes back once its receivers are done too
             tx.close()
             out.put(("producer", rep, sent, None))
             barrier.wait(BARRIER_TIMEOUT)

@@ -16,6 +16,12 @@ from workloads import WORKLOADS
 
 REFERENCE = "shmchannel"   # the numerator of the ratio column
 LIMIT = "memcpy"
+LOAN, FILL = "shmchannel-loan", "fill"   # the in-place workloads' reference and limit (issue 15)
+
+
+def references(workload: str) -> tuple[str, str]:
+    """The peers a workload's ratio columns divide by: (reference, limit)."""
+    return (LOAN, FILL) if WORKLOADS[workload].inplace else (REFERENCE, LIMIT)
 
 
 @dataclass
@@ -47,9 +53,11 @@ def summarize(workload: str, peer: str, reps: list[Rep] | None, error: str | Non
 
 
 def _ratios(s: Summary, by_key: dict[tuple[str, str], Summary]) -> tuple[float, float]:
-    """(shmchannel/peer, peer/memcpy): throughput ratios, or for "wake" the p50 latency ratio."""
-    ref = by_key.get((s.workload, REFERENCE))
-    lim = by_key.get((s.workload, LIMIT))
+    """(shmchannel/peer, peer/memcpy): throughput ratios, or for "wake" the p50 latency ratio.
+    In-place workloads: (shmchannel-loan/peer, peer/fill)."""
+    reference, limit = references(s.workload)
+    ref = by_key.get((s.workload, reference))
+    lim = by_key.get((s.workload, limit))
     if WORKLOADS[s.workload].latency_only:
         return (s.p50 / ref.p50 if ref else float("nan")), float("nan")
     vs_peer = ref.gb_per_s / s.gb_per_s if ref else float("nan")
@@ -59,7 +67,7 @@ def _ratios(s: Summary, by_key: dict[tuple[str, str], Summary]) -> tuple[float, 
 
 @dataclass
 class Target:
-    """One of issue 14's targets, judged from the medians of this run."""
+    """One of issue 14's (or 15's) targets, judged from the medians of this run."""
 
     name: str
     measured: str          # the medians it is computed from
@@ -70,7 +78,7 @@ class Target:
 
 def targets(summaries: list[Summary], streams: dict[str, Any] | None,
             skipped: dict[str, str] | None = None) -> list[Target]:
-    """Issue 14's targets, each from medians of this run (ratios of medians)."""
+    """Issue 14's and 15's targets, each from medians of this run (ratios of medians)."""
     by_key = {(s.workload, s.peer): s for s in summaries if not s.error and s.reps}
     skipped = skipped or {}
     out: list[Target] = []
@@ -86,11 +94,12 @@ def targets(summaries: list[Summary], streams: dict[str, Any] | None,
                 why.append(f"{workload}/{p} {'failed' if (workload, p) in ran else 'not run'}")
         return "not measured: " + ", ".join(why)
 
-    def compare(name: str, workload: str, peer: str, what: str, goal: float, at_least: bool) -> None:
-        ref, other = by_key.get((workload, REFERENCE)), by_key.get((workload, peer))
+    def compare(name: str, workload: str, peer: str, what: str, goal: float, at_least: bool,
+                reference: str = REFERENCE) -> None:
+        ref, other = by_key.get((workload, reference)), by_key.get((workload, peer))
         sign = ">=" if at_least else "<="
         if ref is None or other is None:
-            out.append(Target(name, missing(workload, REFERENCE, peer), float("nan"), f"{sign} {goal:g}", None))
+            out.append(Target(name, missing(workload, reference, peer), float("nan"), f"{sign} {goal:g}", None))
             return
         if what == "msgs/s":
             a, b, shown = ref.msgs_per_s, other.msgs_per_s, f"{ref.msgs_per_s:,.0f} vs {other.msgs_per_s:,.0f} msgs/s"
@@ -98,7 +107,7 @@ def targets(summaries: list[Summary], streams: dict[str, Any] | None,
             a, b = getattr(ref, what), getattr(other, what)
             shown = f"{a * 1e6:,.0f} vs {b * 1e6:,.0f} us"
         value = a / b
-        out.append(Target(name, f"{REFERENCE} {shown} ({peer})", value, f"{sign} {goal:g}",
+        out.append(Target(name, f"{reference} {shown} ({peer})", value, f"{sign} {goal:g}",
                           value >= goal if at_least else value <= goal))
 
     compare("small: msgs/s vs mp.Queue", "small", "mp.Queue", "msgs/s", 1.5, True)
@@ -109,6 +118,9 @@ def targets(summaries: list[Summary], streams: dict[str, Any] | None,
     for w in ("medium", "df", "shard4"):
         compare(f"{w}: msgs/s vs zmq", w, "zmq", "msgs/s", 2.0, True)
     compare("large: msgs/s vs memcpy", "large", LIMIT, "msgs/s", 0.8, True)
+    for w in ("large-inplace", "shard4-inplace"):  # issue 15: a loan's send against a copy's, and the fill alone
+        compare(f"{w}: loan vs copy, msgs/s", w, REFERENCE, "msgs/s", 1.8, True, reference=LOAN)
+        compare(f"{w}: loan vs fill, msgs/s", w, FILL, "msgs/s", 0.9, True, reference=LOAN)
     import streams as st  # here: report.py imports without it when there is no such section
 
     broker_name, scale_name = "broker CPU per object (1 channel)", f"scale: {st.SCALE_CHANNELS} channels vs 1"
@@ -176,7 +188,10 @@ def streams_text(streams: dict[str, Any]) -> str:
 
 TARGETS_NOTE = (
     "value: shmchannel's median divided by the peer's (throughput: > 1 is faster; latency: < 1 is lower), "
-    "or the broker's CPU in us per object. All from this run's medians. `unloaded`: one message in flight "
+    "or the broker's CPU in us per object; for the -inplace rows (issue 15) shmchannel-loan's median (each batch "
+    "filled in a `sender.empty` loan and sent without a copy) divided by shmchannel's (\"copy\": filled in the "
+    "producer's own array, copied by the send) or by fill's (the fill alone, one process, no channel). All from "
+    "this run's medians. `unloaded`: one message in flight "
     "(the next sent once the receiver checked the previous one), so no queueing; `small`'s own p50 is under "
     "load (queues full). The broker's CPU: utime+stime of the broker process (/proc/<pid>/stat, clock ticks) "
     "across a 20,000-object 1 KiB stream through one channel, endpoints opened before and closed after the "
@@ -229,7 +244,9 @@ LEGEND = (
     "hold up to 10 messages; an idle receiver for `wake`; one message in flight for `unloaded`). shm/peer: shmchannel (embedded) throughput "
     "divided by the peer's (> 1: shmchannel is faster); for `wake` and `unloaded` the peer's p50 latency "
     "divided by shmchannel's (> 1: shmchannel is quicker). peer/memcpy: the peer's throughput as a fraction of "
-    "one in-process memcpy of the same bytes. msgs x reps: messages per repetition (a slow peer stops "
+    "one in-process memcpy of the same bytes. For `large-inplace` and `shard4-inplace` the two ratio columns are "
+    "shmchannel-loan's throughput divided by the peer's, and the peer's as a fraction of `fill` (fills per "
+    "second of the same batch in one process, the cost of producing it). msgs x reps: messages per repetition (a slow peer stops "
     "sending after the time cap) x repetitions."
 )
 
@@ -311,7 +328,11 @@ PEERS_TEXT = (
     "put_many/get_many), `shm-handoff` (a new multiprocessing.shared_memory block per message, its name over a "
     "multiprocessing.Queue), `zmq` (pyzmq PUSH/PULL over ipc://, pickle-5 out-of-band frames, copy=False), `ray` "
     "(ray.put + ray.util.queue.Queue), `memcpy` (NumPy copy into a preallocated buffer, one process). Every "
-    "queue holds at most 10 messages; every receiver checks shape, a sample checksum and the sequence numbers."
+    "queue holds at most 10 messages; every receiver checks shape, a sample checksum and the sequence numbers. "
+    "The in-place workloads (issue 15) run three: `shmchannel` (\"copy\": each batch filled from a template into "
+    "one of the producer's preallocated arrays, then sent, which copies it into shared memory), `shmchannel-loan` "
+    "(\"loan\": each batch a new `sender.empty()` array, one broker round trip, filled the same way and sent "
+    "without a copy) and `fill` (the same fill and stamp into a preallocated array, one process, no channel)."
 )
 
 
@@ -330,7 +351,7 @@ def write_markdown(path: Path, summaries: list[Summary], info: dict[str, Any], c
     for peer, why in (skipped or {}).items():
         lines += [f"Skipped: `{peer}`: {why}", ""]
     if target_list:
-        lines += ["## Targets (issue 14)", "", _markdown(TARGET_HEADER, target_rows(target_list), 2), "",
+        lines += ["## Targets (issues 14 and 15)", "", _markdown(TARGET_HEADER, target_rows(target_list), 2), "",
                   TARGETS_NOTE, ""]
     lines += ["## Results", "", markdown_table(summaries), "", LEGEND, ""]
     if chart:
@@ -343,7 +364,8 @@ def write_markdown(path: Path, summaries: list[Summary], info: dict[str, Any], c
 
 
 SHORT = {"small": "1 KiB arrays", "medium": "1 MiB arrays", "large": "64 MiB arrays",
-         "df": "DataFrame 100k x 10", "shard4": "16 MiB over 4 receivers"}
+         "df": "DataFrame 100k x 10", "shard4": "16 MiB over 4 receivers",
+         "large-inplace": "64 MiB, filled", "shard4-inplace": "64 MiB filled, 4 receivers"}
 
 
 def write_chart(path: Path, summaries: list[Summary]) -> None:

@@ -12,8 +12,13 @@ also after an error or Ctrl-C.
 
 With shmchannel among the peers it also runs bench/streams.py (the broker's CPU per object
 over a 20,000-object stream, and 8 channels at once against one; --no-streams skips it) and
-bench/memory.py (--no-memory skips it), and judges issue 14's targets from this run's
-medians (the "Targets" table; report.targets).
+bench/memory.py (--no-memory skips it), and judges issue 14's and 15's targets from this
+run's medians (the "Targets" table; report.targets).
+
+Not every peer runs every workload (``Peer.runs``): `large-inplace` and `shard4-inplace`
+(issue 15: each batch filled from a template, then sent) run `shmchannel` (its own array,
+copied by the send), `shmchannel-loan` (a ``sender.empty`` loan, not copied) and `fill`
+(the fill alone, no channel); the other workloads run the other peers.
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = harness.Config(reps=args.reps, quick=args.quick, cap=args.cap)
     peers = [p for name, p in PEERS.items() if name in args.peers]  # registry order: Ray peers last
     workloads = [w for name, w in WORKLOADS.items() if name in args.workloads]
-    progress = Progress(len(peers) * len(workloads))
+    progress = Progress(sum(p.runs(w) for p in peers for w in workloads))
     summaries: dict[tuple[str, str], report.Summary] = {}
     mem_result: dict[str, Any] | None = None
     streams_result: dict[str, Any] | None = None
@@ -136,21 +141,24 @@ def main(argv: list[str] | None = None) -> int:
           f"time cap {cfg.cap} s per repetition", flush=True)
     try:
         for peer in peers:
+            mine = [w for w in workloads if peer.runs(w)]  # e.g. "fill": the in-place workloads only
+            if not mine:
+                continue  # no session either (the Ray cluster starts only for a Ray peer that runs)
             with contextlib.ExitStack() as stack:
                 try:
                     stack.enter_context(peer.session())
                 except harness.PeerUnavailable as exc:  # e.g. its package is missing: skip, not a failure
                     skipped[peer.name] = str(exc)
-                    progress.done += len(workloads)
+                    progress.done += len(mine)
                     print(f"{peer.name}: SKIPPED: {exc}", flush=True)
                     continue
                 except Exception as exc:  # e.g. Ray will not start: report, go on with the others
-                    for w in workloads:
+                    for w in mine:
                         summaries[(w.name, peer.name)] = report.summarize(w.name, peer.name, None, f"session: {exc}")
                         progress.finish()
                     print(f"{peer.name}: could not start: {exc}", flush=True)
                     continue
-                for w in workloads:
+                for w in mine:
                     progress.start(f"{peer.name} / {w.name}")
                     try:
                         reps = peer.run(w, cfg, progress.step)
@@ -168,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in glob.glob("/dev/shm/shb_*"):
             os.unlink(path)
     duration = time.monotonic() - t0
-    ordered = [summaries[(w.name, p.name)] for w in workloads for p in peers
-               if (w.name, p.name) in summaries and not (p.name == report.LIMIT and w.latency_only)]
+    ordered = [summaries[(w.name, p.name)] for w in workloads for p in peers if (w.name, p.name) in summaries]
     print()
     print(report.text_table(ordered))
     print()
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report.streams_text(streams_result))
     target_list = report.targets(ordered, streams_result, skipped) if "shmchannel" in args.peers else []
     if target_list:
-        print(f"\nTargets (issue 14), from this run's medians ({cfg.reps} repetition(s)):\n")
+        print(f"\nTargets (issues 14 and 15), from this run's medians ({cfg.reps} repetition(s)):\n")
         print(report.targets_text(target_list))
         print()
         print(report.TARGETS_NOTE)

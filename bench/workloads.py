@@ -6,6 +6,11 @@ the first 16 bytes of the first row of each shard's block; DataFrames in row 0 o
 columns. A receiver reads them back, checks the shape and the checksum of a sample of rows
 that are never stamped (compared with the same sample of the template), and keeps the
 sequence numbers so the run can verify that nothing was lost, duplicated or reordered.
+
+The in-place workloads (``inplace``, issue 15) make each batch the way a producer would:
+every byte written from the template (``fill``) just before the stamp and the send, so a
+batch costs its production as well as its transport; they compare shmchannel's copying
+send with a send of a ``DataSender.empty`` loan, and with the fill alone.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class Workload:
     latency_only: bool = False  # "wake": an idle receiver, one send every GAP seconds
     lockstep: bool = False    # "unloaded": one message in flight, the next sent once the receiver
                               # has checked the previous one (no gap, no queueing); latency only
+    inplace: bool = False     # "*-inplace" (issue 15): the producer fills each batch from the template
+                              # before stamping it, into its own array ("copy") or a loan ("loan")
     description: str = ""
 
     # -- the data -------------------------------------------------------------------------
@@ -50,6 +57,10 @@ class Workload:
         if self.kind == "array":
             return int(obj.nbytes)
         return int(obj.memory_usage(index=False, deep=True).sum())
+
+    def fill(self, obj: Any, template: Any) -> None:
+        """Produce a batch of an in-place workload: all of ``template``'s bytes into ``obj``."""
+        np.copyto(obj, template)
 
     def stamp(self, obj: Any, seq: int, ts: float) -> None:
         """Write (seq, ts) into ``obj`` in place, once per shard block."""
@@ -111,6 +122,14 @@ WORKLOADS: dict[str, Workload] = {
         Workload("unloaded", "array", (4, 64), 1, 2_000, 300, latency_only=True, lockstep=True,
                  description="1 KiB float32 arrays, 1->1, one in flight: the producer sends the next as soon as "
                              "the receiver has checked the previous one (unloaded latency: no queueing, no idle gap)"),
+        Workload("large-inplace", "array", (16384, 1024), 1, 200, 24, inplace=True,
+                 description="64 MiB float32 batches, 1->1, each filled from a fixed template before it is sent: "
+                             "`shmchannel` fills its own reused array and sends it (a copy into shared memory), "
+                             "`shmchannel-loan` fills a `sender.empty()` loan and sends it (no copy), `fill` only "
+                             "fills (one process, no channel)"),
+        Workload("shard4-inplace", "array", (16384, 1024), 4, 200, 24, inplace=True,
+                 description="`large-inplace`'s 64 MiB batches with num_shards=4, split row-wise over 4 receivers "
+                             "(16 MiB each)"),
     )
 }
 

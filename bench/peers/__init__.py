@@ -9,22 +9,25 @@ from __future__ import annotations
 from harness import Peer
 
 from .fasterfifo import FasterFifoPeer
+from .fill import FillPeer
 from .memcpy import MemcpyPeer
 from .mpqueue import MPQueuePeer
 from .ray_peer import RayQueuePeer
 from .shm_handoff import ShmHandoffPeer
-from .shmchannel_peer import ShmChannelEmbedded, ShmChannelRay
+from .shmchannel_peer import ShmChannelEmbedded, ShmChannelLoan, ShmChannelRay
 from .zmq_peer import ZmqPeer
 
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
         ShmChannelEmbedded(),
+        ShmChannelLoan(),
         MPQueuePeer(),
         FasterFifoPeer(),
         ShmHandoffPeer(),
         ZmqPeer(),
         MemcpyPeer(),
+        FillPeer(),
         ShmChannelRay(),
         RayQueuePeer(),
     )

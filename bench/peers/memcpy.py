@@ -19,6 +19,9 @@ from workloads import Workload
 class MemcpyPeer(Peer):
     name = "memcpy"
 
+    def runs(self, w: Workload) -> bool:
+        return not (w.latency_only or w.inplace)   # the in-place workloads have "fill" (peers/fill.py)
+
     def run(self, w: Workload, cfg: Config, progress: Callable[[str], None]) -> list[Rep]:
         if w.latency_only:
             return []

@@ -2,12 +2,18 @@
 
 The embedded runs use an isolated broker (own runtime directory, 2 GiB store) so the bench
 never touches a user's broker; it is stopped (and checked for leftovers) when they end.
+
+``shmchannel-loan`` (the in-place workloads only, issue 15): the embedded backend where the
+producer fills a loan of the store (``sender.empty``, one broker round trip per batch) and
+sends it without a copy, against ``shmchannel`` filling its own array and sending a copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator
+
+import numpy as np
 
 from harness import END, MAX_IN_FLIGHT, Peer, RayPeer
 from workloads import Workload
@@ -44,6 +50,9 @@ class ShmChannelEmbedded(Peer):
         with isolated_broker(memory="2G"):
             yield
 
+    def runs(self, w: Workload) -> bool:
+        return True   # the in-place workloads too: the copying send ("copy")
+
     def sender(self, handles: Any, w: Workload, rep: int) -> Any:
         from shmchannel import DataSender
 
@@ -56,6 +65,22 @@ class ShmChannelEmbedded(Peer):
         return _Receiver(DataReceiver(self.address, dataset_name=f"bench-{w.name}-{rep}", shard_id=shard, wait=60))
 
 
+class ShmChannelLoan(ShmChannelEmbedded):
+    """Each batch is a new ``sender.empty`` loan, filled by the producer and sent uncopied."""
+
+    name = "shmchannel-loan"
+    lends = True
+
+    def runs(self, w: Workload) -> bool:
+        return w.inplace
+
+    def batch(self, tx: Any, w: Workload, pool: list[Any], seq: int) -> Any:
+        return tx.empty(w.shape, np.float32)
+
+
 class ShmChannelRay(RayPeer, ShmChannelEmbedded):
     name = "shmchannel-ray"
     address = "ray:auto"
+
+    def runs(self, w: Workload) -> bool:
+        return not w.inplace

@@ -102,6 +102,11 @@ class Ledger:
         loan.sending = int(sending)
         self.ever = True
         with self._lock:
+            held = self._loans.get(key)
+            if held is not None:  # two threads borrowed one key at once: one hold covers both
+                held.sending += loan.sending
+                self._conn.release(key)
+                return held
             self._loans[key] = loan
             bisect.insort(self._starts, (offset, key))
         _watch(self)
@@ -138,10 +143,11 @@ class Ledger:
                 return None
             address, nbytes = source.__array_interface__["data"][0], source.nbytes
         elif isinstance(source, memoryview):
-            if not source.contiguous:
-                return None
             nbytes = source.nbytes
-            address = np.frombuffer(source.cast("B") if source.format != "B" else source, np.uint8).__array_interface__["data"][0] if nbytes else 0
+            if not source.c_contiguous or not nbytes:
+                return None
+            flat = source if source.format == "B" and source.ndim == 1 else source.cast("B")
+            address = np.frombuffer(flat, np.uint8).__array_interface__["data"][0]
         else:
             return None  # a Writer (an Arrow stream) makes its bytes as it writes them
         if not nbytes or not self._base <= address < self._end:
@@ -200,11 +206,15 @@ class Ledger:
                     loan.uses = [use for use in loan.uses if not self._done(*use)]
                     if loan.uses:
                         continue
-                # Out of the tables first: cut here, the hold stays until the connection closes.
-                del self._loans[loan.key]
-                self._starts.remove((loan.offset, loan.key))
+                # Out of the tables first: cut here, the hold stays until the connection
+                # closes. (A signal handler's nested tidy may have given it back already.)
+                if self._loans.pop(loan.key, None) is None:
+                    continue
                 self._conn.release(loan.key)
                 given += 1
+                i = bisect.bisect_left(self._starts, (loan.offset, loan.key))
+                if i < len(self._starts) and self._starts[i] == (loan.offset, loan.key):
+                    del self._starts[i]  # (left behind by an interrupt: ``find`` skips it)
         return given
 
     def _done(self, descriptor: int, pos: int) -> bool:

@@ -276,11 +276,14 @@ class EmbeddedSender(Withdrawable):
         ledger = self._ledger
         ledger.closed = True
         if not self._client.conn.closed:
+            offsets = list(self._slabs.slabs)
+            # Forgotten first: once the broker may have them, we must not write them
+            # (release_all); if the request never reaches it, our disconnect hands them over.
+            self._slabs.forget()
             try:
-                self._client.conn.request({"op": "unslab", "offsets": list(self._slabs.slabs)})
+                self._client.conn.request({"op": "unslab", "offsets": offsets})
             except ChannelError:
-                return  # the broker is gone; a next one has our slabs whole, and no loans
-            self._slabs.forget()  # the broker's now: not to be written (release_all) by us
+                return  # the broker is gone: a next one keeps our slabs whole while we run
         ledger.forget_uses()
         ledger.tidy()
 
