@@ -13,6 +13,10 @@ given back (``release``, written by the connection's writer) once nothing uses t
 - every descriptor that references it is free: its receivers have released it, which the
   sender sees by looking at the block (``_done``), as it does for its own blocks.
 
+A loan ``empty`` lent is kept ``KEEP_IDLE`` seconds first, for the next ``empty`` of its
+size (``reuse``): a stream of batches then cycles through a few warm loans with no round
+trip. A closing sender, and one whose ``empty`` finds the store full, keep none.
+
 Looking happens at each ``empty``, ``send`` and ``close``, and every ``TIDY_INTERVAL`` on a
 daemon thread (for a sender that stopped sending). When the sender leaves or dies, the
 broker takes over its slabs: each descriptor still in use then holds the objects it
@@ -44,6 +48,10 @@ from ..store.arena import ArenaMap
 
 #: Seconds between the daemon thread's looks at the loans of senders that stopped sending.
 TIDY_INTERVAL = 0.05
+#: Seconds a loan nothing uses is kept for the sender's next ``empty`` of its size before it
+#: goes back to the store. Measured (bench ``large-inplace``, 2 cores): a new loan's round
+#: trip to the broker cost 0.27 ms of 3.8 ms per 64 MiB batch, and fresh pages 25 ms.
+KEEP_IDLE = 1.0
 
 _HEAD = struct.Struct("<IIQQQ")  # a block's header (store/block.py)
 
@@ -62,10 +70,12 @@ class Loaned:
 class Loan:
     """One object this sender holds (see the module docstring)."""
 
-    __slots__ = ("key", "offset", "size", "viewed", "sending", "uses", "root")
+    __slots__ = ("key", "offset", "size", "viewed", "sending", "uses", "root", "reusable", "idle")
 
-    def __init__(self, key: str, offset: int, size: int) -> None:
+    def __init__(self, key: str, offset: int, size: int, reusable: bool) -> None:
         self.key, self.offset, self.size = key, offset, size
+        self.reusable = reusable  # lent by ``empty`` (a DataSystem object sent by key is not ours to refill)
+        self.idle = 0.0  # when nothing used it any more (0: in use), kept for a next ``empty``
         self.viewed = False  # an array of this process views it
         self.sending = 0  # sends of it running now
         self.uses: list[tuple[int, int]] = []  # (descriptor block, object pos) referencing it
@@ -95,10 +105,10 @@ class Ledger:
 
     # -- taking loans ----------------------------------------------------------------------
 
-    def add(self, key: str, offset: int, size: int, sending: bool = False) -> Loan:
+    def add(self, key: str, offset: int, size: int, sending: bool = False, reusable: bool = False) -> Loan:
         """Record a hold the broker granted (before anything else can fail: the caller's
         on_interrupt gives it back if an interrupt comes first)."""
-        loan = Loan(key, offset, size)
+        loan = Loan(key, offset, size, reusable)
         loan.sending = int(sending)
         self.ever = True
         with self._lock:
@@ -111,6 +121,21 @@ class Ledger:
             bisect.insort(self._starts, (offset, key))
         _watch(self)
         return loan
+
+    def reuse(self, size: int) -> Loan | None:
+        """A loan of ``size`` bytes nothing uses any more, taken again (counted as being
+        sent until ``array``): a steady stream of batches then needs no round trip to the
+        broker, and its memory is warm. None if there is none."""
+        with self._lock:
+            for loan in self._loans.values():
+                if loan.idle and loan.size == size:
+                    loan.idle = 0.0
+                    loan.sending += 1
+                    return loan
+        return None
+
+    def idle(self) -> bool:
+        return any(loan.idle for loan in list(self._loans.values()))
 
     def lend_again(self, key: str) -> Loan | None:
         """The loan of ``key`` if this sender holds it already, counted as being sent."""
@@ -186,11 +211,14 @@ class Ledger:
 
     # -- giving back -----------------------------------------------------------------------
 
-    def tidy(self) -> int:
-        """Give back the loans nothing uses any more (module docstring); how many."""
+    def tidy(self, keep: bool = True) -> int:
+        """Give back the loans nothing uses any more (module docstring); how many. With
+        ``keep``, one lent by ``empty`` is kept for reuse first, ``KEEP_IDLE`` seconds."""
         if not self._loans:
             return 0
         given = 0
+        now = time.monotonic()
+        keep = keep and not self.closed
         with self._lock:
             while self._dead:
                 found = self._viewers.pop(id(self._dead[0]), None)
@@ -206,6 +234,9 @@ class Ledger:
                     loan.uses = [use for use in loan.uses if not self._done(*use)]
                     if loan.uses:
                         continue
+                if keep and loan.reusable and (not loan.idle or now - loan.idle < KEEP_IDLE):
+                    loan.idle = loan.idle or now
+                    continue
                 # Out of the tables first: cut here, the hold stays until the connection
                 # closes. (A signal handler's nested tidy may have given it back already.)
                 if self._loans.pop(loan.key, None) is None:

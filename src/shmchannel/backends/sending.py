@@ -195,26 +195,38 @@ class EmbeddedSender(Withdrawable):
     def empty(self, shape: tuple[int, ...], dtype: Any, order: str, timeout: float | None) -> Any:
         """A writable array in a new loan of the store (backends/loans.py): one round trip
         to the broker, which may wait ``timeout`` seconds for room."""
-        self._ledger.tidy()  # what receivers finished with goes back first
-        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-        deadline = None if timeout is None else time.monotonic() + timeout
         ledger = self._ledger
+        ledger.tidy()  # what receivers finished with is free again first
+        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        loan = ledger.reuse(nbytes)
+        if loan is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                loan = self._new_loan(nbytes, 0.0 if ledger.idle() else remaining(deadline), timeout)
+            except StoreFullTimeout:
+                if not ledger.idle() or remaining(deadline) == 0.0:
+                    raise
+                ledger.tidy(keep=False)  # the loans kept for reuse make room
+                loan = self._new_loan(nbytes, remaining(deadline), timeout)
+        return ledger.array(loan, shape, dtype, order)
+
+    def _new_loan(self, nbytes: int, wait: float | None, timeout: float | None) -> Any:
         # Granted, the hold is in the ledger on the reader thread, as the reply comes: no
         # interrupt of ours can come between them (what we have not recorded is not ours).
         reply, _ = self._client.conn.request(
-            {"op": "loan", "size": nbytes, "timeout": remaining(deadline), "asked": timeout},
-            on_interrupt=self._unlend, on_reply=lambda r, _: self._lent(r, nbytes, sending=True),
+            {"op": "loan", "size": nbytes, "timeout": wait, "asked": timeout},
+            on_interrupt=self._unlend, on_reply=lambda r, _: self._lent(r, nbytes, sending=True, reusable=True),
         )
-        return ledger.array(reply["_loan"], shape, dtype, order)
+        return reply["_loan"]
 
     def _unlend(self, reply: dict[str, Any], data: Any) -> None:
         """A loan granted as its caller was interrupted: nothing uses it (tidy gives it back)."""
         if "_loan" in reply:
             self._ledger.done_sending([reply["_loan"]])
 
-    def _lent(self, reply: dict[str, Any], size: int, sending: bool = False) -> None:
+    def _lent(self, reply: dict[str, Any], size: int, sending: bool = False, reusable: bool = False) -> None:
         self._client.conn.hold()
-        reply["_loan"] = self._ledger.add(str(reply["key"]), int(reply["offset"]), size, sending)
+        reply["_loan"] = self._ledger.add(str(reply["key"]), int(reply["offset"]), size, sending, reusable)
 
     def borrow(self, key: str) -> tuple[Any, Any]:
         """The object under DataSystem ``key`` over the store's memory, held for a send
