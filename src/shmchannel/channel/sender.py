@@ -236,7 +236,8 @@ class DataSender(ChannelEnd):
         DataFrame, dict of columns or pyarrow Table over its memory (a buffer that is not
         one contiguous run of it -- a column of a C-order matrix -- is copied, as is any
         polars DataFrame). With ``num_shards > 1`` each shard references its own rows.
-        Receivers get read-only views.
+        Receivers get read-only views -- but for torch tensors, which arrive as copies of
+        their own: torch has no read-only tensors (as for ``full_batch``).
 
         After a send the arrays it sent and this array are read-only: writing raises
         ``ValueError: assignment destination is read-only``, as receivers may still read

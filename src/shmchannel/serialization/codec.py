@@ -245,12 +245,20 @@ def serialize(obj: Any, arrow_streams: bool = True) -> Serialized:
             return streamed
         stream = io.BytesIO()
         pickler = _Pickler(stream, arrow_streams)
-        pickler.dump(obj)
+        try:
+            pickler.dump(obj)
+        finally:
+            # The pickler is in a cycle (its buffer_callback is its own method): only the
+            # garbage collector frees it, and its memo keeps what it pickled alive until
+            # then -- a sender's loans among them, held in the store (found by a test).
+            buffers, pickler.buffers = pickler.buffers, []
+            pickler.clear_memo()
+            pickler._sources.clear()
     except (ChannelError, MemoryError):
         raise  # ours already names the cause (a tensor off the CPU); memory is not a type problem
     except Exception as exc:  # a __reduce__ may raise anything: polars raises ComputeError
         raise UnsupportedType(f"obj cannot be serialized: {exc}") from exc
-    return Serialized(stream.getvalue(), pickler.buffers)
+    return Serialized(stream.getvalue(), buffers)
 
 
 def deserialize(header: Any, buffers: Iterable[Any]) -> Any:
