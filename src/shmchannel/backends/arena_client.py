@@ -18,6 +18,7 @@ from ..queue.log import ClaimLog
 from ..serialization import deserialize, serialize
 from ..store.arena import ArenaMap
 from ..store.blob import plan_blob, read_blob, write_blob
+from . import views
 
 #: Blobs up to this many bytes travel inline with their key instead of through the arena:
 #: below it a socket copy is cheaper than an arena block's extra round trip and release.
@@ -125,12 +126,24 @@ def remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+class _Releases:
+    """Gives back a connection's hold of a DataSystem object once its view is gone."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def drop_view(self, key: str, done: list[bool]) -> None:
+        done[0] = True  # first: cut short before the release, the hold lasts until the connection closes
+        self.conn.release(key)
+
+
 class ArenaClient:
     """A connection plus the arena: packs objects into blobs and unpacks replies."""
 
     def __init__(self, inline_threshold: int) -> None:
         self.inline_threshold = inline_threshold
         self.conn = daemon.ensure_running()
+        self._releases = _Releases(self.conn)
         try:
             self.arena = _arena_for(self.conn.info)
         except BaseException:
@@ -203,5 +216,7 @@ class ArenaClient:
         base = self.arena.array(int(item["offset"]), int(item["size"]))
         base.flags.writeable = False  # others read the same memory
         self.conn.hold()
-        weakref.finalize(base, self.conn.release, item["key"]).atexit = False
+        # Not weakref.finalize: its callback is Python, and an interrupt at its first
+        # instruction would lose the release (views.py queues the death in C first).
+        views.watch(self._releases, item["key"], base)
         return base

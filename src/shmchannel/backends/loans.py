@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import EndpointClosed
 from ..store import block
 from ..store.arena import ArenaMap
 
@@ -150,6 +151,9 @@ class Ledger:
         holder = Loaned(self._arena.array(loan.offset, loan.size))
         ref = weakref.ref(holder, self._dead.append)
         with self._lock:
+            if self.closed or self._loans.get(loan.key) is not loan:
+                # close() ran meanwhile (another thread) and may have given it back
+                raise EndpointClosed("the sender was closed while empty() waited for its loan")
             self._viewers[id(ref)] = (ref, loan.key)
             loan.viewed = True
             loan.sending = max(0, loan.sending - 1)  # (held since it was granted: ``add``)
@@ -178,13 +182,28 @@ class Ledger:
         if not nbytes or not self._base <= address < self._end:
             return None
         offset = address - self._base
-        i = bisect.bisect_right(self._starts, (offset, "\uffff")) - 1
-        if i < 0:
-            return None
-        loan = self._loans.get(self._starts[i][1])
-        if loan is None or offset + nbytes > loan.offset + loan.size:
-            return None
+        with self._lock:  # the daemon's tidy may change the tables meanwhile
+            i = bisect.bisect_right(self._starts, (offset, "\uffff")) - 1
+            loan = self._loans.get(self._starts[i][1]) if i >= 0 else None
+            if loan is None or not loan.offset <= offset or offset + nbytes > loan.offset + loan.size:
+                return None
+            loan.sending += 1  # pinned until the send is over (``done_sending``): noted or not
         return offset, loan
+
+    def outside(self, data: Any) -> bool:
+        """Whether no buffer of the Arrow table or batch ``data`` lies in a loan (it is then
+        sent as one stream, a slice of it carrying only its own rows)."""
+        for column in data.columns:
+            for chunk in getattr(column, "chunks", (column,)):
+                for buf in chunk.buffers():
+                    if buf is not None and buf.size and self._base <= buf.address < self._end:
+                        offset = buf.address - self._base
+                        with self._lock:
+                            i = bisect.bisect_right(self._starts, (offset, "\uffff")) - 1
+                            loan = self._loans.get(self._starts[i][1]) if i >= 0 else None
+                        if loan is not None and loan.offset <= offset < loan.offset + loan.size:
+                            return False
+        return True
 
     def note(self, loan: Loan, descriptor: int, pos: int) -> None:
         """``descriptor`` (object ``pos``) references ``loan``: recorded before it is
@@ -221,19 +240,20 @@ class Ledger:
         keep = keep and not self.closed
         with self._lock:
             while self._dead:
-                found = self._viewers.pop(id(self._dead[0]), None)
-                if found is not None:
+                ref = self._dead[0]
+                found = self._viewers.get(id(ref))
+                if found is not None:  # each step may be done again: cut short, the next tidy does
                     loan = self._loans.get(found[1])
                     if loan is not None:
                         loan.viewed = False
-                self._dead.popleft()
+                    self._viewers.pop(id(ref), None)
+                if self._dead and self._dead[0] is ref:  # (a nested tidy may have taken it)
+                    self._dead.popleft()
             for loan in list(self._loans.values()):
-                if loan.viewed or loan.sending:
-                    continue
-                if loan.uses:
+                if loan.uses:  # first: a loan kept in view and sent again and again
                     loan.uses = [use for use in loan.uses if not self._done(*use)]
-                    if loan.uses:
-                        continue
+                if loan.viewed or loan.sending or loan.uses:
+                    continue
                 if keep and loan.reusable and (not loan.idle or now - loan.idle < KEEP_IDLE):
                     loan.idle = loan.idle or now
                     continue
@@ -246,6 +266,10 @@ class Ledger:
                 i = bisect.bisect_left(self._starts, (loan.offset, loan.key))
                 if i < len(self._starts) and self._starts[i] == (loan.offset, loan.key):
                     del self._starts[i]  # (left behind by an interrupt: ``find`` skips it)
+            if self.closed and not self._loans:
+                # Nothing of ours is held any more: a release an interrupt cut short (popped
+                # above, never said) must not keep the connection open for ever.
+                self._conn.holds_done()
         return given
 
     def _done(self, descriptor: int, pos: int) -> bool:
@@ -263,9 +287,10 @@ class Ledger:
         holds what it references on its own from then on, so the loans need only cover
         this process's arrays."""
         with self._lock:
+            self.closed = True  # an empty() still waiting for its loan now refuses it (``array``)
             for loan in self._loans.values():
                 loan.uses = []
-                loan.sending = 0
+                loan.sending = 0  # no send runs any more (close waited for it), and none starts
 
 
 # -- the daemon thread -----------------------------------------------------------------------

@@ -31,7 +31,8 @@ from ..queue.log import CLAIMED, STATUS
 from ..queue.ring import Claim, Claimer
 from ..serialization.arrays import aligned_copy
 from ..store import block
-from ..store.blob import read_blob
+from ..store.arena import CONTROL_SPACE
+from ..store.blob import external_ranges, read_blob
 from . import views
 from .loans import Loaned
 from .arena_client import ArenaClient, leave_session, session_for, tell_next_broker
@@ -68,6 +69,7 @@ class EmbeddedReceiver(Withdrawable):
         self.full_batch = bool(reply["full_batch"])
         self._shared = self.full_batch and self.num_shards > 1
         arena = client.arena
+        self._store = arena.capacity - CONTROL_SPACE  # what a referenced buffer may name (not the queues)
         self._log = self._session.log
         self._claimer = Claimer(arena.region, arena.whole, int(reply["queues"]), shard_id, self._log, self._number)
         self.buffer: collections.deque[Claim] = collections.deque()  # claimed, not handed out yet
@@ -201,22 +203,29 @@ class EmbeddedReceiver(Withdrawable):
         return self._object_of(base, base)
 
     def _raw(self, offset: int, size: int) -> Any:
-        """A copy of an object's blob (a peek holds nothing)."""
-        return aligned_copy(self._client.arena.view(block.blob_of(self._client.arena.whole, offset, size), size))
+        """A copy of an object's blob, and of the bytes it references (a peek holds
+        nothing: all is copied before the queue says the object was still there)."""
+        arena = self._client.arena
+        blob = aligned_copy(arena.view(block.blob_of(arena.whole, offset, size), size))
+        copies = {(at, n): aligned_copy(arena.view(at, n)) for at, n in external_ranges(blob, self._store)}
+        return blob, copies
 
     def _object_of(self, data: Any, keep: Any = None) -> Any:
-        """The object of the blob ``data``. A buffer it references elsewhere in the store
-        (a sender's loan, an object sent by key: issue 15) is a read-only view that keeps
-        ``keep`` -- the blob's own view, counted in the claim log -- alive, so the blob's
-        block, which holds that memory for us (backends/loans.py), stays until it goes;
-        with no ``keep`` (a peek) it is a copy."""
+        """The object of the blob ``data`` (or of a copy ``_raw`` made). A buffer it
+        references elsewhere in the store (a sender's loan, an object sent by key: issue
+        15) is a read-only view that keeps ``keep`` -- the blob's own view, counted in the
+        claim log -- alive, so the blob's block, which holds that memory for us
+        (backends/loans.py), stays until it goes."""
         arena = self._client.arena
+        copies = None
+        if isinstance(data, tuple):
+            data, copies = data
 
         def external(offset: int, length: int) -> Any:
-            if offset + length > arena.capacity:
-                raise ProtocolError(f"object references bytes [{offset}, {offset + length}) past the store's {arena.capacity}")
-            if keep is None:
-                return aligned_copy(arena.view(offset, length))
+            if offset + length > self._store:
+                raise ProtocolError(f"object references bytes [{offset}, {offset + length}) past the store's {self._store}")
+            if copies is not None:
+                return copies[offset, length]
             viewed = np.asarray(Loaned(arena.array(offset, length), keep))
             viewed.flags.writeable = False  # other shards, channels and the sender read it too
             return memoryview(viewed)  # type: ignore[arg-type]  # numpy exports a buffer

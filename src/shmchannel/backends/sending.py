@@ -107,24 +107,37 @@ class EmbeddedSender(Withdrawable):
             self._withdrawn.discard(me)  # a withdrawal was for an earlier call
             self._check_withdrawn(me)
         ledger = self._ledger
-        if ledger:
-            ledger.tidy()
-        serialized = [serialization.serialize(part, arrow_streams=not ledger) for part in parts]
-        lent: list[list[Any]] = [[] for _ in serialized]  # per part: (loan, source) it references
-        if ledger:
-            plans = [self._plan_referencing(s, found) for s, found in zip(serialized, lent)]
-        else:
+        if not ledger:
+            serialized = [serialization.serialize(part) for part in parts]
             plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
+            self._write(serialized, plans, None, timeout, deadline)
+            return
+        ledger.tidy()
+        serialized = [serialization.serialize(part, arrow_stream=ledger.outside) for part in parts]
+        lent: list[list[Any]] = [[] for _ in serialized]  # per part: (loan, source) it references
+        try:
+            plans = [self._plan_referencing(s, found) for s, found in zip(serialized, lent)]
+            self._write(serialized, plans, lent, timeout, deadline)
+        finally:
+            ledger.done_sending([loan for found in lent for loan, _ in found])  # find()'s pins
+
+    def _write(self, serialized: list[serialization.Serialized], plans: list[Any], lent: list[list[Any]] | None,
+               timeout: float | None, deadline: float | None) -> None:
+        """Write the blobs into blocks of ours and publish them; ``lent``: per part, the
+        (loan, source) it references, noted before publication."""
+        me = threading.get_ident()
+        ledger = self._ledger
         blocks: list[int] = []
         pos = self._pub.tail  # what this object will be (one sender: no one else publishes)
         self._unsettled = (pos, blocks)
         view = self._client.arena
         descriptors = []
-        for s, plan, loans in zip(serialized, plans, lent):
+        for i, (s, plan) in enumerate(zip(serialized, plans)):
             offset, blob = self._alloc(plan.size, pos, blocks, timeout, deadline)
             write_blob(view.view(blob, plan.size), plan, s.header, s.buffers)
-            for loan in {id(loan): loan for loan, _ in loans}.values():
-                ledger.note(loan, offset, pos)
+            if lent is not None:
+                for loan in {id(loan): loan for loan, _ in lent[i]}.values():
+                    ledger.note(loan, offset, pos)
             descriptors.append((offset, plan.size))
         if self._pub.publish(descriptors, deadline, stop=self._stopped) is None:
             self._settle()
@@ -134,7 +147,7 @@ class EmbeddedSender(Withdrawable):
                 f"(max_queue_size={self._max_queue_size}); nothing was enqueued"
             )
         self._unsettled = None
-        if ledger:
+        if lent is not None:
             ledger.sent([x for found in lent for x in found])
 
     def _plan_referencing(self, s: serialization.Serialized, found: list[Any]) -> Any:
@@ -201,10 +214,11 @@ class EmbeddedSender(Withdrawable):
         loan = ledger.reuse(nbytes)
         if loan is None:
             deadline = None if timeout is None else time.monotonic() + timeout
+            kept = ledger.idle()  # loans kept for reuse: first ask without waiting
             try:
-                loan = self._new_loan(nbytes, 0.0 if ledger.idle() else remaining(deadline), timeout)
+                loan = self._new_loan(nbytes, 0.0 if kept else remaining(deadline), timeout)
             except StoreFullTimeout:
-                if not ledger.idle() or remaining(deadline) == 0.0:
+                if not kept or remaining(deadline) == 0.0:
                     raise
                 ledger.tidy(keep=False)  # the loans kept for reuse make room
                 loan = self._new_loan(nbytes, remaining(deadline), timeout)
@@ -258,6 +272,7 @@ class EmbeddedSender(Withdrawable):
         interrupt cut the one before: the end is marked in shared memory, and said again
         in the farewell to the broker (which marks it too), so an interrupt at any point
         still ends the stream."""
+        self._ledger.closed = True  # an empty() of another thread refuses its loan from now on
         try:
             try:
                 self._withdrawn.add(None)  # a send of another thread ends (EndpointClosed) ...
@@ -286,7 +301,6 @@ class EmbeddedSender(Withdrawable):
         and the loans need only cover this process's arrays -- the connection lingers
         while any is left (client.py), and a loan nothing views goes back now."""
         ledger = self._ledger
-        ledger.closed = True
         if not self._client.conn.closed:
             offsets = list(self._slabs.slabs)
             # Forgotten first: once the broker may have them, we must not write them

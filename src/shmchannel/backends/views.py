@@ -1,5 +1,6 @@
 """The views this process holds of received objects, each counted in its claim-log entry
-(queue/log.py: an acknowledged object's block is kept until its last view is gone).
+(queue/log.py: an acknowledged object's block is kept until its last view is gone), and
+of DataSystem objects, each a hold of the process's connection (``watch``).
 
 A view's base array carries two weak references. The first to be called back (CPython
 calls them newest first) is ``_dead.append`` -- C, not Python, so nothing can cut it: it
@@ -23,7 +24,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 from ..queue.log import VIEW, ClaimLog
 
@@ -31,7 +32,7 @@ from ..queue.log import VIEW, ClaimLog
 DRAIN_INTERVAL = 0.05
 
 #: Live views: id of the queuing weak reference -> (it, the draining one, log, entry, [done]).
-_views: dict[int, tuple[weakref.ref[Any], weakref.ref[Any], ClaimLog, int, list[bool]]] = {}
+_views: dict[int, tuple[weakref.ref[Any], weakref.ref[Any], Owner, Any, list[bool]]] = {}
 #: Weak references whose view is gone, oldest first, for ``drain``.
 _dead: collections.deque[weakref.ref[Any]] = collections.deque()
 _lock = threading.RLock()  # one drain at a time; re-entered by a signal handler's call
@@ -50,19 +51,30 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+class Owner(Protocol):
+    def drop_view(self, entry: Any, done: list[bool]) -> None:
+        """The view of ``entry`` is gone: drop it once, setting ``done[0]`` in the step
+        that counts (a drain cut short after it does not drop it again)."""
+
+
 def count(log: ClaimLog, entry: int, base: Any) -> None:
     """Count a view of ``entry``'s memory whose last array is ``base``. The count and the
     drop to come are made both or neither: the view is registered before the native add,
     with no check point between them."""
+    watch(log, entry, base)
+    log.region.add(log.state_at(entry), VIEW)
+
+
+def watch(owner: Owner, entry: Any, base: Any) -> None:
+    """Have ``owner.drop_view(entry, done)`` called once ``base`` is gone: by ``drain``, at
+    once or later (a DataSystem get's hold, released by the connection: arena_client.py)."""
     global _drainer
     if not _drainer:
         _drainer = True
         _thread.start_new_thread(_drain_forever, ())  # one C call (see aio.Worker)
-    at = log.state_at(entry)
     now = weakref.ref(base, _drain_now)  # made first: called back second
     ref = weakref.ref(base, _dead.append)
-    _views[id(ref)] = (ref, now, log, entry, [False])
-    log.region.add(at, VIEW)
+    _views[id(ref)] = (ref, now, owner, entry, [False])
 
 
 def _drain_now(_: Any) -> None:

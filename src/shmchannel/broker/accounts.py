@@ -53,8 +53,21 @@ class Accounts:
         if offsets is None:
             return WAIT
         obj = self.table.add(size, offset=offsets[0], refs=1)
+        obj.loan_pid = client.pid
         client.holds[obj.key] += 1
+        self._log({"r": "loan", "offset": obj.offset, "size": size, "pid": client.pid})
         return obj
+
+    def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
+        raise NotImplementedError
+
+    def _unref(self, key: str, n: int = 1) -> bool:
+        """``table.unref``, journaling a loan's end (a next broker must not keep it)."""
+        obj = self.table.get(key)
+        freed = self.table.unref(key, n)
+        if freed and obj is not None and obj.loan_pid:
+            self._log({"r": "unloan", "offset": obj.offset})
+        return freed
 
     def free_allocations(self, client: Client, offsets: list[int]) -> None:
         for offset in offsets:
@@ -98,7 +111,7 @@ class Accounts:
             client.holds[key] -= 1
             if not client.holds[key]:
                 del client.holds[key]
-            freed |= self.table.unref(key)
+            freed |= self._unref(key)
         if freed:
             self.store_freed.fire()
 
@@ -111,7 +124,7 @@ class Accounts:
             self.table.free_allocation(offset)
         client.allocations.clear()
         for key, count in client.holds.items():
-            freed |= self.table.unref(key, count)
+            freed |= self._unref(key, count)
         client.holds.clear()
         return freed
 
@@ -140,5 +153,5 @@ class Accounts:
         if key not in self.pinned:
             raise rules.no_such_key(key)
         self.pinned.discard(key)
-        if self.table.unref(key):
+        if self._unref(key):
             self.store_freed.fire()

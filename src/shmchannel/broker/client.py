@@ -309,6 +309,13 @@ class Connection(Wire):
         if self._finished and self._holds.count <= 0:
             self._shutdown()
 
+    def holds_done(self) -> None:
+        """The owner of this connection's holds has none left, whatever the count says (a
+        release an interrupt cut short): a closed connection may shut now."""
+        self._holds.clear()
+        if self._finished:
+            self._shutdown()
+
     # -- closing -------------------------------------------------------------------------
 
     def close(self, farewell: dict[str, Any] | None = None) -> None:

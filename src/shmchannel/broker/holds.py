@@ -43,6 +43,10 @@ class Holds:
             self._count -= 1
         self._keys.append(key)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._count = 0
+
     def pending(self) -> bool:
         return bool(self._keys)
 

@@ -22,6 +22,8 @@ Records (field ``r``):
     unlog    offset                                 freed
     slab     offset, size, pid                      a sender's slab
     unslab   offset                                 freed
+    loan     offset, size, pid                      a sender's loan (issue 15)
+    unloan   offset                                 freed
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Recovered:
     channels: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     logs: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> capacity, claimer, pid
     slabs: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> size, pid
+    loans: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> size, pid
 
     def replay(self, path: Path) -> None:
         for msg, _ in read(path):
@@ -151,7 +154,11 @@ class Recovered:
                 self.slabs[int(msg["offset"])] = {"size": int(msg["size"]), "pid": int(msg["pid"])}
             elif kind == "unslab":
                 self.slabs.pop(int(msg["offset"]), None)
+            elif kind == "loan":
+                self.loans[int(msg["offset"])] = {"size": int(msg["size"]), "pid": int(msg["pid"])}
+            elif kind == "unloan":
+                self.loans.pop(int(msg["offset"]), None)
 
     @property
     def empty(self) -> bool:
-        return not (self.channels or self.logs or self.slabs)
+        return not (self.channels or self.logs or self.slabs or self.loans)

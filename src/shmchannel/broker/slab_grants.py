@@ -22,7 +22,7 @@ from .._native import Region
 from ..queue import layout, reap
 from ..queue.log import ACKED, CLAIMED, RELEASING, STATUS
 from ..store import block, slabs
-from ..store.blob import external_offsets
+from ..store.blob import external_ranges
 from ..store.table import StoreStats
 from .accounts import WAIT, Accounts
 from .records import Channel, Client, Orphan
@@ -40,9 +40,6 @@ class SlabGrants(Accounts):
     loose: dict[int, int]  # block offset -> reference bits
     _lent: dict[int, list[str]]  # loose block offset -> the objects its blob references
     _headers: dict[int, int]  # slab offset -> loose blocks of it
-
-    def _log(self, msg: dict[str, Any], payload: bytes = b"") -> None:
-        raise NotImplementedError
 
     def sweep(self) -> bool:
         raise NotImplementedError
@@ -97,7 +94,7 @@ class SlabGrants(Accounts):
         self.table.allocator.take(start, length)
         self.loose[start] = refs
         keys = []
-        for offset in external_offsets(self.view, start + block.header_size(refs), start + length):
+        for offset, _ in external_ranges(self.view, self.table.capacity, start + block.header_size(refs), start + length):
             obj = self.table.containing(offset)
             if obj is not None:
                 obj.refs += 1
@@ -125,7 +122,7 @@ class SlabGrants(Accounts):
         del self.loose[start]
         self.table.free_allocation(start)
         for key in self._lent.pop(start, ()):
-            self.table.unref(key)
+            self._unref(key)
         if header in self._headers:
             self._headers[header] -= 1
             if not self._headers[header]:

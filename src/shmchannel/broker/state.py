@@ -33,6 +33,7 @@ from ..queue.log import CLAIMED, STATUS, ClaimLog
 from ..queue.ring import Queues
 from ..store import block, slabs
 from ..store.allocator import Allocator
+from ..store.blob import external_ranges
 from ..store.table import ObjectTable
 from . import rules
 from .accounts import WAIT
@@ -67,6 +68,11 @@ class BrokerState(SlabGrants):
         # bytes of the store (the rest of its slab went back at once) until it is freed.
         self.loose: dict[int, int] = {}  # block offset -> reference bits
         self._lent: dict[int, list[str]] = {}  # loose block -> objects it references (slab_grants.py)
+        # Taken over from a dead broker: loans of processes that may still run (key -> pid),
+        # and what blocks reference that no record names (a DataSystem object sent by key):
+        # each holds one reference until its process is gone / no slab is kept whole.
+        self.orphan_loans: dict[str, int] = {}
+        self._unowned: list[str] = []
         # The header of each slab a loose block came from, kept while any of them lives:
         # a receiver freeing the block bumps the *freed* word there (store/block.py).
         self._headers: dict[int, int] = {}  # slab offset -> loose blocks of it
@@ -353,6 +359,15 @@ class BrokerState(SlabGrants):
             if block.is_free(self.region, offset, refs):
                 self._free_loose(offset)
                 freed = True
+        # After the slabs above: a dead process's blocks in use took their references first.
+        for key, pid in list(self.orphan_loans.items()):
+            if not pid_alive(pid):
+                del self.orphan_loans[key]
+                freed |= self._unref(key)
+        if self._unowned and not any(o.log is None for o in kept):
+            for key in self._unowned:
+                freed |= self._unref(key)
+            self._unowned = []
         self.orphans = kept
         for ident in [(c.namespace, c.name) for c in self.channels.values() if c.sender is None and not c.receivers]:
             self._collect(ident)
@@ -363,12 +378,12 @@ class BrokerState(SlabGrants):
     @property
     def left_behind(self) -> bool:
         """Whether anything waits for a later ``sweep``."""
-        return bool(self.backlogs or self.orphans or self.loose)
+        return bool(self.backlogs or self.orphans or self.loose or self.orphan_loans or self._unowned)
 
     # -- a dead broker's arena (recovery.py) ---------------------------------------------
 
     def adopt(self, channels: dict[tuple[str, str], dict[str, Any]], logs: dict[int, dict[str, Any]],
-              slabs: dict[int, dict[str, Any]]) -> None:
+              slabs: dict[int, dict[str, Any]], loans: dict[int, dict[str, Any]] | None = None) -> None:
         """Carry on with what a dead broker left in this arena: its channels over their
         queues; its clients' claim logs and slabs, kept whole while their process runs
         (it may still claim into them, or write blocks) and cleaned up after it."""
@@ -394,12 +409,44 @@ class BrokerState(SlabGrants):
         for offset, saved in slabs.items():
             self.table.allocator.take(offset, saved["size"])
             self.orphans.append(Orphan(offset, saved["size"], pid=saved["pid"]))
+        for offset, saved in (loans or {}).items():
+            self.table.allocator.take(offset, saved["size"])
+            obj = self.table.add(saved["size"], offset=offset, refs=1)
+            obj.loan_pid = saved["pid"]
+            self.orphan_loans[obj.key] = saved["pid"]
+        live = self._live_blocks([(0, self.table.capacity)])
+        self._keep_referenced(live)
         # Every other block still in use, wherever it is: the queues and logs name them.
         kept = [(o.offset, o.size) for o in self.orphans if o.log is None]
-        for start, refs in self._live_blocks([(0, self.table.capacity)]).items():
+        for start, refs in live.items():
             if not any(o <= start < o + n for o, n in kept):
                 self._keep_loose(start, refs)
         self.sweep()
+
+    def _keep_referenced(self, live: dict[int, int]) -> None:
+        """Keep what blocks in use reference and no loan record names (a DataSystem object
+        sent by key: the DataSystem is not journaled), as objects of their own: the extents
+        referenced, merged, each held until no slab of a running process is kept whole
+        (from then on, each block holds what it references itself: ``_keep_loose``)."""
+        ranges = []
+        for start, refs in live.items():
+            _, length = block.check(self.view, start)
+            for offset, size in external_ranges(self.view, self.table.capacity, start + block.header_size(refs),
+                                                start + length):
+                if self.table.containing(offset) is None:
+                    ranges.append((offset // 64 * 64, offset + size))
+        merged: list[list[int]] = []
+        for begin, end in sorted(ranges):
+            if merged and begin <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([begin, end])
+        for begin, end in merged:
+            try:
+                self.table.allocator.take(begin, end - begin)
+            except ValueError:
+                continue  # overlaps something kept already (a hostile descriptor): not ours to keep
+            self._unowned.append(self.table.add(end - begin, offset=begin, refs=1).key)
 
     def records(self) -> Iterable[dict[str, Any]]:
         """Journal records of where everything is (a snapshot: recovery.py)."""
@@ -413,6 +460,9 @@ class BrokerState(SlabGrants):
                        "claimer": client.log.claimer, "pid": client.pid}
             for offset, size in client.slabs.items():
                 yield {"r": "slab", "offset": offset, "size": size, "pid": client.pid}
+        for obj in self.table.objects():
+            if obj.loan_pid:
+                yield {"r": "loan", "offset": obj.offset, "size": obj.size, "pid": obj.loan_pid}
         for orphan in self.orphans:
             pid = orphan.pid if orphan.pid is not None else 0  # 0: gone (a later broker frees it at once)
             if orphan.log is not None:

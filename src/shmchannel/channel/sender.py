@@ -160,14 +160,15 @@ class DataSender(ChannelEnd):
         main thread, so that an interrupt ends only the wait (aio.py). The send is then
         withdrawn: queued whole if the broker took it first, else not at all."""
         main = aio.in_main_thread()
-        if main:
-            self._refuse_reentry("a send")
+        handing = waits = False  # handing: set just before the job is (the worker runs ``done`` then)
         try:
             if main:
-                self._main_waits = True
+                self._refuse_reentry("a send")  # (the outer call's _main_waits stays as it is)
+                self._main_waits = waits = True
             if self._worker is None:
                 self._worker = aio.Worker(f"shmchannel {self!r}")
             worker = self._worker
+            handing = True
             job = worker.submit(self._deliver, endpoint, parts, timeout, True, done)
             try:
                 aio.result(job)
@@ -176,8 +177,10 @@ class DataSender(ChannelEnd):
                     aio.withdraw(job, lambda: endpoint.withdraw(worker.ident), aio.WITHDRAW_TIMEOUT)
                 raise
         finally:
-            if main:
+            if waits:
                 self._main_waits = False
+            if not handing and done is not None:
+                done()  # never handed over (a reentrant call, no worker): the send is over
 
     def _deliver(self, endpoint: Any, parts: list[Any], timeout: float | None, handed_over: bool = False,
                  done: Any = None) -> None:

@@ -121,15 +121,14 @@ def _reducers() -> tuple[_Reducers, _Reducers]:
 
 
 class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, arrow_streams: bool = True) -> None:
+    def __init__(self, file: io.BytesIO, arrow_stream: Callable[[Any], bool] | None = None) -> None:
         super().__init__(file, protocol=5, buffer_callback=self._take_buffer)
         self.buffers: list[Source] = []
         # id(placeholder PickleBuffer) -> (placeholder, source); the placeholder is kept
         # alive so that its id stays unique until the pickler hands it to _take_buffer.
         self._sources: dict[int, tuple[pickle.PickleBuffer, Source]] = {}
         self._reducers, self._bases = _reducers()
-        if not arrow_streams:  # pyarrow's own pickling: each buffer its own out-of-band slot
-            self._reducers = {t: r for t, r in self._reducers.items() if r not in (reduce_table, reduce_batch)}
+        self._stream = arrow_stream
         self._base_types = tuple(self._bases)
 
     def _slot(self, source: Source) -> pickle.PickleBuffer:
@@ -147,6 +146,8 @@ class _Pickler(pickle.Pickler):
             return rebuild_ndarray, (self._slot(obj), obj.dtype, obj.shape, fortran(obj))
         reduce = self._reducers.get(cls)
         if reduce is not None:
+            if self._stream is not None and reduce in _ARROW and not self._stream(obj):
+                return NotImplemented  # pyarrow's own pickling: each buffer its own out-of-band slot
             return reduce(obj, self._slot)
         if isinstance(obj, self._base_types):
             base = next(b for b in self._base_types if isinstance(obj, b))
@@ -217,21 +218,27 @@ _STREAMED: dict[Any, tuple[int, Callable[[Any], Any]]] = {
 _STREAM_REBUILD = (rebuild_arrow_table, rebuild_arrow_batch, rebuild_polars)
 
 
-def _streamed(obj: Any) -> Serialized | None:
-    """``obj`` as a header and its Arrow stream if it is a table, batch or frame, else None."""
-    entry = _STREAMED.get(_reducers()[0].get(type(obj)))
-    if entry is None:
+_ARROW = (reduce_table, reduce_batch)
+
+
+def _streamed(obj: Any, arrow_stream: Callable[[Any], bool] | None) -> Serialized | None:
+    """``obj`` as a header and its Arrow stream if it is a table, batch or frame (and
+    ``arrow_stream`` says so), else None."""
+    reduce = _reducers()[0].get(type(obj))
+    entry = _STREAMED.get(reduce)
+    if entry is None or arrow_stream is not None and reduce in _ARROW and not arrow_stream(obj):
         return None
     stream = entry[1](obj)
     return None if stream is None else Serialized(_STREAM + bytes((entry[0],)), [stream])
 
 
-def serialize(obj: Any, arrow_streams: bool = True) -> Serialized:
+def serialize(obj: Any, arrow_stream: Callable[[Any], bool] | None = None) -> Serialized:
     """Serialize ``obj``; array data stays in the source objects (no copy is made here).
 
-    ``arrow_streams=False``: Arrow tables and batches are pickled by pyarrow, each of their
-    buffers a source of its own, instead of written as one IPC stream -- for a sender with
-    loans, which can then reference the buffers that lie in them (backends/loans.py).
+    ``arrow_stream(table)`` False: that Arrow table or batch is pickled by pyarrow, each of
+    its buffers a source of its own, instead of written as one IPC stream -- for a sender
+    whose loans hold some of them: it references those (backends/loans.py). (Pickled, a
+    slice carries its buffers whole: a stream is kept wherever no loan is involved.)
 
     Raises:
         UnsupportedType (a TypeError): ``obj``, or something inside it, cannot be pickled, or
@@ -240,11 +247,11 @@ def serialize(obj: Any, arrow_streams: bool = True) -> Serialized:
     if type(obj) is np.ndarray and obj.dtype.kind in _RAW_KINDS and obj.dtype.metadata is None and obj.ndim < 256:
         return Serialized(_raw_header(obj), [obj])
     try:
-        streamed = _streamed(obj) if arrow_streams else None
+        streamed = _streamed(obj, arrow_stream)
         if streamed is not None:
             return streamed
         stream = io.BytesIO()
-        pickler = _Pickler(stream, arrow_streams)
+        pickler = _Pickler(stream, arrow_stream)
         try:
             pickler.dump(obj)
         finally:

@@ -133,18 +133,20 @@ def read_blob(
     return view[start : start + header_len], buffers
 
 
-def external_offsets(view: memoryview, at: int, end: int) -> list[int]:
-    """The arena offsets a blob at ``view[at:end]`` references (``EXTERNAL`` entries), for
-    the broker taking over a block (broker/slab_grants.py). Garbage -- a block half written
-    by a sender that died, or by a hostile one -- references nothing."""
-    if at < 0 or at + _HEAD.size > min(end, len(view)):
+def external_ranges(view: Any, limit: int, at: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """(arena offset, length) of what the blob at ``view[at:end]`` references (``EXTERNAL``
+    entries) inside the first ``limit`` bytes of the arena: for a peek's copy, and for the
+    broker taking over a block (broker/slab_grants.py). Garbage -- a block half written by
+    a sender that died, or by a hostile one -- references nothing."""
+    end = len(view) if end is None else min(end, len(view))
+    if at < 0 or at + _HEAD.size > end:
         return []
     magic, version, _, nbuf, _ = _HEAD.unpack_from(view, at)
-    if magic != MAGIC or version != VERSION or at + _HEAD.size + _ENTRY.size * nbuf > min(end, len(view)):
+    if magic != MAGIC or version != VERSION or at + _HEAD.size + _ENTRY.size * nbuf > end:
         return []
     found = []
     for i in range(nbuf):
-        offset, _ = _ENTRY.unpack_from(view, at + _HEAD.size + _ENTRY.size * i)
-        if offset & EXTERNAL:
-            found.append(offset & ~EXTERNAL)
+        offset, length = _ENTRY.unpack_from(view, at + _HEAD.size + _ENTRY.size * i)
+        if offset & EXTERNAL and (offset & ~EXTERNAL) + length <= limit:
+            found.append((offset & ~EXTERNAL, length))
     return found

@@ -30,6 +30,7 @@ class StoredObject:
     offset: int = -1  # arena offset; -1 when the blob is kept inline
     inline: bytes | None = None
     refs: int = 0
+    loan_pid: int = 0  # a sender's loan (issue 15): its process; journaled, so a next broker keeps it
 
     def describe(self) -> dict[str, Any]:
         """Where the object is, as a get's reply carries it: its ``offset`` in the arena,
@@ -153,6 +154,9 @@ class ObjectTable:
             self.inline_bytes += len(inline)
             self.inline_charged += charge(len(inline))
         return obj
+
+    def objects(self) -> list[StoredObject]:
+        return list(self._objects.values())
 
     def containing(self, offset: int) -> StoredObject | None:
         """The arena object whose block holds byte ``offset`` (a look through all: only
