@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import _thread
 import bisect
+import math
 import collections
 import os
 import struct
@@ -138,14 +139,6 @@ class Ledger:
     def idle(self) -> bool:
         return any(loan.idle for loan in list(self._loans.values()))
 
-    def lend_again(self, key: str) -> Loan | None:
-        """The loan of ``key`` if this sender holds it already, counted as being sent."""
-        with self._lock:
-            loan = self._loans.get(key)
-            if loan is not None:
-                loan.sending += 1
-            return loan
-
     def array(self, loan: Loan, shape: tuple[int, ...], dtype: np.dtype, order: str) -> np.ndarray:
         """A writable array over ``loan``; the loan is viewed until it and its views are gone."""
         holder = Loaned(self._arena.array(loan.offset, loan.size))
@@ -157,7 +150,7 @@ class Ledger:
             self._viewers[id(ref)] = (ref, loan.key)
             loan.viewed = True
             loan.sending = max(0, loan.sending - 1)  # (held since it was granted: ``add``)
-        flat = np.asarray(holder)[: int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+        flat = np.asarray(holder)[: math.prod(shape) * dtype.itemsize]
         arr = flat.view(dtype).reshape(shape, order="F" if order == "F" else "C")
         loan.root = weakref.ref(arr)
         return arr

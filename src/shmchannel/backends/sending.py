@@ -9,6 +9,7 @@ the channel, to grant a slab, and at close.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -210,7 +211,7 @@ class EmbeddedSender(Withdrawable):
         to the broker, which may wait ``timeout`` seconds for room."""
         ledger = self._ledger
         ledger.tidy()  # what receivers finished with is free again first
-        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        nbytes = max(1, math.prod(shape) * dtype.itemsize)  # Python ints: no wrap-around (StoreFull if huge)
         loan = ledger.reuse(nbytes)
         if loan is None:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -246,16 +247,16 @@ class EmbeddedSender(Withdrawable):
         """The object under DataSystem ``key`` over the store's memory, held for a send
         (``send`` references its buffers rather than copying them), and the function that
         ends the hold's part in that send. An object kept inline at the broker is a copy."""
-        loan = self._ledger.lend_again(key)
-        if loan is None:
-            reply, data = self._client.conn.request(
-                {"op": "get", "key": key}, on_interrupt=self._unlend,
-                on_reply=lambda r, d: self._lent(r, int(r["size"]), sending=True) if "offset" in r else None,
-            )
-            if "offset" not in reply:
-                header, buffers = read_blob(memoryview(data).toreadonly())
-                return serialization.deserialize(header, buffers), lambda: None
-            loan = reply["_loan"]
+        # Asked each time, though we may hold it already (a send of it in flight): the key
+        # must still be there (KeyError), and a second hold is merged into the first (``add``).
+        reply, data = self._client.conn.request(
+            {"op": "get", "key": key}, on_interrupt=self._unlend,
+            on_reply=lambda r, d: self._lent(r, int(r["size"]), sending=True) if "offset" in r else None,
+        )
+        if "offset" not in reply:
+            header, buffers = read_blob(memoryview(data).toreadonly())
+            return serialization.deserialize(header, buffers), lambda: None
+        loan = reply["_loan"]
         header, buffers = read_blob(self._client.arena.view(loan.offset, loan.size).toreadonly())
         return serialization.deserialize(header, buffers), lambda: self._ledger.done_sending([loan])
 

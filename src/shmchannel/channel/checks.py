@@ -58,6 +58,8 @@ def warn_unclosed(what: list[str], made: list[Any], close: Callable[[Any], None]
 def check_shape(param: str, value: object) -> tuple[int, ...]:
     """An array shape: an int >= 0 or a sequence of them (numpy's ``empty`` takes the same)."""
     dims: Any = (value,) if isinstance(value, (int, np.integer)) else value
+    if not isinstance(dims, (tuple, list)):
+        dims = None  # (a dict or a string would iterate)
     try:
         shape = tuple(operator.index(d) for d in dims if not isinstance(d, bool))
         whole = len(shape) == len(dims)  # no bool among them

@@ -234,7 +234,8 @@ class DataSender(ChannelEnd):
         in the store's shared memory: fill it in place, then ``send`` it, and no byte is
         copied on the way -- on the embedded backend.
 
-        A send references rather than copies every buffer that lies inside such an array:
+        A send of this sender references rather than copies every buffer that lies inside
+        such an array (another sender copies it):
         the array itself, a row block of it, a ``torch.from_numpy`` tensor over it, a pandas
         DataFrame, dict of columns or pyarrow Table over its memory (a buffer that is not
         one contiguous run of it -- a column of a C-order matrix -- is copied, as is any
@@ -296,6 +297,8 @@ class DataSender(ChannelEnd):
             order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
         elif order == "A":
             order = "F" if array.flags.f_contiguous else "C"
+        elif order not in ("C", "F"):
+            raise InvalidArgument(f'order must be "K", "A", "C" or "F", got {order!r:.40}')
         return self.empty(array.shape if shape is None else shape, array.dtype if dtype is None else dtype, order,
                           timeout=timeout)
 

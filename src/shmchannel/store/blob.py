@@ -114,7 +114,7 @@ def read_blob(
     if len(view) < _HEAD.size:
         raise ProtocolError(f"blob of {len(view)} bytes is shorter than its table")
     magic, version, header_len, nbuf, _ = _HEAD.unpack_from(view, 0)
-    if magic != MAGIC or version != VERSION:
+    if magic != MAGIC or version not in (1, VERSION):  # 1: no references (an older broker's arena)
         raise ProtocolError(f"blob starts with {bytes(magic)!r} v{version}, expected {MAGIC!r} v{VERSION}")
     start = _HEAD.size + _ENTRY.size * nbuf
     if start + header_len > len(view):
