@@ -131,10 +131,19 @@ class _Releases:
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self.closing = False
 
     def drop_view(self, key: str, done: list[bool]) -> None:
-        done[0] = True  # first: cut short before the release, the hold lasts until the connection closes
+        done[0] = True  # first: cut short before the release, the hold is kept (never dropped twice)
         self.conn.release(key)
+        if self.closing:
+            self.settle()
+
+    def settle(self) -> None:
+        """After close: with no view left, a release an interrupt cut short must not keep
+        the connection open (its count says one more hold than there is)."""
+        if not views.live(self):
+            self.conn.holds_done()
 
 
 class ArenaClient:
@@ -143,7 +152,7 @@ class ArenaClient:
     def __init__(self, inline_threshold: int) -> None:
         self.inline_threshold = inline_threshold
         self.conn = daemon.ensure_running()
-        self._releases = _Releases(self.conn)
+        self.releases = _Releases(self.conn)
         try:
             self.arena = _arena_for(self.conn.info)
         except BaseException:
@@ -218,5 +227,5 @@ class ArenaClient:
         self.conn.hold()
         # Not weakref.finalize: its callback is Python, and an interrupt at its first
         # instruction would lose the release (views.py queues the death in C first).
-        views.watch(self._releases, item["key"], base)
+        views.watch(self.releases, item["key"], base)
         return base

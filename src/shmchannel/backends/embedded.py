@@ -72,6 +72,8 @@ class EmbeddedDataSystem:
 
     def close(self) -> None:
         self._client.conn.close()
+        self._client.releases.closing = True
+        self._client.releases.settle()
 
 
 class EmbeddedBackend:

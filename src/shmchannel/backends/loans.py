@@ -145,13 +145,15 @@ class Ledger:
         ref = weakref.ref(holder, self._dead.append)
         with self._lock:
             if self.closed or self._loans.get(loan.key) is not loan:
-                # close() ran meanwhile (another thread) and may have given it back
+                # close() ran meanwhile (another thread) and may have given it back; if not,
+                # unpinned, the next tidy does
+                loan.sending = max(0, loan.sending - 1)
                 raise EndpointClosed("the sender was closed while empty() waited for its loan")
             self._viewers[id(ref)] = (ref, loan.key)
             loan.viewed = True
             loan.sending = max(0, loan.sending - 1)  # (held since it was granted: ``add``)
         flat = np.asarray(holder)[: math.prod(shape) * dtype.itemsize]
-        arr = flat.view(dtype).reshape(shape, order="F" if order == "F" else "C")
+        arr = np.ndarray(shape, dtype, buffer=flat, order="F" if order == "F" else "C")  # (a subarray dtype adds dims)
         loan.root = weakref.ref(arr)
         return arr
 
@@ -227,6 +229,8 @@ class Ledger:
         """Give back the loans nothing uses any more (module docstring); how many. With
         ``keep``, one lent by ``empty`` is kept for reuse first, ``KEEP_IDLE`` seconds."""
         if not self._loans:
+            if self.closed:
+                self._conn.holds_done()  # (a release cut short by an interrupt: see below)
             return 0
         given = 0
         now = time.monotonic()

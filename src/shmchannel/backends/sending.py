@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import serialization
 from ..broker import rules
-from ..errors import Cancelled, ChannelError, ChannelTimeout, EndpointClosed, StoreFullTimeout
+from ..errors import Cancelled, ChannelError, ChannelTimeout, EndpointClosed, StoreFullTimeout, UnsupportedType
 from ..queue.ring import Publisher, Queues
 from ..store import block
 from ..store import slabs as S
@@ -187,7 +187,7 @@ class EmbeddedSender(Withdrawable):
             try:
                 # With blocks of our own in use, only a short wait at the broker: they may be
                 # what frees first, and that wakes no one there.
-                wait = remaining(deadline) if freed is None else 0.0
+                wait = remaining(deadline) if freed is None and not self._ledger.idle() else 0.0
                 reply, _ = self._client.conn.request(
                     {"op": "slab", "size": S.slab_size_for(need, self._max_queue_size), "need": align(need, 64), "timeout": wait,
                      "asked": timeout}
@@ -195,6 +195,9 @@ class EmbeddedSender(Withdrawable):
                 self._slabs.add(int(reply["offset"]), int(reply["size"]))
                 continue
             except StoreFullTimeout:
+                if self._ledger.idle():
+                    self._ledger.tidy(keep=False)  # loans kept for reuse make room first
+                    continue
                 if freed is None or remaining(deadline) == 0.0:
                     raise
             self._check_withdrawn(me)
@@ -219,7 +222,7 @@ class EmbeddedSender(Withdrawable):
             try:
                 loan = self._new_loan(nbytes, 0.0 if kept else remaining(deadline), timeout)
             except StoreFullTimeout:
-                if not kept or remaining(deadline) == 0.0:
+                if not kept:
                     raise
                 ledger.tidy(keep=False)  # the loans kept for reuse make room
                 loan = self._new_loan(nbytes, remaining(deadline), timeout)
@@ -250,15 +253,22 @@ class EmbeddedSender(Withdrawable):
         # Asked each time, though we may hold it already (a send of it in flight): the key
         # must still be there (KeyError), and a second hold is merged into the first (``add``).
         reply, data = self._client.conn.request(
-            {"op": "get", "key": key}, on_interrupt=self._unlend,
+            {"op": "lend", "key": key}, on_interrupt=self._unlend,
             on_reply=lambda r, d: self._lent(r, int(r["size"]), sending=True) if "offset" in r else None,
         )
         if "offset" not in reply:
             header, buffers = read_blob(memoryview(data).toreadonly())
             return serialization.deserialize(header, buffers), lambda: None
         loan = reply["_loan"]
-        header, buffers = read_blob(self._client.arena.view(loan.offset, loan.size).toreadonly())
-        return serialization.deserialize(header, buffers), lambda: self._ledger.done_sending([loan])
+        try:
+            header, buffers = read_blob(self._client.arena.view(loan.offset, loan.size).toreadonly())
+            obj = serialization.deserialize(header, buffers)
+        except BaseException as exc:
+            self._ledger.done_sending([loan])
+            if isinstance(exc, Exception) and not isinstance(exc, ChannelError):
+                raise UnsupportedType(f"the object under key {key!r} cannot be rebuilt to send it: {exc!r}") from exc
+            raise
+        return obj, lambda: self._ledger.done_sending([loan])
 
     def queue(self, shard_id: int | None) -> Any:
         return _queue(self._pub, shard_id)

@@ -42,10 +42,11 @@ _drainer = False  # the daemon thread runs (in this process: see _forked)
 def _forked() -> None:
     # A child's copies of the parent's arrays must not lower the parent's counts, and the
     # parent's drainer thread did not come along.
-    global _drainer
+    global _drainer, _lock
     _views.clear()
     _dead.clear()
     _drainer = False
+    _lock = threading.RLock()  # the parent's drainer may have held it as the fork came
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -60,21 +61,35 @@ class Owner(Protocol):
 def count(log: ClaimLog, entry: int, base: Any) -> None:
     """Count a view of ``entry``'s memory whose last array is ``base``. The count and the
     drop to come are made both or neither: the view is registered before the native add,
-    with no check point between them."""
-    watch(log, entry, base)
-    log.region.add(log.state_at(entry), VIEW)
+    with no check point between them (no Python call: a review found one, and an
+    interrupt there dropped a count never added -- the block reused under a live array)."""
+    _drain_in_time()
+    at = log.state_at(entry)
+    now = weakref.ref(base, _drain_now)  # made first: called back second
+    ref = weakref.ref(base, _dead.append)
+    _views[id(ref)] = (ref, now, log, entry, [False])
+    log.region.add(at, VIEW)
 
 
 def watch(owner: Owner, entry: Any, base: Any) -> None:
     """Have ``owner.drop_view(entry, done)`` called once ``base`` is gone: by ``drain``, at
     once or later (a DataSystem get's hold, released by the connection: arena_client.py)."""
+    _drain_in_time()
+    now = weakref.ref(base, _drain_now)  # made first: called back second
+    ref = weakref.ref(base, _dead.append)
+    _views[id(ref)] = (ref, now, owner, entry, [False])
+
+
+def live(owner: Owner) -> bool:
+    """Whether a view ``owner`` watches is not dropped yet."""
+    return any(found[2] is owner and not found[4][0] for found in list(_views.values()))
+
+
+def _drain_in_time() -> None:
     global _drainer
     if not _drainer:
         _drainer = True
         _thread.start_new_thread(_drain_forever, ())  # one C call (see aio.Worker)
-    now = weakref.ref(base, _drain_now)  # made first: called back second
-    ref = weakref.ref(base, _dead.append)
-    _views[id(ref)] = (ref, now, owner, entry, [False])
 
 
 def _drain_now(_: Any) -> None:

@@ -111,6 +111,8 @@ class Accounts:
             client.holds[key] -= 1
             if not client.holds[key]:
                 del client.holds[key]
+            if client.lends.get(key, 0) > client.holds.get(key, 0):
+                self._unlend(client, key)
             freed |= self._unref(key)
         if freed:
             self.store_freed.fire()
@@ -123,6 +125,9 @@ class Accounts:
         for offset in client.allocations:
             self.table.free_allocation(offset)
         client.allocations.clear()
+        for key in list(client.lends):
+            client.lends[key] = 1
+            self._unlend(client, key)
         for key, count in client.holds.items():
             freed |= self._unref(key, count)
         client.holds.clear()
@@ -148,6 +153,25 @@ class Accounts:
             obj.refs += 1
             client.holds[key] += 1
         return obj
+
+    def lend(self, client: Client, key: str) -> StoredObject:
+        """``get`` for a sender that sends the object by key: the hold is journaled (with
+        the process), so that a broker taking over the arena keeps the memory while that
+        process runs -- it may be writing a descriptor that references it."""
+        obj = self.get(client, key)
+        if obj.inline is None:
+            client.lends[key] += 1
+            if client.lends[key] == 1:
+                self._log({"r": "hold", "offset": obj.offset, "size": obj.size, "pid": client.pid})
+        return obj
+
+    def _unlend(self, client: Client, key: str) -> None:
+        client.lends[key] -= 1
+        if client.lends[key] <= 0:
+            del client.lends[key]
+            obj = self.table.get(key)
+            if obj is not None:
+                self._log({"r": "unhold", "offset": obj.offset, "pid": client.pid})
 
     def delete(self, key: str) -> None:
         if key not in self.pinned:

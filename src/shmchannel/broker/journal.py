@@ -24,6 +24,8 @@ Records (field ``r``):
     unslab   offset                                 freed
     loan     offset, size, pid                      a sender's loan (issue 15)
     unloan   offset                                 freed
+    hold     offset, size, pid                      a DataSystem object a sender sends by key
+    unhold   offset, pid                            done
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Recovered:
     logs: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> capacity, claimer, pid
     slabs: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> size, pid
     loans: dict[int, dict[str, Any]] = field(default_factory=dict)  # offset -> size, pid
+    holds: dict[tuple[int, int], int] = field(default_factory=dict)  # (offset, pid) -> size
 
     def replay(self, path: Path) -> None:
         for msg, _ in read(path):
@@ -158,7 +161,11 @@ class Recovered:
                 self.loans[int(msg["offset"])] = {"size": int(msg["size"]), "pid": int(msg["pid"])}
             elif kind == "unloan":
                 self.loans.pop(int(msg["offset"]), None)
+            elif kind == "hold":
+                self.holds[int(msg["offset"]), int(msg["pid"])] = int(msg["size"])
+            elif kind == "unhold":
+                self.holds.pop((int(msg["offset"]), int(msg["pid"])), None)
 
     @property
     def empty(self) -> bool:
-        return not (self.channels or self.logs or self.slabs or self.loans)
+        return not (self.channels or self.logs or self.slabs or self.loans or self.holds)

@@ -31,7 +31,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dump
 
 #: Operations whose reply confirms a change of what is queued (or shows it): it goes out
 #: only after the broker's journal holds that change (see journal.py).
-CONFIRMS = frozenset({"create", "close", "detach", "queue", "status", "sync", "stop", "slab", "unslab", "log", "loan"})
+CONFIRMS = frozenset({"create", "close", "detach", "queue", "status", "sync", "stop", "slab", "unslab", "log", "loan", "lend"})
 
 #: Operations that get no reply.
 ONE_WAY = frozenset({"release", "cancel"})

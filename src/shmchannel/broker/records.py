@@ -130,6 +130,7 @@ class Client:
     id: int
     pid: int
     holds: Counter[str] = field(default_factory=Counter)  # DataSystem objects it views
+    lends: Counter[str] = field(default_factory=Counter)  # of those, held for a send (journaled: ``lend``)
     allocations: dict[int, int] = field(default_factory=dict)  # offset -> size, not yet put
     slabs: dict[int, int] = field(default_factory=dict)  # a sender's slabs: offset -> size
     log: ClaimLog | None = None  # its process's claim log (on the session connection)

@@ -21,5 +21,5 @@ def restore(state: BrokerState, recovered: Recovered) -> int:
     """Take over a dead broker's channels, logs and slabs; the number of objects queued."""
     if recovered.empty:
         return 0
-    state.adopt(recovered.channels, recovered.logs, recovered.slabs, recovered.loans)
+    state.adopt(recovered.channels, recovered.logs, recovered.slabs, recovered.loans, recovered.holds)
     return sum(c.depth(s) for c in state.channels.values() for s in range(c.num_shards))

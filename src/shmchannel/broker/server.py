@@ -64,6 +64,7 @@ class Server(SystemOperations):
             "queue": self._queue,
             "put": self._put,
             "get": self._get,
+            "lend": self._lend,
             "delete": self._delete,
             "contains": self._contains,
             "stats": self._stats,

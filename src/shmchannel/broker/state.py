@@ -71,7 +71,7 @@ class BrokerState(SlabGrants):
         # Taken over from a dead broker: loans of processes that may still run (key -> pid),
         # and what blocks reference that no record names (a DataSystem object sent by key):
         # each holds one reference until its process is gone / no slab is kept whole.
-        self.orphan_loans: dict[str, int] = {}
+        self.orphan_loans: list[tuple[str, int]] = []  # (key, pid): one reference each
         self._unowned: list[str] = []
         # The header of each slab a loose block came from, kept while any of them lives:
         # a receiver freeing the block bumps the *freed* word there (store/block.py).
@@ -360,9 +360,9 @@ class BrokerState(SlabGrants):
                 self._free_loose(offset)
                 freed = True
         # After the slabs above: a dead process's blocks in use took their references first.
-        for key, pid in list(self.orphan_loans.items()):
+        for key, pid in list(self.orphan_loans):
             if not pid_alive(pid):
-                del self.orphan_loans[key]
+                self.orphan_loans.remove((key, pid))
                 freed |= self._unref(key)
         if self._unowned and not any(o.log is None for o in kept):
             for key in self._unowned:
@@ -383,7 +383,8 @@ class BrokerState(SlabGrants):
     # -- a dead broker's arena (recovery.py) ---------------------------------------------
 
     def adopt(self, channels: dict[tuple[str, str], dict[str, Any]], logs: dict[int, dict[str, Any]],
-              slabs: dict[int, dict[str, Any]], loans: dict[int, dict[str, Any]] | None = None) -> None:
+              slabs: dict[int, dict[str, Any]], loans: dict[int, dict[str, Any]] | None = None,
+              holds: dict[tuple[int, int], int] | None = None) -> None:
         """Carry on with what a dead broker left in this arena: its channels over their
         queues; its clients' claim logs and slabs, kept whole while their process runs
         (it may still claim into them, or write blocks) and cleaned up after it."""
@@ -413,7 +414,14 @@ class BrokerState(SlabGrants):
             self.table.allocator.take(offset, saved["size"])
             obj = self.table.add(saved["size"], offset=offset, refs=1)
             obj.loan_pid = saved["pid"]
-            self.orphan_loans[obj.key] = saved["pid"]
+            self.orphan_loans.append((obj.key, saved["pid"]))
+        for (offset, pid), size in (holds or {}).items():  # objects a process was sending by key
+            found = self.table.containing(offset)
+            if found is None or found.offset != offset:
+                self.table.allocator.take(offset, size)
+                found = self.table.add(size, offset=offset, refs=0)
+            found.refs += 1
+            self.orphan_loans.append((found.key, pid))
         live = self._live_blocks([(0, self.table.capacity)])
         self._keep_referenced(live)
         # Every other block still in use, wherever it is: the queues and logs name them.
@@ -460,9 +468,17 @@ class BrokerState(SlabGrants):
                        "claimer": client.log.claimer, "pid": client.pid}
             for offset, size in client.slabs.items():
                 yield {"r": "slab", "offset": offset, "size": size, "pid": client.pid}
+            for key in client.lends:
+                obj = self.table.get(key)
+                if obj is not None:
+                    yield {"r": "hold", "offset": obj.offset, "size": obj.size, "pid": client.pid}
         for obj in self.table.objects():
             if obj.loan_pid:
                 yield {"r": "loan", "offset": obj.offset, "size": obj.size, "pid": obj.loan_pid}
+        for key, pid in self.orphan_loans:  # a dead broker's: its senders' holds
+            obj = self.table.get(key)
+            if obj is not None and not obj.loan_pid:
+                yield {"r": "hold", "offset": obj.offset, "size": obj.size, "pid": pid}
         for orphan in self.orphans:
             pid = orphan.pid if orphan.pid is not None else 0  # 0: gone (a later broker frees it at once)
             if orphan.log is not None:

@@ -88,6 +88,10 @@ class SystemOperations(Operations):
         obj = self.state.get(conn.client, request_field(msg, "key", str))
         return protocol.ok(**obj.describe()), obj.inline or b""
 
+    def _lend(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
+        obj = self.state.lend(conn.client, request_field(msg, "key", str))
+        return protocol.ok(**obj.describe()), obj.inline or b""
+
     def _delete(self, conn: ClientConnection, msg: dict[str, Any], payload: bytes) -> Reply:
         self.state.delete(request_field(msg, "key", str))
         return protocol.ok(), b""

@@ -76,8 +76,8 @@ class Wire:
         with self._write_lock:
             self._main_writing = True
             try:
-                if self._queued or self._sock is None or self._failure is not None:
-                    return False
+                if self._queued or self._holds.pending() or self._sock is None or self._failure is not None:
+                    return False  # (releases queued: the writer sends them first, then this)
                 if call is not None and call.reply is not None:
                     return True  # withdrawn before it went: it must not go
                 self._write_unsure()

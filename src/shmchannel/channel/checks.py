@@ -78,4 +78,6 @@ def check_dtype(param: str, value: object) -> np.dtype:
         raise InvalidArgument(f"{param} must be a numpy dtype, got {value!r:.80}: {exc}") from None
     if dtype.hasobject:
         raise InvalidArgument(f"{param} must hold no Python objects, got {dtype}")
+    if not dtype.itemsize:
+        raise InvalidArgument(f"{param} must have a size, got {dtype} (0 bytes an item)")
     return dtype

@@ -122,7 +122,7 @@ def read_blob(
     buffers = []
     for i in range(nbuf):
         offset, length = _ENTRY.unpack_from(view, _HEAD.size + _ENTRY.size * i)
-        if offset & EXTERNAL:
+        if offset & EXTERNAL and version == VERSION:
             if external is None:
                 raise ProtocolError(f"blob buffer {i} references shared memory, and this reader has none")
             buffers.append(external(offset & ~EXTERNAL, length))
