@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import _thread
 import bisect
+import itertools
 import math
 import collections
 import os
@@ -72,9 +73,12 @@ class Loaned:
 class Loan:
     """One object this sender holds (see the module docstring)."""
 
-    __slots__ = ("key", "offset", "size", "viewed", "sending", "uses", "root", "reusable", "idle")
+    __slots__ = ("id", "key", "offset", "size", "viewed", "sending", "uses", "root", "reusable", "idle")
 
     def __init__(self, key: str, offset: int, size: int, reusable: bool) -> None:
+        # Its own number: a key held twice (two sends of it at once) is two loans, each
+        # covering its own uses, each given back on its own (the broker counts both).
+        self.id = next(_ids)
         self.key, self.offset, self.size = key, offset, size
         self.reusable = reusable  # lent by ``empty`` (a DataSystem object sent by key is not ours to refill)
         self.idle = 0.0  # when nothing used it any more (0: in use), kept for a next ``empty``
@@ -84,14 +88,20 @@ class Loan:
         self.root: weakref.ref[np.ndarray] | None = None  # the array empty() returned
 
 
+_ids = itertools.count(1)
+
+
 class Ledger:
     """The loans of one sender."""
 
     def __init__(self, conn: Any, arena: ArenaMap) -> None:
         self._conn, self._arena = conn, arena
-        self._loans: dict[str, Loan] = {}
-        self._starts: list[tuple[int, str]] = []  # (offset, key), sorted: ``find``
-        self._viewers: dict[int, tuple[weakref.ref[Any], str]] = {}  # id(ref) -> (ref, key)
+        self._loans: dict[int, Loan] = {}  # by Loan.id
+        # Granted on the connection's reader thread, not recorded yet: that thread takes no
+        # lock (a signal handler's call may be waiting for it with the lock held below it).
+        self._granted: collections.deque[Loan] = collections.deque()
+        self._starts: list[tuple[int, int]] = []  # (offset, id), sorted: ``find``
+        self._viewers: dict[int, tuple[weakref.ref[Any], int]] = {}  # id(ref) -> (ref, loan id)
         self._dead: collections.deque[weakref.ref[Any]] = collections.deque()  # refs whose Loaned died
         self._lock = threading.RLock()  # the daemon thread tidies too; re-entered by a signal handler
         self._base, self._end = arena.address_range
@@ -99,36 +109,42 @@ class Ledger:
         self.closed = False  # the sender closed: the daemon thread forgets it once empty
 
     def __bool__(self) -> bool:
-        return bool(self._loans)
+        return bool(self._loans) or bool(self._granted)
 
     @property
     def held(self) -> int:
-        return len(self._loans)
+        return len(self._loans) + len(self._granted)
 
     # -- taking loans ----------------------------------------------------------------------
 
     def add(self, key: str, offset: int, size: int, sending: bool = False, reusable: bool = False) -> Loan:
-        """Record a hold the broker granted (before anything else can fail: the caller's
-        on_interrupt gives it back if an interrupt comes first)."""
+        """Record a hold the broker granted, on the reader thread as its reply comes (the
+        caller's on_interrupt gives it back if an interrupt comes first): queued in one
+        step, taken into the tables by the next call that locks them (``_take_granted``)."""
         loan = Loan(key, offset, size, reusable)
         loan.sending = int(sending)
         self.ever = True
-        with self._lock:
-            held = self._loans.get(key)
-            if held is not None:  # two threads borrowed one key at once: one hold covers both
-                held.sending += loan.sending
-                self._conn.release(key)
-                return held
-            self._loans[key] = loan
-            bisect.insort(self._starts, (offset, key))
+        self._granted.append(loan)
         _watch(self)
         return loan
+
+    def _take_granted(self) -> None:
+        """Record the loans granted meanwhile (the caller holds the lock). Each step may be
+        done again: cut short, the next call finishes it."""
+        while self._granted:
+            loan = self._granted[0]
+            if loan.id not in self._loans:
+                self._loans[loan.id] = loan
+                bisect.insort(self._starts, (loan.offset, loan.id))
+            if self._granted and self._granted[0] is loan:
+                self._granted.popleft()
 
     def reuse(self, size: int) -> Loan | None:
         """A loan of ``size`` bytes nothing uses any more, taken again (counted as being
         sent until ``array``): a steady stream of batches then needs no round trip to the
         broker, and its memory is warm. None if there is none."""
         with self._lock:
+            self._take_granted()
             for loan in self._loans.values():
                 if loan.idle and loan.size == size:
                     loan.idle = 0.0
@@ -137,19 +153,20 @@ class Ledger:
         return None
 
     def idle(self) -> bool:
-        return any(loan.idle for loan in list(self._loans.values()))
+        return any(loan.idle for loan in list(self._loans.values()))  # (granted loans are in use)
 
     def array(self, loan: Loan, shape: tuple[int, ...], dtype: np.dtype, order: str) -> np.ndarray:
         """A writable array over ``loan``; the loan is viewed until it and its views are gone."""
         holder = Loaned(self._arena.array(loan.offset, loan.size))
         ref = weakref.ref(holder, self._dead.append)
         with self._lock:
-            if self.closed or self._loans.get(loan.key) is not loan:
+            self._take_granted()
+            if self.closed or self._loans.get(loan.id) is not loan:
                 # close() ran meanwhile (another thread) and may have given it back; if not,
                 # unpinned, the next tidy does
                 loan.sending = max(0, loan.sending - 1)
                 raise EndpointClosed("the sender was closed while empty() waited for its loan")
-            self._viewers[id(ref)] = (ref, loan.key)
+            self._viewers[id(ref)] = (ref, loan.id)
             loan.viewed = True
             loan.sending = max(0, loan.sending - 1)  # (held since it was granted: ``add``)
         flat = np.asarray(holder)[: math.prod(shape) * dtype.itemsize]
@@ -178,9 +195,9 @@ class Ledger:
             return None
         offset = address - self._base
         with self._lock:  # the daemon's tidy may change the tables meanwhile
-            i = bisect.bisect_right(self._starts, (offset, "\uffff")) - 1
-            loan = self._loans.get(self._starts[i][1]) if i >= 0 else None
-            if loan is None or not loan.offset <= offset or offset + nbytes > loan.offset + loan.size:
+            self._take_granted()
+            loan = self._containing(offset)
+            if loan is None or offset + nbytes > loan.offset + loan.size:
                 return None
             loan.sending += 1  # pinned until the send is over (``done_sending``): noted or not
         return offset, loan
@@ -192,13 +209,22 @@ class Ledger:
             for chunk in getattr(column, "chunks", (column,)):
                 for buf in chunk.buffers():
                     if buf is not None and buf.size and self._base <= buf.address < self._end:
-                        offset = buf.address - self._base
                         with self._lock:
-                            i = bisect.bisect_right(self._starts, (offset, "\uffff")) - 1
-                            loan = self._loans.get(self._starts[i][1]) if i >= 0 else None
-                        if loan is not None and loan.offset <= offset < loan.offset + loan.size:
-                            return False
+                            self._take_granted()
+                            if self._containing(buf.address - self._base) is not None:
+                                return False
         return True
+
+    def _containing(self, offset: int) -> Loan | None:
+        """The loan whose memory holds byte ``offset`` (the caller holds the lock); entries
+        of loans given back (an interrupt left them) are passed over."""
+        i = bisect.bisect_right(self._starts, (offset, 1 << 62)) - 1
+        while i >= 0:
+            loan = self._loans.get(self._starts[i][1])
+            if loan is not None:
+                return loan if loan.offset <= offset < loan.offset + loan.size else None
+            i -= 1
+        return None
 
     def note(self, loan: Loan, descriptor: int, pos: int) -> None:
         """``descriptor`` (object ``pos``) references ``loan``: recorded before it is
@@ -228,7 +254,7 @@ class Ledger:
     def tidy(self, keep: bool = True) -> int:
         """Give back the loans nothing uses any more (module docstring); how many. With
         ``keep``, one lent by ``empty`` is kept for reuse first, ``KEEP_IDLE`` seconds."""
-        if not self._loans:
+        if not self._loans and not self._granted:
             if self.closed:
                 self._conn.holds_done()  # (a release cut short by an interrupt: see below)
             return 0
@@ -236,13 +262,14 @@ class Ledger:
         now = time.monotonic()
         keep = keep and not self.closed
         with self._lock:
+            self._take_granted()
             while self._dead:
                 ref = self._dead[0]
                 found = self._viewers.get(id(ref))
                 if found is not None:  # each step may be done again: cut short, the next tidy does
-                    loan = self._loans.get(found[1])
-                    if loan is not None:
-                        loan.viewed = False
+                    viewed = self._loans.get(found[1])
+                    if viewed is not None:
+                        viewed.viewed = False
                     self._viewers.pop(id(ref), None)
                 if self._dead and self._dead[0] is ref:  # (a nested tidy may have taken it)
                     self._dead.popleft()
@@ -256,14 +283,16 @@ class Ledger:
                     continue
                 # Out of the tables first: cut here, the hold stays until the connection
                 # closes. (A signal handler's nested tidy may have given it back already.)
-                if self._loans.pop(loan.key, None) is None:
+                if self._loans.pop(loan.id, None) is None:
                     continue
                 self._conn.release(loan.key)
                 given += 1
-                i = bisect.bisect_left(self._starts, (loan.offset, loan.key))
-                if i < len(self._starts) and self._starts[i] == (loan.offset, loan.key):
-                    del self._starts[i]  # (left behind by an interrupt: ``find`` skips it)
-            if self.closed and not self._loans:
+                i = bisect.bisect_left(self._starts, (loan.offset, loan.id))
+                if i < len(self._starts) and self._starts[i] == (loan.offset, loan.id):
+                    del self._starts[i]
+            if len(self._starts) != len(self._loans):  # an interrupt left one out, or one in
+                self._starts = sorted((loan.offset, loan.id) for loan in self._loans.values())
+            if self.closed and not self._loans and not self._granted:
                 # Nothing of ours is held any more: a release an interrupt cut short (popped
                 # above, never said) must not keep the connection open for ever.
                 self._conn.holds_done()
@@ -284,6 +313,7 @@ class Ledger:
         holds what it references on its own from then on, so the loans need only cover
         this process's arrays."""
         with self._lock:
+            self._take_granted()
             self.closed = True  # an empty() still waiting for its loan now refuses it (``array``)
             for loan in self._loans.values():
                 loan.uses = []

@@ -190,7 +190,8 @@ class EmbeddedSender(Withdrawable):
                 wait = remaining(deadline) if freed is None and not self._ledger.idle() else 0.0
                 reply, _ = self._client.conn.request(
                     {"op": "slab", "size": S.slab_size_for(need, self._max_queue_size), "need": align(need, 64), "timeout": wait,
-                     "asked": timeout}
+                     "asked": timeout},
+                    on_interrupt=self._unslab,
                 )
                 self._slabs.add(int(reply["offset"]), int(reply["size"]))
                 continue
@@ -269,6 +270,11 @@ class EmbeddedSender(Withdrawable):
                 raise UnsupportedType(f"the object under key {key!r} cannot be rebuilt to send it: {exc!r}") from exc
             raise
         return obj, lambda: self._ledger.done_sending([loan])
+
+    def _unslab(self, reply: dict[str, Any], data: Any) -> None:
+        """A slab granted as its caller was interrupted: straight back to the broker."""
+        if "offset" in reply:
+            self._client.conn.post({"op": "unslab", "offsets": [int(reply["offset"])]}, quiet=True)
 
     def queue(self, shard_id: int | None) -> Any:
         return _queue(self._pub, shard_id)

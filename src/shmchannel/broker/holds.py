@@ -12,7 +12,6 @@ interleaved into another frame, and never deadlocks.
 from __future__ import annotations
 
 import collections
-import threading
 from typing import Any
 
 from . import protocol
@@ -27,25 +26,27 @@ class Holds:
 
     def __init__(self) -> None:
         self._keys: collections.deque[str] = collections.deque()
-        self._count = 0
-        self._lock = threading.Lock()  # finalizers of other threads release concurrently
+        # One item per hold: append and pop are single C steps, so no lock -- a lock here
+        # could be held by the main thread as a signal handler's request waits for the
+        # reader thread, which counts that request's hold (a deadlock a test found).
+        self._held: list[None] = []
 
     @property
     def count(self) -> int:
-        return self._count
+        return len(self._held)
 
     def hold(self) -> None:
-        with self._lock:
-            self._count += 1
+        self._held.append(None)
 
     def release(self, key: str) -> None:
-        with self._lock:
-            self._count -= 1
+        try:
+            self._held.pop()
+        except IndexError:
+            pass  # (counted as gone already: ``clear``)
         self._keys.append(key)
 
     def clear(self) -> None:
-        with self._lock:
-            self._count = 0
+        self._held.clear()
 
     def pending(self) -> bool:
         return bool(self._keys)

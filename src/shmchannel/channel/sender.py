@@ -333,6 +333,8 @@ class DataSender(ChannelEnd):
         endpoint = self._live()
         key = check_name("key", key)
         timeout = check_timeout("timeout", timeout)
+        if aio.in_main_thread():
+            self._refuse_reentry("a send")  # before the key is held for it
         obj, done = endpoint.borrow(key)
         try:
             divisor = 1 if self._full_batch else self._num_shards
