@@ -274,9 +274,18 @@ class Ledger:
                 if self._dead and self._dead[0] is ref:  # (a nested tidy may have taken it)
                     self._dead.popleft()
             for loan in list(self._loans.values()):
-                if loan.uses:  # first: a loan kept in view and sent again and again
-                    loan.uses = [use for use in loan.uses if not self._done(*use)]
-                if loan.viewed or loan.sending or loan.uses:
+                if loan.viewed or loan.sending:
+                    if len(loan.uses) > 16:  # a loan kept in view and sent again and again
+                        loan.uses = [use for use in loan.uses if not self._done(*use)]
+                    continue
+                # Oldest first, up to the first in use: receivers mostly finish in order, and
+                # each look is a header read that a 64 MiB fill has pushed out of the caches.
+                done = 0
+                while done < len(loan.uses) and self._done(*loan.uses[done]):
+                    done += 1
+                if done:
+                    del loan.uses[:done]
+                if loan.uses:
                     continue
                 if keep and loan.reusable and (not loan.idle or now - loan.idle < KEEP_IDLE):
                     loan.idle = loan.idle or now

@@ -113,7 +113,6 @@ class EmbeddedSender(Withdrawable):
             plans = [plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers]) for s in serialized]
             self._write(serialized, plans, None, timeout, deadline)
             return
-        ledger.tidy()
         serialized = [serialization.serialize(part, arrow_stream=ledger.outside) for part in parts]
         lent: list[list[Any]] = [[] for _ in serialized]  # per part: (loan, source) it references
         try:
