@@ -34,7 +34,6 @@ before dropping them (memory lent again while a receiver views it would show the
 from __future__ import annotations
 
 import collections
-import faulthandler
 import gc
 import itertools
 import json
@@ -831,20 +830,10 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def child_main() -> None:
-    """A child's entry point (``python -c CHILD <scenario> <json params>``): run the scenario,
-    print its summary with the warnings and unraisable exceptions seen, as the last line."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for stacks before killing
-    scenario, params = sys.argv[1], json.loads(sys.argv[2])
-    unraisable: list[str] = []
-    sys.unraisablehook = lambda u: unraisable.append(f"unraisable in {u.object!r}: {u.exc_type.__name__}: {u.exc_value}")
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        summary = SCENARIOS[scenario](**params)
-        gc.collect()
-    seen = collections.Counter(re.sub(r"fd=\d+", "fd=N", text) for text in
-                               [f"{w.category.__name__}: {w.message}" for w in warned] + unraisable)
-    summary["warnings"] = [f"{text} (x{n})" for text, n in seen.most_common(5)]
-    print(json.dumps(summary), flush=True)
+    """A child's entry point (``python -c CHILD <scenario> <json params>``)."""
+    from tests.interrupted.main import run_child
+
+    run_child(SCENARIOS)
 
 
 # -- the parent's side ----------------------------------------------------------------------------

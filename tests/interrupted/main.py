@@ -28,13 +28,19 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
 def main() -> None:
     """Entry point of a child: ``python -c CHILD <scenario> <json params>`` (CHILD is in
     tests/interrupted_harness.py); prints the summary."""
+    run_child(SCENARIOS)
+
+
+def run_child(scenarios: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    """Run ``scenarios[argv[1]](**json(argv[2]))`` and print its summary, with the warnings
+    and unraisable exceptions seen, as the last line (tests/test_loans_interrupt.py too)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for stacks before killing
     scenario, params = sys.argv[1], json.loads(sys.argv[2])
     unraisable: list[str] = []
     sys.unraisablehook = lambda u: unraisable.append(f"unraisable in {u.object!r}: {u.exc_type.__name__}: {u.exc_value}")
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        summary = SCENARIOS[scenario](**params)
+        summary = scenarios[scenario](**params)
         gc.collect()
     seen = collections.Counter(re.sub(r"fd=\d+", "fd=N", text) for text in
                                [f"{w.category.__name__}: {w.message}" for w in warned] + unraisable)

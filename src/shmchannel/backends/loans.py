@@ -145,7 +145,7 @@ class Ledger:
         broker, and its memory is warm. None if there is none."""
         with self._lock:
             self._take_granted()
-            for loan in self._loans.values():
+            for loan in list(self._loans.values()):  # (a signal handler's call may change it)
                 if loan.idle and loan.size == size:
                     loan.idle = 0.0
                     loan.sending += 1
@@ -300,7 +300,7 @@ class Ledger:
                 if i < len(self._starts) and self._starts[i] == (loan.offset, loan.id):
                     del self._starts[i]
             if len(self._starts) != len(self._loans):  # an interrupt left one out, or one in
-                self._starts = sorted((loan.offset, loan.id) for loan in self._loans.values())
+                self._starts = sorted([(loan.offset, loan.id) for loan in list(self._loans.values())])
             if self.closed and not self._loans and not self._granted:
                 # Nothing of ours is held any more: a release an interrupt cut short (popped
                 # above, never said) must not keep the connection open for ever.
@@ -324,7 +324,7 @@ class Ledger:
         with self._lock:
             self._take_granted()
             self.closed = True  # an empty() still waiting for its loan now refuses it (``array``)
-            for loan in self._loans.values():
+            for loan in list(self._loans.values()):
                 loan.uses = []
                 loan.sending = 0  # no send runs any more (close waited for it), and none starts
 

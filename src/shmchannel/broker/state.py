@@ -13,8 +13,9 @@ and it cleans up after whoever leaves or dies:
   while there are any: receivers free blocks in shared memory and tell no one).
 
 What memory is accounted for -- channel queues, slabs, claim logs, DataSystem objects --
-is kept by the bases: ``Accounts`` (accounts.py), and ``SlabGrants`` for the slabs of
-senders and the blocks they leave in use (slab_grants.py). Operations either complete, raise the
+is kept by the bases: ``Accounts`` (accounts.py), ``SlabGrants`` for the slabs of
+senders and the blocks they leave in use (slab_grants.py), and ``Takeover`` for a dead
+broker's arena carried on with and the journal records of a snapshot (takeover.py). Operations either complete, raise the
 error their caller gets, or return ``WAIT`` when they cannot proceed yet (a store too
 full for a slab, a channel that does not exist yet); the server retries them when the
 ``Signal`` named for that case fires.
@@ -22,7 +23,7 @@ full for a slab, a channel that does not exist yet); the server retries them whe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from ..config import pid_alive
 from ..errors import EndpointClosed, InvalidArgument, StoreFull
@@ -33,20 +34,19 @@ from ..queue.log import CLAIMED, STATUS, ClaimLog
 from ..queue.ring import Queues
 from ..store import block, slabs
 from ..store.allocator import Allocator
-from ..store.blob import external_ranges
 from ..store.table import ObjectTable
 from . import rules
 from .accounts import WAIT
 from .journal import Journal
 from .records import Channel, Client, Orphan, Signal
-from .slab_grants import SlabGrants
+from .takeover import Takeover
 
 #: Entries of a process's claim log: objects it may hold claimed or viewed at once. About
 #: 0.3 MiB of shared memory per receiving process.
 LOG_CAPACITY = 4096
 
 
-class BrokerState(SlabGrants):
+class BrokerState(Takeover):
     """Channels, clients, and the memory they leave behind (see the module docstring)."""
 
     def __init__(
@@ -379,110 +379,3 @@ class BrokerState(SlabGrants):
     def left_behind(self) -> bool:
         """Whether anything waits for a later ``sweep``."""
         return bool(self.backlogs or self.orphans or self.loose or self.orphan_loans or self._unowned)
-
-    # -- a dead broker's arena (recovery.py) ---------------------------------------------
-
-    def adopt(self, channels: dict[tuple[str, str], dict[str, Any]], logs: dict[int, dict[str, Any]],
-              slabs: dict[int, dict[str, Any]], loans: dict[int, dict[str, Any]] | None = None,
-              holds: dict[tuple[int, int], int] | None = None) -> None:
-        """Carry on with what a dead broker left in this arena: its channels over their
-        queues; its clients' claim logs and slabs, kept whole while their process runs
-        (it may still claim into them, or write blocks) and cleaned up after it."""
-        for (namespace, name), saved in channels.items():
-            base = saved["region"]
-            queues = Queues(self.region, self.view, base)  # checks the header it finds
-            self.control.take(base - self._control_base, queues.layout.size)
-            channel = Channel(namespace, name, queues.layout.num_shards, queues.layout.full_batch,
-                              queues.layout.max_queue_size, queues, base)
-            channel.status()  # its counters so far are no rate of ours
-            self._adopted.add((namespace, name))
-            for shard in range(channel.num_shards):
-                # Claims the dead broker was giving back are found again (``sweep``) and
-                # counted again: its count of them died with it.
-                self.region.store(base + queues.layout.shard(shard) + layout.S_PENDING, 0)
-            self.channels[(namespace, name)] = channel
-        for offset, saved in logs.items():
-            size = ClaimLog.size_for(saved["capacity"])
-            self.control.take(offset - self._control_base, size)
-            log = ClaimLog(self.region, self.view, offset, saved["capacity"], saved["claimer"])
-            self._claimers.add(log.claimer)
-            self.orphans.append(Orphan(offset, size, log=log, pid=saved["pid"]))
-        for offset, saved in slabs.items():
-            self.table.allocator.take(offset, saved["size"])
-            self.orphans.append(Orphan(offset, saved["size"], pid=saved["pid"]))
-        for offset, saved in (loans or {}).items():
-            self.table.allocator.take(offset, saved["size"])
-            obj = self.table.add(saved["size"], offset=offset, refs=1)
-            obj.loan_pid = saved["pid"]
-            self.orphan_loans.append((obj.key, saved["pid"]))
-        for (offset, pid), size in (holds or {}).items():  # objects a process was sending by key
-            found = self.table.containing(offset)
-            if found is None or found.offset != offset:
-                self.table.allocator.take(offset, size)
-                found = self.table.add(size, offset=offset, refs=0)
-            found.refs += 1
-            self.orphan_loans.append((found.key, pid))
-        live = self._live_blocks([(0, self.table.capacity)])
-        self._keep_referenced(live)
-        # Every other block still in use, wherever it is: the queues and logs name them.
-        kept = [(o.offset, o.size) for o in self.orphans if o.log is None]
-        for start, refs in live.items():
-            if not any(o <= start < o + n for o, n in kept):
-                self._keep_loose(start, refs)
-        self.sweep()
-
-    def _keep_referenced(self, live: dict[int, int]) -> None:
-        """Keep what blocks in use reference and no loan record names (a DataSystem object
-        sent by key: the DataSystem is not journaled), as objects of their own: the extents
-        referenced, merged, each held until no slab of a running process is kept whole
-        (from then on, each block holds what it references itself: ``_keep_loose``)."""
-        ranges = []
-        for start, refs in live.items():
-            _, length = block.check(self.view, start)
-            for offset, size in external_ranges(self.view, self.table.capacity, start + block.header_size(refs),
-                                                start + length):
-                if self.table.containing(offset) is None:
-                    ranges.append((offset // 64 * 64, offset + size))
-        merged: list[list[int]] = []
-        for begin, end in sorted(ranges):
-            if merged and begin <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([begin, end])
-        for begin, end in merged:
-            try:
-                self.table.allocator.take(begin, end - begin)
-            except ValueError:
-                continue  # overlaps something kept already (a hostile descriptor): not ours to keep
-            self._unowned.append(self.table.add(end - begin, offset=begin, refs=1).key)
-
-    def records(self) -> Iterable[dict[str, Any]]:
-        """Journal records of where everything is (a snapshot: recovery.py)."""
-        for channel in self.channels.values():
-            yield channel.record()
-            if channel.closed:
-                yield {"r": "close", "ns": channel.namespace, "name": channel.name}
-        for client in self.clients.values():
-            if client.log is not None:
-                yield {"r": "log", "offset": client.log.base, "capacity": client.log.capacity,
-                       "claimer": client.log.claimer, "pid": client.pid}
-            for offset, size in client.slabs.items():
-                yield {"r": "slab", "offset": offset, "size": size, "pid": client.pid}
-            for key in client.lends:
-                obj = self.table.get(key)
-                if obj is not None:
-                    yield {"r": "hold", "offset": obj.offset, "size": obj.size, "pid": client.pid}
-        for obj in self.table.objects():
-            if obj.loan_pid:
-                yield {"r": "loan", "offset": obj.offset, "size": obj.size, "pid": obj.loan_pid}
-        for key, pid in self.orphan_loans:  # a dead broker's: its senders' holds
-            obj = self.table.get(key)
-            if obj is not None and not obj.loan_pid:
-                yield {"r": "hold", "offset": obj.offset, "size": obj.size, "pid": pid}
-        for orphan in self.orphans:
-            pid = orphan.pid if orphan.pid is not None else 0  # 0: gone (a later broker frees it at once)
-            if orphan.log is not None:
-                yield {"r": "log", "offset": orphan.offset, "capacity": orphan.log.capacity,
-                       "claimer": orphan.log.claimer, "pid": pid}
-            else:
-                yield {"r": "slab", "offset": orphan.offset, "size": orphan.size, "pid": pid}
