@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EndpointClosed
+from ..errors import EndpointClosed, ReentrantCall
 from ..store import block
 from ..store.arena import ArenaMap
 
@@ -103,10 +103,21 @@ class Ledger:
         self._starts: list[tuple[int, int]] = []  # (offset, id), sorted: ``find``
         self._viewers: dict[int, tuple[weakref.ref[Any], int]] = {}  # id(ref) -> (ref, loan id)
         self._dead: collections.deque[weakref.ref[Any]] = collections.deque()  # refs whose Loaned died
-        self._lock = threading.RLock()  # the daemon thread tidies too; re-entered by a signal handler
+        self._lock = threading.RLock()  # the daemon thread tidies too (``_enter`` refuses a signal handler)
         self._base, self._end = arena.address_range
         self.ever = False  # a loan was ever taken (close then hands the slabs over first)
         self.closed = False  # the sender closed: the daemon thread forgets it once empty
+
+    def _enter(self) -> None:
+        """Refuse a call from a signal handler that interrupted this thread inside the
+        ledger: the interrupted step decided on the state before it (a loan unused), and
+        acting on it after the handler changed it would hand out memory in use (a loan
+        reused while queued: found by the random handler test under load)."""
+        if self._lock._is_owned():  # type: ignore[attr-defined]  # (C RLock: no state of ours to leave behind)
+            raise ReentrantCall(
+                "a call re-entered a DataSender's loans from a signal handler while its thread was inside "
+                "them: call it from another thread, or after the outer call"
+            )
 
     def __bool__(self) -> bool:
         return bool(self._loans) or bool(self._granted)
@@ -143,6 +154,7 @@ class Ledger:
         """A loan of ``size`` bytes nothing uses any more, taken again (counted as being
         sent until ``array``): a steady stream of batches then needs no round trip to the
         broker, and its memory is warm. None if there is none."""
+        self._enter()
         with self._lock:
             self._take_granted()
             for loan in list(self._loans.values()):  # (a signal handler's call may change it)
@@ -159,6 +171,7 @@ class Ledger:
         """A writable array over ``loan``; the loan is viewed until it and its views are gone."""
         holder = Loaned(self._arena.array(loan.offset, loan.size))
         ref = weakref.ref(holder, self._dead.append)
+        self._enter()
         with self._lock:
             self._take_granted()
             if self.closed or self._loans.get(loan.id) is not loan:
@@ -194,6 +207,7 @@ class Ledger:
         if not nbytes or not self._base <= address < self._end:
             return None
         offset = address - self._base
+        self._enter()
         with self._lock:  # the daemon's tidy may change the tables meanwhile
             self._take_granted()
             loan = self._containing(offset)
@@ -209,6 +223,7 @@ class Ledger:
             for chunk in getattr(column, "chunks", (column,)):
                 for buf in chunk.buffers():
                     if buf is not None and buf.size and self._base <= buf.address < self._end:
+                        self._enter()
                         with self._lock:
                             self._take_granted()
                             if self._containing(buf.address - self._base) is not None:
@@ -229,6 +244,7 @@ class Ledger:
     def note(self, loan: Loan, descriptor: int, pos: int) -> None:
         """``descriptor`` (object ``pos``) references ``loan``: recorded before it is
         published, so that no look can find the loan unused while a receiver may read it."""
+        self._enter()
         with self._lock:
             loan.uses.append((descriptor, pos))
 
@@ -245,6 +261,8 @@ class Ledger:
                 root.flags.writeable = False
 
     def done_sending(self, loans: list[Loan]) -> None:
+        # Not refused inside the ledger (no ``_enter``): it only makes a loan less used, so
+        # an interrupted look's older view is the safe one; and it ends a send that went.
         with self._lock:
             for loan in loans:
                 loan.sending = max(0, loan.sending - 1)
@@ -261,6 +279,7 @@ class Ledger:
         given = 0
         now = time.monotonic()
         keep = keep and not self.closed
+        self._enter()
         with self._lock:
             self._take_granted()
             while self._dead:
@@ -321,6 +340,7 @@ class Ledger:
         """The broker takes over our slabs now (the sender leaves): each descriptor in use
         holds what it references on its own from then on, so the loans need only cover
         this process's arrays."""
+        self._enter()
         with self._lock:
             self._take_granted()
             self.closed = True  # an empty() still waiting for its loan now refuses it (``array``)

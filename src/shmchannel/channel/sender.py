@@ -263,6 +263,8 @@ class DataSender(ChannelEnd):
             StoreFull: the array is larger than the whole store.
             TimeoutError (``StoreFullTimeout``): no room within ``timeout`` seconds.
             EndpointClosed: this sender was closed.
+            ReentrantCall (a RuntimeError): called from a signal handler that interrupted
+                this thread inside this sender's bookkeeping of its loans.
 
         Example::
 
@@ -275,7 +277,7 @@ class DataSender(ChannelEnd):
         dtype = check_dtype("dtype", dtype)
         if order not in ("C", "F"):
             raise InvalidArgument(f'order must be "C" or "F", got {order!r:.40}')
-        return endpoint.empty(shape, dtype, order, check_timeout("timeout", timeout))
+        return self._request(endpoint.empty, shape, dtype, order, check_timeout("timeout", timeout))
 
     def empty_like(self, array: Any, dtype: Any = None, order: str = "K", shape: Any = None, *,
                    timeout: float | None = None) -> np.ndarray:
@@ -301,6 +303,20 @@ class DataSender(ChannelEnd):
             raise InvalidArgument(f'order must be "K", "A", "C" or "F", got {order!r:.40}')
         return self.empty(array.shape if shape is None else shape, array.dtype if dtype is None else dtype, order,
                           timeout=timeout)
+
+    def _request(self, call: Any, *args: Any) -> Any:
+        """``call(*args)``, a request to the broker; in the main thread it counts as a wait
+        of this sender's (``_main_waits``): a signal handler's call of it meanwhile raises
+        ReentrantCall -- its request would wait for a reply that the interrupted thread's
+        connection lock keeps from being routed (found by the random handler test)."""
+        if not aio.in_main_thread():
+            return call(*args)
+        self._refuse_reentry("a call")
+        try:
+            self._main_waits = True  # (inside the try: set, it is always cleared)
+            return call(*args)
+        finally:
+            self._main_waits = False
 
     def send_key(self, key: str, timeout: float | None = None) -> None:
         """Queue the object the DataSystem holds under ``key`` -- its buffers referenced,
@@ -333,9 +349,7 @@ class DataSender(ChannelEnd):
         endpoint = self._live()
         key = check_name("key", key)
         timeout = check_timeout("timeout", timeout)
-        if aio.in_main_thread():
-            self._refuse_reentry("a send")  # before the key is held for it
-        obj, done = endpoint.borrow(key)
+        obj, done = self._request(endpoint.borrow, key)
         try:
             divisor = 1 if self._full_batch else self._num_shards
             if divisor > 1 and isinstance(obj, list):
