@@ -23,9 +23,6 @@ from .._native import Region
 #: ``unloaded``) and the publisher a system call; an object that comes within this time is
 #: taken at once, with neither. Short, so that an idle receiver costs nothing to speak of.
 SPIN = config.spin_seconds()
-#: A sleep shorter than this says polling may pay again (an object came soon after it
-#: gave up); after a longer one a waiter that polled in vain sleeps at once next time.
-SPIN_AGAIN = 4 * SPIN
 
 
 def spin(probe: Callable[[], int], deadline: float | None) -> bool:

@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable
 
 from . import layout as L
-from .events import SPIN_AGAIN, announce, notify, spin, wake_all_of
+from .events import announce, notify, spin, wake_all_of
 from .._native import Region
 from .log import ClaimLog
 
@@ -44,7 +44,6 @@ class Queues:
     def __init__(self, region: Region, view: memoryview, base: int) -> None:
         self.region, self.view, self.base = region, view, base
         self.layout = L.read_header(view, base)
-        self._polls = True  # a wait polls before it sleeps (``_await``)
 
     def at(self, offset: int) -> int:
         return self.base + offset
@@ -115,12 +114,7 @@ class Queues:
             EOFError: ``ended()`` (the stream ended and the shard is drained).
         """
         region = self.region
-        # Once per call (a waiter that keeps losing to another polls no more), and only while
-        # polling pays: after a poll in vain and a long sleep, the next waits sleep at once
-        # until a sleep is short again (``SPIN_AGAIN``). Measured: 4 receivers of 64 MiB
-        # batches every 3.5 ms each spent 20 us of CPU a batch polling for nothing, on the
-        # producer's two cores (bench ``shard4-inplace``).
-        spun = not self._polls
+        spun = False  # once per call: a waiter that keeps losing to another polls no more
         announced: int | None = None  # the value to sleep on, once announced and looked again
         while True:
             got = attempt()
@@ -132,10 +126,8 @@ class Queues:
                 return None
             if announced is not None:  # it looked again after announcing itself: sleep
                 timeout = _remaining(deadline)
-                slept = time.monotonic()
                 if timeout == 0.0 or not region.wait(word, announced, timeout):
                     return None
-                self._polls = time.monotonic() - slept < SPIN_AGAIN
                 announced = None
                 continue
             if deadline is not None and deadline <= time.monotonic():
@@ -144,7 +136,6 @@ class Queues:
                 spun = True
                 if spin(probe, deadline):
                     continue  # it moved: look again, no wake-up needed on either side
-                self._polls = False  # in vain: unless the sleep to come is short, no more
             announced = announce(region, word)
 
 
