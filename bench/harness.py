@@ -195,6 +195,22 @@ def split_rows(obj: Any, n: int) -> list[Any]:
     return [obj[k * block:(k + 1) * block] for k in range(n)]
 
 
+def time_in_process(w: Workload, cfg: Config, payload: int, step: Callable[[int, float], None]) -> Rep:
+    """One repetition of an in-process baseline (memcpy, fill): ``step(seq, t)`` per
+    message, each timed as its latency, until the count or ``cfg.cap``; no channel."""
+    lat: list[float] = []
+    start = time.perf_counter()
+    count = cfg.count(w)
+    for seq in range(count):
+        t = time.perf_counter()
+        step(seq, t)
+        lat.append(time.perf_counter() - t)
+        if t - start > cfg.cap:
+            count = seq + 1
+            break
+    return Rep(elapsed=time.perf_counter() - start, messages=count, payload=payload, latencies=lat)
+
+
 # -- children ------------------------------------------------------------------------------
 
 

@@ -605,6 +605,18 @@ def _popped_not_released(ledger: Any) -> Callable[[Any], bool]:
     return predicate
 
 
+def _keep_one(sender: DataSender, ledger: Any, shape: Any, dtype: Any) -> bool:
+    """A loan of ``shape`` lent, written and dropped; whether, within 0.5 s, the ledger's
+    daemon thread marked it kept for reuse (1 s)."""
+    spare = sender.empty(shape, dtype)
+    spare[:] = 1
+    del spare
+    deadline = time.monotonic() + 0.5
+    while not ledger.idle() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return bool(ledger.idle())
+
+
 #: case: (where in the main thread's empty() the handler runs, what it does). Where:
 #: "lock-held" any instant of the ledger's look (tidy) holding its lock; "dead-processed"
 #: the look has processed a dropped array's death, not yet taken it off its queue. What:
@@ -657,12 +669,7 @@ def child_reentrant_at(name: str, case: str, seed: int) -> dict[str, Any]:
     point = AtSignalPoint(Ledger.tidy.__code__, predicate, handler)
     held = sender.empty((64, COLS), np.int64)  # a loan in the ledger: its looks have one to loop over
     stamp(held, 2, LOAN)
-    spare = sender.empty(SPARE, np.int64)
-    del spare
-    deadline = time.monotonic() + 0.5  # the ledger's daemon thread marks it idle: kept for reuse
-    while not ledger.idle() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if not ledger.idle():
+    if not _keep_one(sender, ledger, SPARE, np.int64):
         errors.append("set-up: the dropped loan was not kept for reuse within 0.5 s")
     dropped = sender.empty((128, COLS), np.int64)
     try:
@@ -715,12 +722,7 @@ def child_interrupt_at_release(name: str, seed: int) -> dict[str, Any]:
         raise KeyboardInterrupt
 
     point = AtSignalPoint(Ledger.tidy.__code__, _popped_not_released(ledger), interrupt)
-    spare = sender.empty(FULL_LOAN, np.uint8)
-    spare[:] = 1
-    del spare
-    deadline = time.monotonic() + 0.5  # the ledger's daemon thread marks it idle: kept for reuse 1 s
-    while not ledger.idle() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _keep_one(sender, ledger, FULL_LOAN, np.uint8)
     keys = _fill(ds, FULL_LOAN + 4096)
     outcome = "returned"
     try:
@@ -759,12 +761,7 @@ def child_interrupt_before_unlisting(name: str, seed: int) -> dict[str, Any]:
     receiver = DataReceiver(ADDRESS, dataset_name=name)
     ledger = sender._endpoint._ledger  # (private: the predicate looks at its tables)
     errors: list[str] = []
-    spare = sender.empty(FULL_LOAN, np.uint8)
-    spare[:] = 1
-    del spare
-    deadline = time.monotonic() + 0.5  # the ledger's daemon thread marks it idle: kept for reuse 1 s
-    while not ledger.idle() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _keep_one(sender, ledger, FULL_LOAN, np.uint8)
     keys = _fill(ds, FULL_LOAN + 4096)
 
     def unlisting(frame: Any) -> bool:

@@ -10,10 +10,9 @@ sequence number), every shard's block of it.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
-from harness import Config, Peer, Rep, split_rows
+from harness import Config, Peer, Rep, split_rows, time_in_process
 from workloads import Workload
 
 
@@ -29,20 +28,15 @@ class FillPeer(Peer):
         dst[:] = 0
         expected = w.expected()
         payload = w.payload_bytes(template)
-        reps = []
+        reps: list[Rep] = []
+
+        def produce(seq: int, t: float) -> None:
+            w.fill(dst, template)
+            w.stamp(dst, seq, t)
+
         for rep in range(cfg.reps):
-            lat: list[float] = []
-            start = time.perf_counter()
-            count = cfg.count(w)
-            for seq in range(count):
-                t = time.perf_counter()
-                w.fill(dst, template)
-                w.stamp(dst, seq, t)
-                lat.append(time.perf_counter() - t)
-                if t - start > cfg.cap:
-                    count = seq + 1
-                    break
-            reps.append(Rep(elapsed=time.perf_counter() - start, messages=count, payload=payload, latencies=lat))
+            reps.append(time_in_process(w, cfg, payload, produce))
+            count = reps[-1].messages
             for part, exp in zip(split_rows(dst, w.consumers), expected):
                 seq, _ = w.check(part, exp)
                 if seq != count - 1:

@@ -7,12 +7,11 @@ one copy. There is no wake-up to measure, so "wake" is skipped.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
 
-from harness import Config, Peer, Rep
+from harness import Config, Peer, Rep, time_in_process
 from workloads import Workload
 
 
@@ -31,17 +30,7 @@ class MemcpyPeer(Peer):
         np.copyto(dst, src)
         reps = []
         for rep in range(cfg.reps):
-            lat: list[float] = []
-            start = time.perf_counter()
-            count = cfg.count(w)
-            for seq in range(count):
-                t = time.perf_counter()
-                np.copyto(dst, src)
-                lat.append(time.perf_counter() - t)
-                if t - start > cfg.cap:
-                    count = seq + 1
-                    break
-            reps.append(Rep(elapsed=time.perf_counter() - start, messages=count, payload=payload, latencies=lat))
+            reps.append(time_in_process(w, cfg, payload, lambda seq, t: np.copyto(dst, src)))
             if not np.array_equal(dst[::4099], src[::4099]):
                 raise AssertionError("memcpy: copy differs")
             progress(f"rep {rep + 1}/{cfg.reps}: {reps[-1].gb_per_s:.2f} GB/s")

@@ -122,10 +122,6 @@ class Ledger:
     def __bool__(self) -> bool:
         return bool(self._loans) or bool(self._granted)
 
-    @property
-    def held(self) -> int:
-        return len(self._loans) + len(self._granted)
-
     # -- taking loans ----------------------------------------------------------------------
 
     def add(self, key: str, offset: int, size: int, sending: bool = False, reusable: bool = False) -> Loan:

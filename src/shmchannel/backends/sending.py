@@ -310,7 +310,6 @@ class EmbeddedSender(Withdrawable):
             if gone and self._slabs.slabs:
                 tell_next_broker({"op": "unslab", "offsets": list(self._slabs.slabs)})
 
-
     def _hand_over_loans(self) -> None:
         """Give the broker our slabs while the connection still holds the loans: each
         descriptor in use then holds what it references itself (broker/slab_grants.py),
