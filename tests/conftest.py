@@ -118,14 +118,16 @@ def ray_two_nodes(ray_cluster: str) -> Iterator[str]:
 
 
 def _kill_channel_actors() -> list[str]:
-    """Kill every shmchannel actor on the cluster; the names of those that were left."""
+    """Kill every shmchannel actor on the cluster but the nodes' holders (they own no object
+    once the channels are gone: holder.py); the names of those that were left."""
     import ray
 
-    from shmchannel.backends.ray_actor import PREFIX
+    from shmchannel.backends.ray.actors import PREFIX
+    from shmchannel.backends.ray.cluster import HOLDER
 
     left = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith(PREFIX):
+        if entry["name"].startswith(PREFIX) and not entry["name"].startswith(HOLDER):
             try:
                 actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
             except ValueError:  # it exited between the listing and here (its last receiver left)

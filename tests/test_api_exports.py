@@ -16,7 +16,7 @@ def test_all_is_pinned() -> None:
         [
             "BrokerUnavailable", "ChannelClosed", "ChannelError", "ChannelNotFound", "ChannelTimeout",
             "DataReceiver", "DataSender", "DataSystem", "EndpointClosed", "InvalidArgument", "NameInUse",
-            "ObjectNotFound", "ProtocolError", "ReentrantCall", "StoreFull", "StoreFullTimeout", "StoreStats", "UnsupportedType",
+            "ObjectLost", "ObjectNotFound", "ProtocolError", "ReentrantCall", "StoreFull", "StoreFullTimeout", "StoreStats", "UnsupportedType",
             "__version__", "start_broker", "status", "stop_broker",
         ]
     )

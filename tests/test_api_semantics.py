@@ -57,7 +57,7 @@ def _receiver_waits(address: str, name: str) -> bool:
         return (daemon.status() or {}).get("clients", 0) >= 2
     # On Ray a receiver created with wait > 0 creates the channel's actor itself and waits on it.
     from shmchannel.backends.ray import connect
-    from shmchannel.backends.ray_actor import actor_name
+    from shmchannel.backends.ray.actors import actor_name
 
     try:
         connect(address).get_actor(actor_name(name), namespace="default")
@@ -255,7 +255,7 @@ def test_same_name_in_two_namespaces_is_two_channels(address: str) -> None:
     with DataSender(address, namespace="a", dataset_name="ds") as tx_a, DataSender(
         address, namespace="b", dataset_name="ds", num_shards=2
     ) as tx_b:
-        with DataReceiver(address, namespace="a", dataset_name="ds") as rx_a, DataReceiver(
+        with DataReceiver(address, namespace="a", dataset_name="ds", prefetch=1) as rx_a, DataReceiver(
             address, namespace="b", dataset_name="ds", shard_id=1
         ) as rx_b:
             tx_a.send(["from a"])
@@ -275,7 +275,7 @@ def test_same_name_in_two_namespaces_is_two_channels(address: str) -> None:
 
 def test_peek_returns_head_without_removing_it(address: str) -> None:
     """peek returns the oldest object and leaves it queued; the next recv returns the same object."""
-    with DataSender(address, dataset_name="peek") as sender, DataReceiver(address, dataset_name="peek") as receiver:
+    with DataSender(address, dataset_name="peek") as sender, DataReceiver(address, dataset_name="peek", prefetch=1) as receiver:
         sender.send(np.full(BIG, 1.0))
         sender.send([2])
         keys = sender.get_queue(0)
@@ -295,7 +295,7 @@ def test_peek_returns_head_without_removing_it(address: str) -> None:
 def test_get_queue_shows_keys_per_shard_and_shrinks_after_recv(address: str) -> None:
     """get_queue maps each shard to its unconsumed keys, oldest first; a recv removes the head of its shard only."""
     with DataSender(address, dataset_name="q", num_shards=2) as sender, DataReceiver(
-        address, dataset_name="q", shard_id=0
+        address, dataset_name="q", shard_id=0, prefetch=1
     ) as rx0:
         assert sender.get_queue() == {0: [], 1: []}
         for i in range(3):
@@ -336,7 +336,7 @@ def test_recv_on_empty_shard_times_out(address: str, method: str, timeout: float
 def test_send_to_full_queue_times_out_and_enqueues_nothing(address: str, timeout: float, elements: int) -> None:
     """send to a full queue raises ChannelTimeout after its timeout, enqueues nothing, and the stream goes on in order."""
     with DataSender(address, dataset_name="full", max_queue_size=2) as sender, DataReceiver(
-        address, dataset_name="full"
+        address, dataset_name="full", prefetch=1
     ) as receiver:
         sender.send(np.full(elements, 0.0))
         sender.send(np.full(elements, 1.0))
@@ -442,7 +442,7 @@ def test_sender_blocks_while_queue_full_until_receiver_consumes(address: str) ->
         depths.append(len(receiver.get_queue(0)))
         return depths[-1]
 
-    with DataReceiver(address, dataset_name="bp", wait=60) as receiver:
+    with DataReceiver(address, dataset_name="bp", wait=60, prefetch=1) as receiver:
         for i in range(20):
             ahead = min(3, 20 - i)
             wait_until(lambda: depth(receiver) == ahead, 10, f"{ahead} objects queued before recv {i}")

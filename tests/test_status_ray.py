@@ -25,7 +25,7 @@ def test_ray_status_reports_counts_bytes_and_rates(ray_two_nodes: str) -> None:
     """`shmchannel.status("ray:...")` lists a Ray channel with depths, counts, bytes and rates."""
     name = f"ray-status-{os.getpid()}"
     with DataSender(ray_two_nodes, dataset_name=name, num_shards=2) as sender, \
-            DataReceiver(ray_two_nodes, dataset_name=name, shard_id=0) as receiver:
+            DataReceiver(ray_two_nodes, dataset_name=name, shard_id=0, prefetch=1) as receiver:
         for _ in range(5):
             sender.send(np.zeros((2, PART)))
         assert receiver.recv(timeout=60).shape == (1, PART)

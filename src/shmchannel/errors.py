@@ -14,6 +14,7 @@
     ├── StoreFull (MemoryError)                   the shared-memory store cannot hold an object
     │   └── StoreFullTimeout (TimeoutError)       ...and no space came free before the timeout
     ├── BrokerUnavailable (ConnectionError)       the broker cannot be reached or died
+    ├── ObjectLost                                Ray lost an object with the node holding it
     ├── ProtocolError                             the broker sent something we do not understand
     └── ReentrantCall (RuntimeError)              a signal handler called an endpoint its own
                                                   thread was inside
@@ -193,6 +194,23 @@ class BrokerUnavailable(ChannelError, ConnectionError):
     code = "broker_unavailable"
 
 
+class ObjectLost(ChannelError):
+    """An object sent on the Ray backend is lost: the node that held it (its sender's node,
+    whose holder owns it) died, and Ray keeps no other copy of an object put by a process
+    that is gone. The message names the object and the node. The object is consumed; the
+    next ``recv`` returns the next one.
+
+    Example::
+
+        try:
+            batch = receiver.recv(timeout=30)
+        except shmchannel.ObjectLost as exc:
+            log.warning("skipping a batch: %s", exc)
+    """
+
+    code = "object_lost"
+
+
 class ProtocolError(ChannelError):
     """A frame on the broker socket broke the protocol (a bug, or a foreign program on the
     socket): the connection is closed and the endpoint must be made anew.
@@ -246,6 +264,7 @@ _BY_CODE: dict[str, type[ChannelError]] = {
         StoreFull,
         StoreFullTimeout,
         BrokerUnavailable,
+        ObjectLost,
         ProtocolError,
         ReentrantCall,
         Cancelled,

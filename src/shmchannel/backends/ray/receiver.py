@@ -1,0 +1,156 @@
+"""The Ray backend's receiver: entries from the channel actor, bytes from the node holding them.
+
+One call to the channel actor fetches up to ``prefetch`` entries of the shard; they stay
+lent to this receiver (at-least-once) until it acknowledges them, by naming the last one it
+handed to its user (``through``) in its next call. An entry's bytes come inline or from the
+object store of the node whose holder keeps them: Ray pulls them from there straight to
+this node. When one object is handed out the pull of the next one is started
+(``ray.wait(fetch_local=True)``), so a transfer between nodes overlaps the user's work.
+
+Objects held on a node that died are lost (Ray keeps no copy of an object put by a process
+that is gone): its recv raises ``ObjectLost`` naming the object and the node, and the next
+recv goes on with the next object.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import deque
+from typing import Any
+
+from ...errors import BrokerUnavailable, ChannelError, ChannelNotFound, EndpointClosed, ObjectLost
+from .cluster import Calls
+from .wire import decode
+
+
+class RayReceiver:
+    def __init__(self, ray: Any, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int) -> None:
+        from .actors import ChannelActor, Lease, actor_name
+
+        self._ray = ray
+        self._token = uuid.uuid4().hex
+        self._shard = shard_id
+        self._want = prefetch
+        self._lease = Lease.remote()  # type: ignore[attr-defined]  # owned here: dies with this process
+        self._pid = os.getpid()
+        self._buffer: deque[tuple[str, bool, Any, str | None]] = deque()  # lent, not yet handed out
+        self._through: str | None = None  # key of the object handed out last
+        self._before: str | None = None  # and of the one before it
+        # Taken by a hand-out and by close() of another thread: what close gives back is
+        # then exactly what was not handed out.
+        self._lock = threading.Lock()
+        self._closed = False
+        label = f"{namespace}/{dataset_name}"
+        if wait == 0:
+            try:
+                actor = ray.get_actor(actor_name(dataset_name), namespace=namespace)
+            except ValueError:
+                raise ChannelNotFound(
+                    f"no sender has created dataset_name {dataset_name!r} in namespace {namespace!r}"
+                ) from None
+        else:  # create it if need be: the sender's attach then wakes us, no polling
+            actor = ChannelActor.options(  # type: ignore[attr-defined]
+                name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
+            ).remote(namespace, dataset_name)
+        self._calls = Calls(ray, actor, label)
+        try:
+            info = self._calls.call("attach_receiver", self._token, shard_id, wait, self._lease)[1]
+        except ChannelError:
+            self._calls.dispose("detach", self._token)
+            raise
+        self.num_shards = int(info["num_shards"])
+
+    def recv(self, timeout: float | None, peek: bool) -> Any:
+        if peek:
+            if self._buffer:
+                return self._open(self._buffer[0])
+            entries = self._calls.call("get", self._token, self._shard, True, timeout, timeout, 1, None)[1]
+            return self._open(entries[0])
+        if not self._buffer:
+            self.fetch(timeout)
+        return self.hand_out()[0]
+
+    def fetch(self, timeout: float | None) -> None:
+        """Up to ``prefetch`` entries into the buffer, waiting up to ``timeout`` for the first;
+        what was handed out before is acknowledged by the same call."""
+        entries = self._calls.call(
+            "get", self._token, self._shard, False, timeout, timeout, self._want, self._through,
+            on_interrupt=self._put_back,
+        )[1]
+        with self._lock:
+            self._check_open()  # closed meanwhile: the detach gave these back already
+            self._buffer.extend(entries)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EndpointClosed("closed by close() from another thread while waiting")
+
+    def buffered(self) -> bool:
+        return bool(self._buffer)
+
+    def hand_out(self, note: bool = False) -> tuple[Any, Any]:
+        """The oldest fetched object. It counts as handed out (acknowledged by the next
+        call) once it is open, or found lost; any other failure leaves it first."""
+        with self._lock:
+            self._check_open()
+            entry = self._buffer[0]
+            try:
+                obj = self._open(entry)
+            except ObjectLost:
+                self._handed(entry)
+                raise
+            self._handed(entry)
+            following = self._buffer[0] if self._buffer else None
+        if following is not None and not following[1]:
+            self._ray.wait([following[2]], timeout=0, fetch_local=True)  # start pulling the next
+        return obj, None
+
+    def _handed(self, entry: tuple[str, bool, Any, str | None]) -> None:
+        self._buffer.popleft()
+        self._before, self._through = self._through, entry[0]
+
+    def _open(self, entry: tuple[str, bool, Any, str | None]) -> Any:
+        """The object of an entry; its arrays are read-only views of Ray's memory."""
+        key, inline, payload, node = entry
+        if inline:
+            return decode(payload)
+        try:
+            wire = self._ray.get(payload)
+        except self._ray.exceptions.ObjectLostError as exc:  # also OwnerDiedError: its holder is gone
+            raise ObjectLost(
+                f"object {key} of shard {self._shard} of channel {self._calls.label} is lost: it was held on "
+                f"node {node}, whose holder is gone (a node that dies takes its objects with it; README, "
+                f"Guarantees). Ray said: {type(exc).__name__}"
+            ) from None
+        except self._ray.exceptions.RayError as exc:
+            raise BrokerUnavailable(f"fetching object {key} of {self._calls.label} failed in Ray: {exc}") from exc
+        return decode(wire)
+
+    def withdraw(self, thread: int | None) -> None:
+        """Nothing: an actor call cannot be withdrawn; ``close`` ends it."""
+
+    def _put_back(self, reply: Any) -> None:
+        self._calls.actor.requeue.remote(self._token, self._shard, [entry[0] for entry in reply[1]])
+
+    def queue(self, shard_id: int | None) -> Any:
+        return self._calls.call("queue", shard_id)[1]
+
+    def ack(self) -> None:
+        self._calls.call("ack", self._token, self._through)
+
+    def close(self, give_back_last: bool = False) -> None:
+        """Leave: acknowledged up to the object handed out last (the one before it with
+        ``give_back_last``: that one never reached the user); the actor puts back the rest
+        of what we fetched at the head of the shard, in order."""
+        if os.getpid() == self._pid:
+            with self._lock:
+                self._closed = True
+                self._buffer.clear()
+                through = self._before if give_back_last else self._through
+            self._calls.dispose("detach", self._token, through)
+            try:
+                self._ray.kill(self._lease)
+            except Exception:  # noqa: BLE001 -- Ray already gone: so is the lease
+                pass
