@@ -1,28 +1,61 @@
-"""Issue 3's two numbers on a 2-node Ray cluster started on this machine: cross-node
-throughput of 64 MiB arrays and the wake-up latency of a blocked recv.
+"""Issue 16's targets for the Ray backend, on a 2-node Ray cluster started on this machine.
 
     .venv/bin/python bench/quick_ray.py
 
 Starts the cluster with `ray start` (a head with resource node_a, a second raylet with
-node_b, 600 MB object store each) and stops it at the end.
+node_b, 1 GB object store each, in a temporary directory of its own) and stops it at the
+end, errors or not: it ends the processes of this cluster only (found by that directory),
+not the other Ray clusters of the machine as `ray stop` would. Measures, in one run:
+
+1. Throughput of 64 MiB arrays, sender task on node_a, receiver task on node_b, for
+   shmchannel's Ray backend and for plain Ray measured the same way: the producer
+   `ray.put`s each array and hands its ObjectRef (nested in a list, so Ray does not resolve
+   it) to the consumer through a `ray.util.queue.Queue(maxsize=2)`; the consumer `ray.get`s
+   it and checks the stamp. Rate at the receiver, the first object untimed. The two peers
+   alternate rep by rep (shm, ray, shm, ray, ...) so drift hits both. Target:
+   shmchannel / ray >= 0.8 (medians).
+2. Scale: (a) one sender on node_a streaming COUNT arrays of 64 MiB into a channel whose
+   receiver is on node_b; (b) two senders, one per node, each streaming COUNT into its own
+   channel, received on the other node (every byte crosses nodes, as in (a), and each node
+   both sends and receives). Aggregate GB/s = all bytes / (last recv - first send).
+   Target: (b) / (a) >= 1.5 (medians; (a) and (b) alternate). Also the CPU the channel
+   actors use per object: utime + stime of each actor's process (/proc/<pid>/stat, 10 ms
+   ticks, summed over the reps), read while the stream's receivers are still attached
+   (the actor exits when the last one leaves).
+3. Wake-up latency of a blocked recv on node_b when the driver (node_a) sends (issue 3's).
+
+QUICK_RAY_COUNT and QUICK_RAY_REPS (12 and 3) shorten a trial run. Prints each rep, then a
+summary: one line per metric, with its target and whether it was met.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
+import ray
 
 MIB = 1 << 20
-COUNT = 12
+SIZE = 64 * MIB
+COUNT = int(os.environ.get("QUICK_RAY_COUNT", 12))  # arrays per stream
+REPS = int(os.environ.get("QUICK_RAY_REPS", 3))  # per peer / per layout, interleaved
+WAKES = 200
+STORE = 1000 * 1000 * 1000  # object store per node: (b) keeps a node's own and the other's objects
 RAY = str(Path(sys.executable).with_name("ray"))
+TIMEOUT = 120.0  # seconds any one step may take before the run is declared hung
 
+
+# -- the cluster ---------------------------------------------------------------------------
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -30,9 +63,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_cluster(store: int) -> str:
+def start_cluster(temp_dir: str) -> str:
     port = _free_port()
-    common = [f"--object-store-memory={store}", "--disable-usage-stats"]
+    common = [f"--object-store-memory={STORE}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--resources={\"node_a\": 100}",
                     "--include-dashboard=false", *common], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--resources={\"node_b\": 100}",
@@ -40,75 +73,286 @@ def start_cluster(store: int) -> str:
     return f"127.0.0.1:{port}"
 
 
+def stop_cluster(temp_dir: str) -> None:
+    """End this cluster's processes: those whose command line names ``temp_dir`` (GCS,
+    raylets, agents, monitors) and their descendants (the workers, whose titles Ray rewrites)."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in proc.info["cmdline"] or ()):
+            roots.append(proc)
+    procs = set(roots)
+    for proc in roots:
+        try:
+            procs.update(proc.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def node_id() -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def payload() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, SIZE, dtype=np.uint8)
+
+
+# -- 1. throughput: shmchannel vs plain Ray --------------------------------------------------
+
+@ray.remote(num_cpus=0)
+def shm_send(name: str, count: int) -> tuple[str, float]:
+    """Streams ``count`` arrays into channel ``name``; (node, time of the first send)."""
+    from shmchannel import DataSender
+
+    data = payload()
+    with DataSender("ray:auto", dataset_name=name, max_queue_size=2) as sender:
+        start = time.perf_counter()
+        for i in range(count):
+            data[0] = i % 256
+            sender.send(data)
+    return node_id(), start
+
+
+@ray.remote(num_cpus=0)
+def shm_rate(name: str, count: int) -> tuple[str, float]:
+    """(node, GB/s over objects 1..count-1 of channel ``name``)."""
+    from shmchannel import DataReceiver
+
+    with DataReceiver("ray:auto", dataset_name=name, wait=60) as receiver:
+        receiver.recv(timeout=60)  # untimed: the stream starting
+        start = time.perf_counter()
+        for i in range(1, count):
+            arr = receiver.recv(timeout=60)
+            assert arr.nbytes == SIZE and arr[0] == i % 256
+            del arr
+        return node_id(), (count - 1) * SIZE / (time.perf_counter() - start) / 1e9
+
+
+@ray.remote(num_cpus=0)
+def ray_send(queue: Any, count: int, consumer: list[Any]) -> str:
+    data = payload()
+    for i in range(count):
+        data[0] = i % 256
+        queue.put([ray.put(data)])  # nested: the queue actor and the consumer borrow it unresolved
+    ray.get(consumer[0], timeout=TIMEOUT)  # we own the objects: stay until the consumer is done
+    return node_id()
+
+
+@ray.remote(num_cpus=0)
+def ray_rate(queue: Any, count: int) -> tuple[str, float]:
+    ray.get(queue.get(timeout=60)[0])  # untimed, as for shmchannel
+    start = time.perf_counter()
+    for i in range(1, count):
+        arr = ray.get(queue.get(timeout=60)[0])
+        assert arr.nbytes == SIZE and arr[0] == i % 256
+        del arr
+    return node_id(), (count - 1) * SIZE / (time.perf_counter() - start) / 1e9
+
+
+def throughput_rep(peer: str, rep: int) -> float:
+    on_a, on_b = {"resources": {"node_a": 1}}, {"resources": {"node_b": 1}}
+    if peer == "shm":
+        name = f"tput-{rep}"
+        consumer = shm_rate.options(**on_b).remote(name, COUNT)
+        p_node, _ = ray.get(shm_send.options(**on_a).remote(name, COUNT), timeout=TIMEOUT)
+        c_node, rate = ray.get(consumer, timeout=TIMEOUT)
+    else:
+        from ray.util.queue import Queue
+
+        queue = Queue(maxsize=2, actor_options={"num_cpus": 0})
+        consumer = ray_rate.options(**on_b).remote(queue, COUNT)
+        p_node = ray.get(ray_send.options(**on_a).remote(queue, COUNT, [consumer]), timeout=TIMEOUT)
+        c_node, rate = ray.get(consumer, timeout=TIMEOUT)
+        queue.shutdown()
+    assert c_node != p_node
+    return rate
+
+
+# -- 2. scale: 1 sender vs 2 senders, channel actors' CPU ------------------------------------
+
+@ray.remote(num_cpus=0)
+class Gate:
+    """Receivers that got everything wait here, still attached, until the driver has read
+    the channel actors' CPU."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.opened = asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.arrived += 1
+        await self.opened.wait()
+
+    async def count(self) -> int:
+        return self.arrived
+
+    async def open(self) -> None:
+        self.opened.set()
+
+
+@ray.remote(num_cpus=0)
+def shm_drain(name: str, count: int, gate: Any) -> tuple[str, float]:
+    """Receives all ``count`` objects of ``name``; (node, time of the last recv)."""
+    from shmchannel import DataReceiver
+
+    with DataReceiver("ray:auto", dataset_name=name, wait=60) as receiver:
+        for i in range(count):
+            arr = receiver.recv(timeout=60)
+            assert arr.nbytes == SIZE and arr[0] == i % 256
+            del arr
+        end = time.perf_counter()
+        ray.get(gate.arrive.remote(), timeout=TIMEOUT)
+    return node_id(), end
+
+
+def channel_actor_pid(name: str) -> int:
+    """The pid of channel ``name``'s actor (named "shmchannel:<name>" in Ray namespace
+    "default", shmchannel's default namespace), waiting for its receiver to create it."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            actor = ray.get_actor("shmchannel:" + name, namespace="default")
+            break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    return int(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60))
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of process ``pid``, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def scale_rep(streams: list[tuple[str, str, str]], count: int) -> tuple[float, int, float]:
+    """Streams of ``count`` arrays, each (dataset_name, sender's node, receiver's node), all
+    at once; (aggregate GB/s, the channel actors' CPU ticks, seconds between the first sends)."""
+    gate = Gate.remote()
+    drains = [shm_drain.options(resources={r: 1}).remote(name, count, gate) for name, _, r in streams]
+    pids = [channel_actor_pid(name) for name, _, _ in streams]
+    before = sum(cpu_ticks(pid) for pid in pids)
+    sends = [shm_send.options(resources={s: 1}).remote(name, count) for name, s, _ in streams]
+    deadline = time.monotonic() + TIMEOUT
+    while ray.get(gate.count.remote()) < len(streams):
+        done, _ = ray.wait(drains + sends, num_returns=len(drains + sends), timeout=0.02)
+        ray.get(done)  # a task that failed raises here
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"scale run {[s[0] for s in streams]} did not finish in {TIMEOUT} s")
+    ticks = sum(cpu_ticks(pid) for pid in pids) - before
+    ray.get(gate.open.remote())
+    sent, received = ray.get(sends, timeout=TIMEOUT), ray.get(drains, timeout=TIMEOUT)
+    assert all(s_node != r_node for (s_node, _), (r_node, _) in zip(sent, received))
+    starts = [start for _, start in sent]
+    wall = max(end for _, end in received) - min(starts)
+    ray.kill(gate)
+    return len(streams) * count * SIZE / wall / 1e9, ticks, max(starts) - min(starts)
+
+
+# -- 3. wake-up latency -----------------------------------------------------------------------
+
+@ray.remote(num_cpus=0, resources={"node_b": 1})
+def wake_receiver(rounds: int) -> list[float]:
+    from shmchannel import DataReceiver
+
+    lat = []
+    with DataReceiver("ray:auto", dataset_name="wake", wait=60) as receiver:
+        receiver.recv(timeout=60)
+        for _ in range(rounds):
+            sent_at = receiver.recv(timeout=60)[0]
+            lat.append(time.perf_counter() - sent_at)
+    return lat
+
+
+def wake_latency() -> list[float]:
+    from shmchannel import DataSender
+
+    w = wake_receiver.remote(WAKES)
+    with DataSender("ray:auto", dataset_name="wake") as sender:
+        sender.send([0.0])
+        for _ in range(WAKES):
+            time.sleep(0.01)
+            sender.send([time.perf_counter()])
+    return sorted(ray.get(w, timeout=TIMEOUT))
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def runs(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def main() -> None:
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-    address = start_cluster(600 * 1000 * 1000)
-    os.environ["RAY_ADDRESS"] = address
+    temp_dir = tempfile.mkdtemp(prefix="quick-ray-", dir="/tmp")
     try:
-        import ray
-
+        address = start_cluster(temp_dir)
+        os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        tick = 1000 / os.sysconf("SC_CLK_TCK")  # ms
 
-        @ray.remote(num_cpus=0, resources={"node_a": 1})
-        def produce(size: int, count: int) -> str:
-            from shmchannel import DataSender
+        rates: dict[str, list[float]] = {"shm": [], "ray": []}
+        for rep in range(REPS):
+            for peer in ("shm", "ray"):
+                rates[peer].append(throughput_rep(peer, rep))
+                print(f"throughput rep {rep + 1} {peer}: {rates[peer][-1]:.2f} GB/s", flush=True)
+        shm, plain = statistics.median(rates["shm"]), statistics.median(rates["ray"])
 
-            data = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
-            with DataSender("ray:auto", dataset_name="tput", max_queue_size=2) as sender:
-                for i in range(count):
-                    data[0] = i
-                    sender.send(data)
-            return str(ray.get_runtime_context().get_node_id())
+        layouts = {
+            "1 sender": lambda rep: [(f"scale1-{rep}", "node_a", "node_b")],
+            "2 senders": lambda rep: [(f"scale2a-{rep}", "node_a", "node_b"), (f"scale2b-{rep}", "node_b", "node_a")],
+        }
+        scale_rep(layouts["2 senders"]("warm"), 2)  # untimed: node_b's holder, workers started
+        agg: dict[str, list[float]] = {k: [] for k in layouts}
+        ticks = {k: 0 for k in layouts}
+        for rep in range(REPS):
+            for layout, streams in layouts.items():
+                rate, used, skew = scale_rep(streams(rep), COUNT)
+                agg[layout].append(rate)
+                ticks[layout] += used
+                print(f"scale rep {rep + 1} {layout}: {rate:.2f} GB/s aggregate, channel actors {used} ticks, "
+                      f"first sends {skew * 1e3:.0f} ms apart", flush=True)
+        one, two = statistics.median(agg["1 sender"]), statistics.median(agg["2 senders"])
+        objects = {k: REPS * COUNT * len(streams(0)) for k, streams in layouts.items()}
+        per_object = {k: ticks[k] * tick / objects[k] for k in layouts}
 
-        @ray.remote(num_cpus=0, resources={"node_b": 1})
-        def consume(size: int, count: int) -> tuple[str, float]:
-            from shmchannel import DataReceiver
+        lat = wake_latency()
+        p50, p99 = lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
-            with DataReceiver("ray:auto", dataset_name="tput", wait=60) as receiver:
-                first = receiver.recv(timeout=60)
-                del first
-                start = time.perf_counter()
-                for i in range(1, count):
-                    arr = receiver.recv(timeout=60)
-                    assert arr.nbytes == size and arr[0] == i % 256
-                    del arr
-                return str(ray.get_runtime_context().get_node_id()), (count - 1) * size / (time.perf_counter() - start) / 1e9
-
-        @ray.remote(num_cpus=0, resources={"node_b": 1})
-        def wake_receiver(rounds: int) -> list[float]:
-            from shmchannel import DataReceiver
-
-            lat = []
-            with DataReceiver("ray:auto", dataset_name="wake", wait=60) as receiver:
-                receiver.recv(timeout=60)
-                for _ in range(rounds):
-                    sent_at = receiver.recv(timeout=60)[0]
-                    lat.append(time.perf_counter() - sent_at)
-            return lat
-
-        rates = []
-        for _ in range(3):
-            c = consume.remote(64 * MIB, COUNT)
-            p_node = ray.get(produce.remote(64 * MIB, COUNT))
-            c_node, rate = ray.get(c)
-            assert c_node != p_node
-            rates.append(rate)
-        from shmchannel import DataSender
-
-        w = wake_receiver.remote(200)
-        with DataSender("ray:auto", dataset_name="wake") as sender:
-            sender.send([0.0])
-            for _ in range(200):
-                time.sleep(0.01)
-                sender.send([time.perf_counter()])
-        lat = sorted(ray.get(w))
-        print(f"Ray backend, 64 MiB arrays node_a -> node_b: median {statistics.median(rates):.2f} GB/s "
-              f"(runs: {', '.join(f'{r:.2f}' for r in rates)})")
-        print(f"Ray backend wake-up of a blocked recv on the other node ({len(lat)} sends): "
-              f"p50 {lat[len(lat) // 2] * 1e3:.2f} ms, p99 {lat[int(len(lat) * 0.99)] * 1e3:.2f} ms")
+        print(f"\n== Summary ({REPS} reps each, medians; 64 MiB arrays, {COUNT} per stream) ==")
+        print(f"throughput node_a->node_b: shmchannel {shm:.2f} GB/s ({runs(rates['shm'])}) vs "
+              f"Ray put+Queue {plain:.2f} GB/s ({runs(rates['ray'])}): ratio {shm / plain:.2f} "
+              f"(target >= 0.8): {verdict(shm / plain >= 0.8)}")
+        print(f"scale: 2 senders (node_a->node_b + node_b->node_a, own channels) {two:.2f} GB/s ({runs(agg['2 senders'])}) "
+              f"vs 1 sender (node_a->node_b) {one:.2f} GB/s ({runs(agg['1 sender'])}): ratio {two / one:.2f} "
+              f"(target >= 1.5): {verdict(two / one >= 1.5)}")
+        print(f"channel actor CPU per object (utime+stime, {tick:.0f} ms ticks): 1 sender "
+              f"{per_object['1 sender']:.2f} ms ({ticks['1 sender']} ticks / {objects['1 sender']} objects), "
+              f"2 senders {per_object['2 senders']:.2f} ms ({ticks['2 senders']} ticks / {objects['2 senders']} objects) "
+              f"(no target: reported)")
+        print(f"wake-up of a blocked recv on node_b ({len(lat)} sends from node_a): p50 {p50:.2f} ms, "
+              f"p99 {p99:.2f} ms (no target: reported)")
         ray.shutdown()
     finally:
-        subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if ray.is_initialized():
+            ray.shutdown()
+        stop_cluster(temp_dir)
+        print(f"(Ray logs: {temp_dir})")
 
 
 if __name__ == "__main__":

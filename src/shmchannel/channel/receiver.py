@@ -46,11 +46,13 @@ class DataReceiver(WorkerRecv):
     ) -> None:
         """Connect to the channel; ``wait`` seconds (None: forever) for its sender to appear.
 
-        ``prefetch`` (1 to ``rules.MAX_PREFETCH``, 1024) is checked, and has no effect yet:
-        the embedded backend claims one object at a time straight from shared memory (no
-        round trip to save; claiming ready objects in batches measured no faster:
-        backends/receiving.py), and the Ray backend fetches one object per call to the
-        channel's actor (README, "What it does not do").
+        ``prefetch`` (1 to ``rules.MAX_PREFETCH``, 1024): objects the Ray backend fetches
+        per call to the channel's actor when that many are queued. They are lent to this
+        receiver: ``get_queue`` no longer lists them, other receivers of the shard do not
+        get them, and they go back to the head of the queue, in order, at ``close`` or if
+        this process dies. The embedded backend claims one object at a time straight from
+        shared memory whatever ``prefetch`` says (no round trip to save; claiming ready
+        objects in batches measured no faster: backends/receiving.py).
 
         Raises:
             ChannelNotFound (ValueError): no sender created it (within ``wait``).

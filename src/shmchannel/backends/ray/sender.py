@@ -60,6 +60,7 @@ class RaySender:
         self._shared = full_batch and num_shards > 1
         self._lease: Any = None  # made with the first holder: it dies with this process
         self._holder: Any = None
+        self._last_large: Any = None  # the reply to the put of the last large part, until looked at
         self._node: str | None = None
         self._pid = os.getpid()
         # A process that exits without close() leaves the channel (the stream goes on, the
@@ -90,6 +91,7 @@ class RaySender:
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
         kept = None
         if not all(inline):
+            self._check_holder()
             held = [wire for wire, small in zip(wires, inline) if not small]
             kept = [self._holder_here().keep.remote(*held)]  # nested: the actor awaits it, we do not
         # One argument: Ray serializes each argument of a call on its own (measured: 9 of them
@@ -102,8 +104,24 @@ class RaySender:
             raise ChannelError(f"send to {self._calls.label} could not be submitted to Ray: {exc}") from exc
         self._flight.append((self._seq, ref))
         self._seq += 1
+        if kept is not None:
+            self._last_large = ref
         if not credited:
             self._look(block=True)
+
+    def _check_holder(self) -> None:
+        """If the put of the last large part came back, look at it now: had its holder died,
+        the error names the objects lost with it before this call's object goes (to the
+        node's next holder), instead of losing every large part until the next look.
+
+        We look at the put's reply, not at the holder's: a reference to what ``keep``
+        returned, held until this process exits, makes Ray free the objects it names when
+        we exit (we are the borrower through which the channel actor's use is reported to
+        their owner; measured: ReferenceCountingAssertionError at the receiver)."""
+        last = self._last_large
+        if last is not None and self._ray.wait([last], timeout=0)[0]:
+            self._last_large = None
+            self._look(block=False)
 
     def _look(self, block: bool) -> None:
         """Take the replies of puts in flight that came (all of them, waiting, if ``block``);
@@ -113,21 +131,30 @@ class RaySender:
             refs = [ref for _, ref in self._flight]
             done = len(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
         self._next_look = len(self._flight) - done + LOOK_EVERY
-        failure: BaseException | None = None
+        failures: list[tuple[int, ChannelError]] = []
         for _ in range(done):  # the actor replies in order: the first ``done`` came
             seq, ref = self._flight[0]
             try:  # an interrupt while waiting leaves the put in flight, looked at next time
                 self._room = int(self._calls.result(ref, "put")[1])
             except ChannelError as exc:
-                failure = failure or self._failed(seq, exc)
+                failures.append((seq, exc))
             self._flight.popleft()
-        if failure is not None:
-            raise failure
+        if failures:
+            raise self._failed(failures)
 
-    def _failed(self, seq: int, exc: ChannelError) -> ChannelError:
-        if seq == self._seq - 1 and not isinstance(exc, ObjectLost):
-            return exc  # this call's own put: its error as it is
-        return type(exc)(f"object {seq} sent to {self._calls.label} earlier was not queued: {exc}")
+    def _failed(self, failures: list[tuple[int, ChannelError]]) -> ChannelError:
+        """The error to raise for puts that failed: this call's own as it is, else one
+        naming every object lost."""
+        if any(isinstance(exc, ObjectLost) for _, exc in failures):
+            self._holder = None  # it died: the next large part goes to the node's next holder
+        seq, exc = failures[0]
+        if len(failures) == 1 and seq == self._seq - 1:
+            return exc  # this call's own put
+        which = ", ".join(str(seq) for seq, _ in failures)
+        return type(exc)(
+            f"{len(failures)} object(s) sent to {self._calls.label} before were not queued (number {which} "
+            f"of this sender, counted from 0): {exc}"
+        )
 
     def empty(self, shape: tuple[int, ...], dtype: Any, order: str, timeout: float | None) -> Any:
         """An ordinary array: Ray's object store takes a send's bytes by ``ray.put``, a
