@@ -17,13 +17,16 @@ not the other Ray clusters of the machine as `ray stop` would. Measures, in one 
 2. Scale: (a) one sender on node_a streaming COUNT arrays of 64 MiB into a channel whose
    receiver is on node_b; (b) two senders, one per node, each streaming COUNT into its own
    channel, received on the other node (every byte crosses nodes, as in (a), and each node
-   both sends and receives). Aggregate GB/s = all bytes / (last recv - first send).
+   both sends and receives). Aggregate GB/s = all bytes / (last recv - first send; a
+   sender's clock starts at its first send, once attached).
    Target: (b) / (a) >= 1.5 (medians; (a) and (b) alternate). Also the CPU the channel
    actors use per object: utime + stime of each actor's process (/proc/<pid>/stat, 10 ms
    ticks, summed over the reps), read while the stream's receivers are still attached
    (the actor exits when the last one leaves).
 3. Wake-up latency of a blocked recv on node_b when the driver (node_a) sends (issue 3's).
 
+Not while tests that use the Ray fixture run (tests/conftest.py): their setup refuses to
+start while another Ray runs, and their teardown's `ray stop --force` ends this cluster too.
 QUICK_RAY_COUNT and QUICK_RAY_REPS (12 and 3) shorten a trial run. Prints each rep, then a
 summary: one line per metric, with its target and whether it was met.
 """

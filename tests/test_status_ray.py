@@ -29,6 +29,7 @@ def test_ray_status_reports_counts_bytes_and_rates(ray_two_nodes: str) -> None:
         for _ in range(5):
             sender.send(np.zeros((2, PART)))
         assert receiver.recv(timeout=60).shape == (1, PART)
+        sender.get_queue()  # returns once the sends are queued (on Ray a send may return before)
         status: Any = shmchannel.status(ray_two_nodes)
     assert status["backend"] == "ray" and status["address"] == ray_two_nodes
     c = _channel(status, name)

@@ -225,6 +225,7 @@ class ChannelActor:
         node: str | None, timeout: float | None, asked: float | None,
     ) -> Any:
         self.waiting_room = True
+        self.cond.notify_all()  # a queue() of the sender waits for this or for its puts
         try:
             room = await _wait(self.cond, lambda: self.closing or self.sender != token or self._room() > 0, timeout)
         finally:
@@ -274,9 +275,10 @@ class ChannelActor:
         async with self.cond:
             self._ack(token, through)
             queue = self.queues[shard]
-            attached = token in self.receivers
-            ready = await _wait(self.cond, lambda: bool(queue) or self.closed or (attached and token not in self.receivers), timeout)
-            if attached and token not in self.receivers:  # close() from another thread of the receiver
+            if token not in self.receivers:  # detached by close() from another thread before this came
+                raise EndpointClosed("closed by close() from another thread while waiting")
+            ready = await _wait(self.cond, lambda: bool(queue) or self.closed or token not in self.receivers, timeout)
+            if token not in self.receivers:  # close() from another thread of the receiver
                 raise EndpointClosed("closed by close() from another thread while waiting")
             if not ready:
                 raise rules.recv_timeout(peek, asked, shard, self.label)

@@ -60,6 +60,7 @@ class RaySender:
         self._shared = full_batch and num_shards > 1
         self._lease: Any = None  # made with the first holder: it dies with this process
         self._holder: Any = None
+        self._sending = 0  # threads inside send: the replies are theirs to look at
         self._last_large: Any = None  # the reply to the put of the last large part, until looked at
         self._node: str | None = None
         self._pid = os.getpid()
@@ -82,6 +83,13 @@ class RaySender:
         return self._holder
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
+        self._sending += 1
+        try:
+            self._send(parts, timeout)
+        finally:
+            self._sending -= 1
+
+    def _send(self, parts: list[Any], timeout: float | None) -> None:
         credited = self._room - len(self._flight) > 0
         if not credited or len(self._flight) >= self._next_look:
             self._look(block=False)  # an earlier put's failure is this call's, before anything more goes
@@ -191,7 +199,8 @@ class RaySender:
                 except Exception:  # noqa: BLE001 -- Ray already gone: so are they
                     pass
             self._holder = self._lease = None
-        self._look(block=True)
+        if not self._sending:  # else that thread's send reports them (its own: EndpointClosed)
+            self._look(block=True)
 
     def _leave_at_exit(self) -> None:
         try:
