@@ -85,13 +85,14 @@ class Holder:
                     self.senders.pop(token, None)  # its process died without detaching
                 except asyncio.TimeoutError:
                     pass
-            if self.senders or time.monotonic() - self.last < self.idle or await self._holding():
-                continue
-            if self.senders or time.monotonic() - self.last < self.idle:  # came meanwhile
+            if self._in_use() or await self._holding() or self._in_use():  # (a sender may come meanwhile)
                 continue
             self.leaving = True  # no await from here: nothing attaches in between
             ray.kill(ray.get_runtime_context().current_actor)
             return
+
+    def _in_use(self) -> bool:
+        return bool(self.senders) or time.monotonic() - self.last < self.idle
 
     async def _holding(self) -> bool:
         """Does a channel we served still queue or lend an object we own?"""

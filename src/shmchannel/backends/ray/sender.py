@@ -66,8 +66,7 @@ class RaySender:
         self._pid = os.getpid()
         # A process that exits without close() leaves the channel (the stream goes on, the
         # name is free again). Registered after ray.init, so it runs before Ray's shutdown.
-        self._at_exit = self._leave_at_exit
-        atexit.register(self._at_exit)
+        atexit.register(self._leave_at_exit)
 
     def _holder_here(self) -> Any:
         if self._holder is None:
@@ -190,15 +189,14 @@ class RaySender:
         try:
             self._calls.dispose("close", self._token, end_of_stream, self._seq)
         finally:
-            for actor, call in ((self._holder, "detach"), (self._lease, None)):
-                try:
-                    if call:
-                        getattr(actor, call).remote(self._token)
-                    elif actor is not None:
-                        self._ray.kill(actor)
-                except Exception:  # noqa: BLE001 -- Ray already gone: so are they
-                    pass
-            self._holder = self._lease = None
+            holder, lease, self._holder, self._lease = self._holder, self._lease, None, None
+            try:
+                if holder is not None:
+                    holder.detach.remote(self._token)
+                if lease is not None:
+                    self._ray.kill(lease)
+            except Exception:  # noqa: BLE001 -- Ray already gone: so are they
+                pass
         if not self._sending:  # else that thread's send reports them (its own: EndpointClosed)
             self._look(block=True)
 
@@ -210,6 +208,6 @@ class RaySender:
 
     def close(self, end_of_stream: bool) -> None:
         if os.getpid() == self._pid:
-            atexit.unregister(self._at_exit)
+            atexit.unregister(self._leave_at_exit)  # (bound methods compare equal)
             self._leave(end_of_stream)
 
