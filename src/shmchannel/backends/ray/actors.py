@@ -13,8 +13,9 @@ never come here: receivers pull them from the node that holds them.
 Order: a sender does not wait for the reply to a put while it knows there is room
 (``sender.py``), so its puts carry a sequence number and are queued in that order, whatever
 order Ray starts them in (Ray orders the tasks of an async actor by submission, but its
-documentation promises it for synchronous actors only). A put whose part is held by a holder
-first awaits the holder's references (``kept``); it keeps its place meanwhile.
+documentation promises it for synchronous actors only), and whoever sends them: the put of
+an object with a large part comes from the holder that put that part (``holder.keep``). A
+holder that dies before passing a put on leaves a gap, which the sender closes (``skip``).
 
 Delivery: the entries a receiver gets stay *lent* to it until it acknowledges them
 (``through``: the key of the last object it handed to its user, sent with its next
@@ -118,6 +119,8 @@ class ChannelActor:
         self.queues: list[deque[Entry]] = []
         self.sender: str | None = None
         self.next_seq = 0  # the sender's next put to queue (see the module docstring: order)
+        self.arrived: set[int] = set()  # numbers of the sender's puts here, not yet queued or refused
+        self.skipped: set[int] = set()  # numbers that will not come (skip), above next_seq
         self.closing = False  # the sender's close waits for its puts in flight
         self.waiting_room = False  # the sender's next put waits for room
         self.closed = False
@@ -176,6 +179,8 @@ class ChannelActor:
             self.num_shards, self.full_batch, self.max_queue_size = num_shards, full_batch, max_queue_size
             self.configured = True
             self.sender, self.next_seq, self.closing = token, 0, False
+            self.arrived.clear()
+            self.skipped.clear()
             self.cond.notify_all()
             return ("ok", {**self._info(), "room": self._room()})
 
@@ -194,35 +199,55 @@ class ChannelActor:
     async def put(self, token: str, seq: int, put: tuple[Any, ...]) -> Any:
         """Queue the sender's object number ``seq``, after its number ``seq - 1``.
 
-        ``put`` is (parts, kept, timeout, asked, sizes, node, credited). ``parts[i]``: part i
+        ``put`` is (parts, refs, timeout, asked, sizes, node, credited). ``parts[i]``: part i
         encoded (``wire.encode``) when it travels inline, else None, and its reference is the
-        next of the list ``kept[0]`` resolves to (the holder's ``keep`` on ``node``).
-        ``credited``: the sender counted room for it, so it does not wait for room (a
-        receiver's death may have put entries back meanwhile: the queue then holds a few
-        more than ``max_queue_size`` for a moment). Replies ("ok", room).
+        next of ``refs`` (put by the holder of ``node``, which sent this call: Ray counts our
+        use of them with their owner directly). ``credited``: the sender counted room for
+        it, so it does not wait for room (a receiver's death may have put entries back
+        meanwhile: the queue then holds a few more than ``max_queue_size`` for a moment).
+        Replies ("ok", room).
         """
-        parts, kept, timeout, asked, sizes, node, credited = put
-        refs: list[Any] = []
-        lost: Exception | None = None
-        if kept is not None:  # awaited before taking our turn: the bytes may still be on their way
-            try:
-                refs = list(await kept[0])
-            except ray.exceptions.RayError as exc:
-                lost = exc
+        parts, refs, timeout, asked, sizes, node, credited = put
+        self.arrived.add(seq)  # before any await: a skip of it comes too late from here on
+        try:
+            async with self.cond:
+                await self.cond.wait_for(lambda: self.sender != token or self.next_seq >= seq)
+                if self.sender != token:
+                    raise EndpointClosed(f"this client is not the sender of channel {self.label}")
+                if self.next_seq > seq:
+                    raise ObjectLost(f"object {seq} of the sender of {self.label} came after its holder was "
+                                     "reported dead: it is not queued")
+                try:
+                    return self._queue(parts, refs, sizes, node) if credited else await self._queue_when_room(
+                        token, parts, refs, sizes, node, timeout, asked)
+                finally:
+                    self._advance(seq)
+        finally:
+            self.arrived.discard(seq)
+
+    async def skip(self, token: str, seq: int) -> bool:
+        """The sender's object ``seq`` may not come (its holder died before passing it on):
+        unless it came (True: it is or will be queued, or was refused), the objects after it
+        are queued without it, and it is refused if it comes later (False)."""
         async with self.cond:
-            await self.cond.wait_for(lambda: self.sender != token or self.next_seq == seq)
-            if self.sender != token:
-                raise EndpointClosed(f"this client is not the sender of channel {self.label}")
-            try:
-                return self._queue(token, parts, refs, lost, sizes, node) if credited else await self._queue_when_room(
-                    token, parts, refs, lost, sizes, node, timeout, asked)
-            finally:
-                self.next_seq = seq + 1
-                self.cond.notify_all()
+            if self.sender != token or seq in self.arrived or seq < self.next_seq:
+                return True
+            self.skipped.add(seq)
+            if seq == self.next_seq:
+                self._advance(seq - 1)
+            return False
+
+    def _advance(self, seq: int) -> None:
+        """Object ``seq`` is queued or refused: the turn passes to the next one to come."""
+        self.next_seq = seq + 1
+        while self.next_seq in self.skipped:
+            self.skipped.discard(self.next_seq)
+            self.next_seq += 1
+        self.cond.notify_all()
 
     async def _queue_when_room(
-        self, token: str, parts: list[Any], refs: list[Any], lost: Exception | None, sizes: list[int],
-        node: str | None, timeout: float | None, asked: float | None,
+        self, token: str, parts: list[Any], refs: list[Any], sizes: list[int], node: str | None,
+        timeout: float | None, asked: float | None,
     ) -> Any:
         self.waiting_room = True
         self.cond.notify_all()  # a queue() of the sender waits for this or for its puts
@@ -234,16 +259,12 @@ class ChannelActor:
             raise EndpointClosed("closed by close() from another thread while waiting")
         if not room:
             raise rules.send_timeout(asked, self.label, self.max_queue_size)
-        return self._queue(token, parts, refs, lost, sizes, node)
+        return self._queue(parts, refs, sizes, node)
 
-    def _queue(
-        self, token: str, parts: list[Any], refs: list[Any], lost: Exception | None, sizes: list[int], node: str | None,
-    ) -> Any:
+    def _queue(self, parts: list[Any], refs: list[Any], sizes: list[int], node: str | None) -> Any:
         expected = 1 if self.full_batch else self.num_shards
         if len(parts) != expected or len(sizes) != expected:
             raise InvalidArgument(f"send to {self.label} needs {expected} parts, got {len(parts)}")
-        if lost is not None:
-            raise ObjectLost(f"the holder on node {node} could not keep an object sent to {self.label}: {lost}")
         if len(refs) != sum(part is None for part in parts):
             raise InvalidArgument(f"send to {self.label}: {len(refs)} references for {len(parts)} parts")
         held = iter(refs)

@@ -9,9 +9,12 @@ name by every sender there. A sender passes each large part to its node's holder
 the holder puts it again, as an object it owns, on the same node. That second copy is the
 price of "data outlives the sender" in Ray; no byte leaves the node.
 
-The holder keeps no reference of its own: ``keep`` returns the references, and the channel
-actor's queue and the receivers are what keep each object alive (Ray counts them; its owner,
-the holder, only has to live). So killing a channel's actor frees that channel's objects on
+The holder then passes the sender's put on to the channel's actor itself, with the
+references, and keeps none of its own: the channel actor's queue and the receivers are what
+keep each object alive, and Ray counts them with the owner directly (had the references gone
+back through the sender, Ray would count the channel actor's use through the sender, and a
+sender exiting at the wrong moment made Ray free the objects: ReferenceCountingAssertionError
+at the receiver, measured). So killing a channel's actor frees that channel's objects on
 every node (``shmchannel stop --ray``).
 
 A holder exits when no sender of its node is attached and no channel it served has an entry
@@ -66,11 +69,18 @@ class Holder:
         self.senders.pop(token, None)
         self.last = time.monotonic()
 
-    def keep(self, *wires: Any) -> list[Any]:
-        """Put each part (``wire.encode``'s form) as an object we own; their references."""
+    async def keep(self, channel: Any, token: str, seq: int, put: tuple[Any, ...], *wires: Any) -> Any:
+        """Put each part (``wire.encode``'s form) as an object we own, and pass the sender's
+        put on to its channel's actor with their references in place of the parts (``put``:
+        the put without them, see ``ChannelActor.put``); its reply, or its error."""
         self.last = time.monotonic()
         self.kept += len(wires)
-        return [ray.put(wire) for wire in wires]
+        refs = [ray.put(wire) for wire in wires]
+        parts, timeout, asked, sizes, credited = put
+        try:
+            return await channel.put.remote(token, seq, (parts, refs, timeout, asked, sizes, self.node, credited))
+        except ray.exceptions.RayError as exc:  # the channel's actor is gone
+            return ("error", "broker_unavailable", f"the actor of the channel is gone: {exc}")
 
     async def stats(self) -> dict[str, Any]:
         return {"node": self.node, "senders": len(self.senders), "kept": self.kept, "channels": sorted(self.channels)}

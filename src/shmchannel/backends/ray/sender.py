@@ -2,9 +2,9 @@
 
 A send encodes each part (``wire.encode``). Parts over ``INLINE_THRESHOLD`` bytes, and parts
 the shards share (``full_batch``), go to the holder of this node (``holder.keep``), which
-puts them as objects it owns; the others travel inline. The put to the channel actor
-carries the inline parts and the holder's reply, not the data: the actor awaits the
-references itself, so the sender submits both calls and goes on.
+puts them as objects it owns and passes the put on to the channel actor with their
+references; the others travel inline, in a put straight to the channel actor. Either way
+the sender makes one call per object and goes on.
 
 Backpressure by credit: the sender knows the room the channel had at its last reply and
 how many of its puts are in flight since; while that leaves room, a send does not wait for
@@ -12,7 +12,7 @@ the actor at all (its put is *credited*). Otherwise it waits for its put's reply
 the actor gives once there is room (or the timeout ran out, or the channel closed). The
 puts are numbered and the actor queues them in that order.
 
-A credited put that fails (its holder died before keeping it; the channel actor is gone)
+A credited put that fails (its holder died with it; the channel actor is gone)
 is reported by the sender's next call -- send or close -- which raises the error naming
 it; the objects after it are unaffected. ``close`` waits until every put is queued.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import BrokerUnavailable, ChannelError, ObjectLost
-from .cluster import Calls
+from .cluster import Calls, reply
 from .wire import encode, wire_size
 
 #: Parts of at most this many bytes (``wire_size``) stay values in the channel actor and come
@@ -54,7 +54,7 @@ class RaySender:
         self._calls = Calls(ray, actor, f"{namespace}/{dataset_name}")
         info = self._calls.call("attach_sender", self._token, num_shards, full_batch, max_queue_size)[1]
         self._room = int(info["room"])  # at the reply of the oldest put not in _flight
-        self._flight: deque[tuple[int, Any]] = deque()  # (seq, reply ref) of puts not yet looked at
+        self._flight: deque[tuple[int, Any, bool]] = deque()  # (seq, reply ref, through the holder) of puts not looked at
         self._seq = 0  # the number of the next put
         self._next_look = LOOK_EVERY  # flight at which a send looks at replies again
         self._shared = full_batch and num_shards > 1
@@ -96,67 +96,80 @@ class RaySender:
         wires = [encode(part) for part in parts]  # the codec carries a block's own rows only
         sizes = [wire_size(wire) for wire in wires]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
-        kept = None
-        if not all(inline):
-            self._check_holder()
-            held = [wire for wire, small in zip(wires, inline) if not small]
-            kept = [self._holder_here().keep.remote(*held)]  # nested: the actor awaits it, we do not
-        # One argument: Ray serializes each argument of a call on its own (measured: 9 of them
-        # cost a third of a send).
-        put = ([w if small else None for w, small in zip(wires, inline)], kept, None if credited else timeout,
-               timeout, sizes, self._node, credited)
+        small = [w if small else None for w, small in zip(wires, inline)]
         try:
-            ref = self._calls.actor.put.remote(self._token, self._seq, put)
+            if all(inline):
+                # One argument: Ray serializes each argument of a call on its own (measured:
+                # 9 of them cost a third of a send).
+                ref = self._calls.actor.put.remote(
+                    self._token, self._seq, (small, [], None if credited else timeout, timeout, sizes, None, credited))
+            else:  # the holder puts the large parts and passes the put on: see holder.py
+                self._check_holder()
+                held = [wire for wire, small in zip(wires, inline) if not small]
+                ref = self._holder_here().keep.remote(
+                    self._calls.actor, self._token, self._seq, (small, None if credited else timeout, timeout, sizes, credited),
+                    *held)
+                self._last_large = ref
         except TypeError as exc:  # Ray could not serialize an argument (encode carried it: unexpected)
             raise ChannelError(f"send to {self._calls.label} could not be submitted to Ray: {exc}") from exc
-        self._flight.append((self._seq, ref))
+        self._flight.append((self._seq, ref, not all(inline)))
         self._seq += 1
-        if kept is not None:
-            self._last_large = ref
         if not credited:
-            self._look(block=True)
+            self._look(block=True, own=self._seq - 1)
 
     def _check_holder(self) -> None:
         """If the put of the last large part came back, look at it now: had its holder died,
         the error names the objects lost with it before this call's object goes (to the
         node's next holder), instead of losing every large part until the next look.
 
-        We look at the put's reply, not at the holder's: a reference to what ``keep``
-        returned, held until this process exits, makes Ray free the objects it names when
-        we exit (we are the borrower through which the channel actor's use is reported to
-        their owner; measured: ReferenceCountingAssertionError at the receiver)."""
+        (``keep`` returns the put's reply: no reference to the object comes back to us.)"""
         last = self._last_large
         if last is not None and self._ray.wait([last], timeout=0)[0]:
             self._last_large = None
             self._look(block=False)
 
-    def _look(self, block: bool) -> None:
+    def _look(self, block: bool, own: int | None = None) -> None:
         """Take the replies of puts in flight that came (all of them, waiting, if ``block``);
-        raise the first failure among them."""
+        raise the failures among them (``own``: the number of the put this call made)."""
         done = len(self._flight)
         if done and not block:
-            refs = [ref for _, ref in self._flight]
+            refs = [ref for _, ref, _ in self._flight]
             done = len(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
         self._next_look = len(self._flight) - done + LOOK_EVERY
         failures: list[tuple[int, ChannelError]] = []
         for _ in range(done):  # the actor replies in order: the first ``done`` came
-            seq, ref = self._flight[0]
+            seq, ref, held = self._flight[0]
             try:  # an interrupt while waiting leaves the put in flight, looked at next time
-                self._room = int(self._calls.result(ref, "put")[1])
+                self._room = self._room_after(seq, ref, held)
             except ChannelError as exc:
                 failures.append((seq, exc))
             self._flight.popleft()
         if failures:
-            raise self._failed(failures)
+            raise self._failed(failures, own)
 
-    def _failed(self, failures: list[tuple[int, ChannelError]]) -> ChannelError:
+    def _room_after(self, seq: int, ref: Any, held: bool) -> int:
+        """The room the reply to put ``seq`` reports, or its error. A holder that died before
+        passing the put on leaves a gap in the numbers, which we close (``skip``); one that
+        died after left the object queued, and lost: its receivers are told (ObjectLost)."""
+        if held:
+            try:
+                return int(reply(self._ray.get(ref))[1])
+            except self._ray.exceptions.RayActorError as exc:
+                if self._calls.call("skip", self._token, seq):
+                    return self._room  # it had passed the put on (its receivers learn of the loss)
+                raise ObjectLost(f"the holder of node {self._node} died with object {seq} of this sender: {exc}") from None
+            except self._ray.exceptions.RayError as exc:
+                raise BrokerUnavailable(f"put on channel {self._calls.label} failed in Ray: {exc}") from exc
+        return int(self._calls.result(ref, "put")[1])
+
+    def _failed(self, failures: list[tuple[int, ChannelError]], own: int | None) -> ChannelError:
         """The error to raise for puts that failed: this call's own as it is, else one
         naming every object lost."""
         if any(isinstance(exc, ObjectLost) for _, exc in failures):
             self._holder = None  # it died: the next large part goes to the node's next holder
         seq, exc = failures[0]
-        if len(failures) == 1 and seq == self._seq - 1:
-            return exc  # this call's own put
+        if len(failures) == 1 and seq == own:
+            return exc
         which = ", ".join(str(seq) for seq, _ in failures)
         return type(exc)(
             f"{len(failures)} object(s) sent to {self._calls.label} before were not queued (number {which} "
