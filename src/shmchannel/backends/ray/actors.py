@@ -196,19 +196,20 @@ class ChannelActor:
             return ("ok", self._info())
 
     @_answers
-    async def put(self, token: str, seq: int, put: tuple[Any, ...]) -> Any:
-        """Queue the sender's object number ``seq``, after its number ``seq - 1``.
+    async def put(self, token: str, seq: int, puts: list[tuple[Any, ...]]) -> Any:
+        """Queue the sender's objects number ``seq``, ``seq + 1``... (one per item of ``puts``),
+        after its number ``seq - 1``.
 
-        ``put`` is (parts, refs, timeout, asked, sizes, node, credited). ``parts[i]``: part i
-        encoded (``wire.encode``) when it travels inline, else None, and its reference is the
-        next of ``refs`` (put by the holder of ``node``, which sent this call: Ray counts our
-        use of them with their owner directly). ``credited``: the sender counted room for
-        it, so it does not wait for room (a receiver's death may have put entries back
+        Each put is (parts, refs, timeout, asked, sizes, node, credited). ``parts[i]``: part
+        i encoded (``wire.encode``) when it travels inline, else None, and its reference is
+        the next of ``refs`` (put by the holder of ``node``, which sent this call: Ray counts
+        our use of them with their owner directly). ``credited``: the sender counted room
+        for it, so it does not wait for room (a receiver's death may have put entries back
         meanwhile: the queue then holds a few more than ``max_queue_size`` for a moment).
         Replies ("ok", room).
         """
-        parts, refs, timeout, asked, sizes, node, credited = put
-        self.arrived.add(seq)  # before any await: a skip of it comes too late from here on
+        numbers = range(seq, seq + len(puts))
+        self.arrived.update(numbers)  # before any await: a skip of them comes too late from here on
         try:
             async with self.cond:
                 await self.cond.wait_for(lambda: self.sender != token or self.next_seq >= seq)
@@ -218,12 +219,15 @@ class ChannelActor:
                     raise ObjectLost(f"object {seq} of the sender of {self.label} came after its holder was "
                                      "reported dead: it is not queued")
                 try:
-                    return self._queue(parts, refs, sizes, node) if credited else await self._queue_when_room(
-                        token, parts, refs, sizes, node, timeout, asked)
+                    answer: Any = ("ok", self._room())
+                    for parts, refs, timeout, asked, sizes, node, credited in puts:
+                        answer = self._queue(parts, refs, sizes, node) if credited else await self._queue_when_room(
+                            token, parts, refs, sizes, node, timeout, asked)
+                    return answer
                 finally:
-                    self._advance(seq)
+                    self._advance(numbers[-1])
         finally:
-            self.arrived.discard(seq)
+            self.arrived.difference_update(numbers)
 
     async def skip(self, token: str, seq: int) -> bool:
         """The sender's object ``seq`` may not come (its holder died before passing it on):

@@ -78,7 +78,7 @@ class Holder:
         refs = [ray.put(wire) for wire in wires]
         parts, timeout, asked, sizes, credited = put
         try:
-            return await channel.put.remote(token, seq, (parts, refs, timeout, asked, sizes, self.node, credited))
+            return await channel.put.remote(token, seq, [(parts, refs, timeout, asked, sizes, self.node, credited)])
         except ray.exceptions.RayError as exc:  # the channel's actor is gone
             return ("error", "broker_unavailable", f"the actor of the channel is gone: {exc}")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import uuid
 from collections import deque
 from typing import Any
@@ -38,6 +39,8 @@ INLINE_THRESHOLD = 64 * 1024
 #: A sender with credit looks at its puts' replies once this many are in flight (a look at
 #: them costs about 90 us, measured: not worth it on every send).
 LOOK_EVERY = 32
+#: At most this many small objects go in one call to the actor.
+BATCH = 64
 
 
 class RaySender:
@@ -54,9 +57,21 @@ class RaySender:
         self._calls = Calls(ray, actor, f"{namespace}/{dataset_name}")
         info = self._calls.call("attach_sender", self._token, num_shards, full_batch, max_queue_size)[1]
         self._room = int(info["room"])  # at the reply of the oldest put not in _flight
-        self._flight: deque[tuple[int, Any, bool]] = deque()  # (seq, reply ref, through the holder) of puts not looked at
+        # (first number, objects, reply ref, through the holder) of calls not looked at
+        self._flight: deque[tuple[int, int, Any, bool]] = deque()
+        self._in_flight = 0  # objects in _flight
+        # Small objects sent while the actor has not answered our last call wait here (with
+        # credit) and go in one call once it has: one actor call per object capped a stream
+        # at about 2,000 objects/s, the actor's own rate (measured). The flusher thread
+        # sends them when the answer comes; a send finding it came sends them itself.
+        self._batch: list[tuple[Any, ...]] = []
+        self._last_call: Any = None  # reply ref of our last call to the actor
+        self._lock = threading.Lock()  # _batch, _flight, _seq, _last_call
+        self._more = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._stopping = False
         self._seq = 0  # the number of the next put
-        self._next_look = LOOK_EVERY  # flight at which a send looks at replies again
+        self._next_look = LOOK_EVERY  # objects in flight at which a send looks at replies again
         self._shared = full_batch and num_shards > 1
         self._lease: Any = None  # made with the first holder: it dies with this process
         self._holder: Any = None
@@ -89,33 +104,82 @@ class RaySender:
             self._sending -= 1
 
     def _send(self, parts: list[Any], timeout: float | None) -> None:
-        credited = self._room - len(self._flight) > 0
-        if not credited or len(self._flight) >= self._next_look:
+        credited = self._room - self._pending() > 0
+        if not credited or self._in_flight >= self._next_look:
             self._look(block=False)  # an earlier put's failure is this call's, before anything more goes
-            credited = self._room - len(self._flight) > 0
+            credited = self._room - self._pending() > 0
         wires = [encode(part) for part in parts]  # the codec carries a block's own rows only
         sizes = [wire_size(wire) for wire in wires]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
         small = [w if small else None for w, small in zip(wires, inline)]
+        if all(inline) and credited:
+            self._add((small, [], None, timeout, sizes, None, True))
+            return
+        if not all(inline):
+            self._check_holder()
         try:
-            if all(inline):
-                # One argument: Ray serializes each argument of a call on its own (measured:
-                # 9 of them cost a third of a send).
-                ref = self._calls.actor.put.remote(
-                    self._token, self._seq, (small, [], None if credited else timeout, timeout, sizes, None, credited))
-            else:  # the holder puts the large parts and passes the put on: see holder.py
-                self._check_holder()
-                held = [wire for wire, small in zip(wires, inline) if not small]
-                ref = self._holder_here().keep.remote(
-                    self._calls.actor, self._token, self._seq, (small, None if credited else timeout, timeout, sizes, credited),
-                    *held)
-                self._last_large = ref
+            with self._lock:
+                self._flush()  # the small ones before go first
+                if all(inline):
+                    ref = self._calls.actor.put.remote(
+                        self._token, self._seq, [(small, [], timeout, timeout, sizes, None, False)])
+                else:  # the holder puts the large parts and passes the put on: see holder.py
+                    held = [wire for wire, small in zip(wires, inline) if not small]
+                    ref = self._holder_here().keep.remote(
+                        self._calls.actor, self._token, self._seq,
+                        (small, None if credited else timeout, timeout, sizes, credited), *held)
+                    self._last_large = ref
+                self._sent(ref, 1, not all(inline))
         except TypeError as exc:  # Ray could not serialize an argument (encode carried it: unexpected)
             raise ChannelError(f"send to {self._calls.label} could not be submitted to Ray: {exc}") from exc
-        self._flight.append((self._seq, ref, not all(inline)))
-        self._seq += 1
         if not credited:
             self._look(block=True, own=self._seq - 1)
+
+    def _pending(self) -> int:
+        return self._in_flight + len(self._batch)
+
+    def _add(self, put: tuple[Any, ...]) -> None:
+        """A credited small put: to the actor now if it answered our last call, else with
+        the next batch."""
+        with self._lock:
+            self._batch.append(put)
+            last = self._last_call
+            if last is None or len(self._batch) >= BATCH or self._ray.wait([last], timeout=0)[0]:
+                self._flush()
+                return
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_when_answered, name="shmchannel ray sender", daemon=True)
+                self._flusher.start()
+            self._more.notify()
+
+    def _flush(self) -> None:
+        """Send the batch, if any, in one call (the lock held)."""
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._sent(self._calls.actor.put.remote(self._token, self._seq, batch), len(batch), False)
+
+    def _sent(self, ref: Any, count: int, held: bool) -> None:
+        self._flight.append((self._seq, count, ref, held))
+        self._in_flight += count
+        self._seq += count
+        self._last_call = ref
+
+    def _flush_when_answered(self) -> None:
+        """The flusher: waits for the answer to our last call while a batch waits, then sends it."""
+        while True:
+            with self._lock:
+                while not self._batch and not self._stopping:
+                    self._more.wait()
+                if self._stopping:
+                    return
+                last = self._last_call
+            try:
+                self._ray.wait([last])
+            except Exception:  # noqa: BLE001 -- Ray going away: the next send or close flushes
+                return
+            with self._lock:
+                if self._last_call is last:
+                    self._flush()
 
     def _check_holder(self) -> None:
         """If the put of the last large part came back, look at it now: had its holder died,
@@ -129,21 +193,31 @@ class RaySender:
             self._look(block=False)
 
     def _look(self, block: bool, own: int | None = None) -> None:
-        """Take the replies of puts in flight that came (all of them, waiting, if ``block``);
+        """Take the replies of calls in flight that came (all of them, waiting, if ``block``);
         raise the failures among them (``own``: the number of the put this call made)."""
-        done = len(self._flight)
+        with self._lock:
+            if block:
+                self._flush()
+            calls = list(self._flight)
+        done = len(calls)
         if done and not block:
-            refs = [ref for _, ref, _ in self._flight]
-            done = len(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-        self._next_look = len(self._flight) - done + LOOK_EVERY
+            done = len(self._ray.wait([c[2] for c in calls], num_returns=len(calls), timeout=0)[0])
+        self._next_look = self._in_flight + LOOK_EVERY
         failures: list[tuple[int, ChannelError]] = []
-        for _ in range(done):  # the actor replies in order: the first ``done`` came
-            seq, ref, held = self._flight[0]
-            try:  # an interrupt while waiting leaves the put in flight, looked at next time
-                self._room = self._room_after(seq, ref, held)
+        for seq, count, ref, held in calls[:done]:  # the actor replies in order: the first ``done`` came
+            try:  # an interrupt while waiting leaves the call in flight, looked at next time
+                room = self._room_after(seq, ref, held)
             except ChannelError as exc:
-                failures.append((seq, exc))
-            self._flight.popleft()
+                room = None
+                failures.extend((seq + i, exc) for i in range(count))
+            with self._lock:
+                if not self._flight or self._flight[0][2] is not ref:
+                    continue  # another thread looked at it
+                self._flight.popleft()
+                self._in_flight -= count
+                if room is not None:
+                    self._room = room
+        self._next_look = self._in_flight + LOOK_EVERY
         if failures:
             raise self._failed(failures, own)
 
@@ -190,7 +264,10 @@ class RaySender:
         return self._data_system.get(key), lambda: None
 
     def queue(self, shard_id: int | None) -> Any:
-        return self._calls.call("queue", shard_id, self._token, self._seq)[1]  # once our puts are in
+        with self._lock:
+            self._flush()
+            sent = self._seq
+        return self._calls.call("queue", shard_id, self._token, sent)[1]  # once our puts are in
 
     def withdraw(self, thread: int | None) -> None:
         """Nothing: a put cannot be withdrawn; it ends within its timeout (or at close),
@@ -199,6 +276,10 @@ class RaySender:
     def _leave(self, end_of_stream: bool) -> None:
         """Close on the actor, which waits until the puts in flight are queued; then raise
         the first of them that failed."""
+        with self._lock:
+            self._flush()
+            self._stopping = True
+            self._more.notify()
         try:
             self._calls.dispose("close", self._token, end_of_stream, self._seq)
         finally:
