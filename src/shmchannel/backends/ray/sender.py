@@ -176,6 +176,8 @@ class RaySender:
             try:
                 self._ray.wait([last])
             except Exception:  # noqa: BLE001 -- Ray going away: the next send or close flushes
+                with self._lock:
+                    self._flusher = None  # a later batch starts another
                 return
             with self._lock:
                 if self._last_call is last:
