@@ -8,13 +8,15 @@ exactly as published, whatever dies when.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import random
 import signal
 import struct
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -24,6 +26,8 @@ from shmchannel.queue import events, reap
 from shmchannel._native import Region
 from shmchannel.queue.log import ACKED, CLAIMED, FREE, RETURNED, STATUS, ClaimLog, LogFull
 from shmchannel.queue.ring import Claimer, Publisher
+
+from .test_loans_interrupt import AtSignalPoint
 
 OFF = 1 << 30
 LOGS = 1 << 20  # where claim logs start in the test's memory
@@ -241,7 +245,9 @@ def test_repair_finishes_a_claim_an_interrupt_cut() -> None:
     assert got is not None and (got.pos, got.offset) == (0, OFF)
     assert [claimer.log.fields(i)[3] for i, _ in claimer.log.entries()] == [0]
     assert mem.region.load(at) == L.FREE
-    assert claimer.repair() is None  # twice changes nothing
+    assert claimer.repair() is got  # until the caller says it has it
+    claimer.claimed = None
+    assert claimer.repair() is None  # then a second repair changes nothing
     assert claimer.try_claim().pos == 1  # type: ignore[union-attr]
 
 
@@ -266,6 +272,114 @@ def test_a_full_repair_finds_a_claim_nobody_recorded() -> None:
     claimer.repair(full=True)
     assert [claimer.log.fields(i)[3] for i, _ in claimer.log.entries()] == [0]
     assert mem.region.load(mem.layout.slot(0, 0)) == L.FREE
+
+
+# -- a claim cut short at each instant an interrupt can land ------------------------------------
+
+#: The functions a claim runs through (``try_claim`` and what it calls): an interrupt may
+#: land at any instant of each.
+CLAIM_PATH = {"try_claim": Claimer.try_claim, "_take": Claimer._take, "_finish_claim": Claimer._finish_claim,
+              "claim_entry": ClaimLog.claim_entry, "notify": events.notify}
+SLEEPERS = LOGS - 64  # a spare word: the waiter count of ``_sleeping_sender``'s wait
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _nth(k: int) -> Callable[[Any], bool]:
+    """A predicate true the ``k``-th time it is asked (from 0): the ``k``-th instant."""
+    asked = itertools.count()
+    return lambda frame: next(asked) == k
+
+
+def _in_futex_wait(thread: threading.Thread) -> bool:
+    """Whether ``thread`` sleeps in the kernel on a futex (True if the kernel does not say)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            wchan = f.read()
+    except OSError:
+        return True
+    return wchan in ("", "0") or "futex" in wchan
+
+
+def _sleeping_sender(mem: Memory) -> tuple[threading.Thread, list[bool]]:
+    """A thread asleep on the space event count, announced there as a sender waiting for
+    room does; it appends whether it was woken (False: 5 s passed)."""
+    value = events.announce(mem.region, L.H_SPACE_SEQ)
+    woken: list[bool] = []
+    thread = threading.Thread(target=lambda: woken.append(mem.region.wait(L.H_SPACE_SEQ, value, 5, SLEEPERS)))
+    thread.start()
+    # Counted, the wait has let go of the GIL: asleep once the kernel says it waits on a futex.
+    deadline = time.monotonic() + 5
+    while not (mem.region.load32(SLEEPERS) == 1 and _in_futex_wait(thread)):
+        assert time.monotonic() < deadline, "set-up: the sender's thread never fell asleep"
+        time.sleep(0.001)
+    return thread, woken
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", list(CLAIM_PATH))
+def test_a_claim_interrupted_at_any_instant_is_finished_by_repair(where: str) -> None:
+    """The last object's claim cut by a KeyboardInterrupt at each instant of ``where`` at
+    which CPython can raise one (``AtSignalPoint``), then ``repair`` (or a new claim, if it
+    took nothing): the object is claimed once (one log entry), its bytes counted once, its
+    slot FREE and the head past it -- the stream ended, the shard is drained and a peek says
+    so at once -- and a sender asleep for the room it made is woken. (Cut right after the
+    slot's FREE store, the head stayed on the slot and nothing woke the sender: a peek after
+    the last object waited for ever, tests/test_api_interrupt_random.py's peek test hung.)"""
+    code = CLAIM_PATH[where].__code__
+    for k in itertools.count():
+        mem = Memory(max_queue_size=1)
+        pub, claimer = mem.publisher(), mem.claimer(1)
+        pub.try_publish(parts(0))
+        pub.close()
+        sender, woken = _sleeping_sender(mem)
+        point = AtSignalPoint(code, _nth(k), _interrupt)
+        try:
+            point.run(claimer.try_claim)
+        except KeyboardInterrupt:
+            pass
+        if not point.fired:  # it ran through: every instant was tried
+            sender.join(10)
+            break
+        at = f"interrupted at instant {k} of {where}"
+        got = claimer.repair() or claimer.try_claim()
+        claimer.claimed = None  # the caller has it (as the embedded receiver says once it does)
+        assert got is not None and (got.pos, got.offset) == (0, OFF), f"{at}: claimed {got}"
+        live = [claimer.log.fields(i)[3] for i, state in claimer.log.entries() if state & STATUS == CLAIMED]
+        assert live == [0], f"{at}: the log holds claims of positions {live}"
+        assert mem.region.load(mem.layout.slot(0, 0)) == L.FREE, f"{at}: the slot is not FREE"
+        assert claimer.received(0) == (1, 100), f"{at}: (objects, bytes) received {claimer.received(0)}"
+        assert claimer.drained(0), f"{at}: the head stayed at {mem.region.load(L.HEADER + L.S_HEAD)}, not drained"
+        with pytest.raises(EOFError):
+            claimer.peek(lambda offset, size: offset, time.monotonic())
+        sender.join(10)
+        assert woken == [True], f"{at}: the sender asleep for the room it made was never woken"
+        assert claimer.repair() is None, f"{at}: a second repair found more"
+    assert k >= 3, f"only {k} instants in {where}"
+
+
+def test_a_peek_moves_the_head_past_a_slot_a_dead_claimer_freed() -> None:
+    """A claimer killed between freeing its slot and moving the head past it leaves the
+    head there; the broker gives its claim back. A peek, like a claim, moves the head past
+    the freed slot: once that object is taken again and the stream ended, the peek says so
+    at once (it waited for ever: the shard never looked drained)."""
+    mem = Memory()
+    pub, dead, live = mem.publisher(), mem.claimer(1), mem.claimer(2)
+    for pos in range(2):
+        pub.try_publish(parts(pos))
+    pub.close()
+    assert live.try_claim().pos == 0  # type: ignore[union-attr]
+    at = mem.layout.slot(0, 1)  # the dead one's claim of 1: CAS, log entry, slot freed, then killed
+    assert mem.region.cas(at, L.ready(1), L.claimed(1, 1)) == L.ready(1)
+    dead.log.claim_entry(0, 0, 1, 1, OFF + 1, 100, 0)
+    mem.region.store(at, L.FREE)
+    assert reap.give_back(reap.collect(dead.log, dead, 0, receiver=None))
+    assert live.peek(lambda offset, size: offset, None) == OFF + 1  # the returned one first
+    assert live.try_claim().pos == 1  # type: ignore[union-attr]
+    with pytest.raises(EOFError):
+        live.peek(lambda offset, size: offset, time.monotonic() + 0.1)
 
 
 def test_an_uncommitted_object_of_a_dead_sender_is_never_seen() -> None:

@@ -121,6 +121,7 @@ class EmbeddedReceiver(Withdrawable):
         known = {(c.entry, c.pos) for c in self.buffer} | {(c.entry, c.pos) for c in self._handed}
         if (claimed.entry, claimed.pos) not in known:
             self.buffer.append(claimed)  # the newest claim: after what is waiting
+        claimer.claimed = None  # ours now (an interrupt before this: the next _tidy finds it known)
 
     def _rebuild(self) -> None:
         """For close: search the shard and the log (``repair(full=True)``) and rebuild
@@ -143,6 +144,7 @@ class EmbeddedReceiver(Withdrawable):
                 (out if (index, pos) in handed else waiting).append(claim)
         self.buffer = collections.deque(sorted(waiting, key=lambda c: c.pos))
         self._handed = out
+        self._claimer.claimed = None  # in the log, so in what was rebuilt from it
 
     def hand_out(self, note: bool = False) -> tuple[Any, Any]:
         """The next claimed object, acknowledging the ones handed out before. It leaves
@@ -171,8 +173,8 @@ class EmbeddedReceiver(Withdrawable):
 
     def _peek(self, timeout: float | None) -> Any:
         """A copy of the next object, which stays where it is (claimed by nobody, or in
-        our buffer): a peek writes nothing to shared memory, so an interrupt leaves nothing
-        to repair."""
+        our buffer): a peek claims nothing (its one write, the head moved past a slot
+        already taken, is a single CAS), so an interrupt leaves nothing to repair."""
         self._tidy()
         self.ack()
         if self.buffer:

@@ -162,13 +162,20 @@ class EmbeddedSender(Withdrawable):
         return plan_blob(len(s.header), [int(b.nbytes) for b in s.buffers], external)
 
     def _settle(self) -> None:
-        """Free the blocks of an unfinished send that was never published."""
+        """Free the blocks of an unfinished send that was never published; after one that
+        was, wake every receiver."""
         unsettled = self._unsettled
         if unsettled is not None:
             before, blocks = unsettled
             if not self._pub.committed(before):
                 for offset in blocks:
                     self._slabs.free(offset)
+            else:
+                # Cut after its commit, its wake-up may be lost: cut between notify's new
+                # epoch and its wake-up, a receiver asleep for the object slept on, and the
+                # next sends, finding no one announced, woke no one either (cut before, the
+                # receiver waited for the next send). A spare wake-up costs a look.
+                self._pub.wake_all()
             self._unsettled = None
 
     def _alloc(self, blob_size: int, pos: int, blocks: list[int], timeout: float | None,

@@ -124,8 +124,13 @@ class ClaimLog:
                     break
                 free.pop()  # taken after all: an interrupt came between its store and its pop
             _FIELDS.pack_into(self.view, at + 8, channel, shard, receiver, pos, offset, size, ref)
-            self.region.store(at, CLAIMED)
+            # Named before the entry is CLAIMED: ``Claimer.repair`` looks for a claim cut short
+            # here in ``last`` only (set after, an interrupt between made it record the claim
+            # in a second entry -- the first, never acknowledged, went back to the queue at
+            # close and the object was delivered again). Until the store it names a FREE
+            # entry, which ``holds`` nothing.
             self.last = index
+            self.region.store(at, CLAIMED)
             # Popped after the entry is CLAIMED: an interrupt before leaves it on the list,
             # FREE; after, it is off the list and recorded.
             free.pop()

@@ -243,6 +243,10 @@ class Claimer(Queues):
         # caller has it (it clears ``claimed``). One of each: one claim at a time.
         self.claiming = -1
         self.claimed: Claim | None = None
+        # And what a claim has left to do once its slot is FREE (``_finish_claim``): from
+        # that store on the slot no longer names us, so ``claiming`` cannot tell. Set only
+        # while ``claimed`` is.
+        self.freeing: tuple[int, int, int] | None = None
         # The reference bit of a block this shard owns: its own, or its shard's in a block
         # every shard shares (full_batch; store/block.py).
         self.ref = shard if self.layout.full_batch else 0
@@ -285,12 +289,34 @@ class Claimer(Queues):
             entry = self.log.claim_entry(self.base, self.shard, self.receiver, pos, offset, size, self.ref)
         claim = Claim(entry, offset, size, pos, head_at == self._sb + L.S_RET_HEAD)
         self.claimed = claim
+        # Named before the slot is FREE, for ``repair``: cut short after that store, the
+        # head stayed on the slot and no sender was woken -- a sender asleep for this room
+        # slept on, and a shard whose stream ended never looked drained (a peek after the
+        # last object waited for ever: tests/test_api_interrupt_random.py's peek test hung).
+        self.freeing = (head_at, h, size)
         region.store(at, L.FREE)
         self.claiming = -1
         region.cas(head_at, h, h + 1)
+        self.freeing = (head_at, h, 0)  # counted: no instant (3.11+) comes between this and the add
         region.add(self._sb + L.S_RECV_BYTES, size)
         notify(region, self.base + L.H_SPACE_SEQ)  # a sender may wait for this room
+        self.freeing = None
         return claim
+
+    def _finish_freeing(self, freeing: tuple[int, int, int]) -> None:
+        """What ``_finish_claim`` had left to do after freeing the slot when an interrupt
+        cut it (``freeing``): the head past the slot (a CAS from its position: said twice it
+        moves nothing), the bytes unless counted, and a wake-up of every sender -- not
+        ``notify``: cut between its new epoch and its wake-up, it would find no one
+        announced and wake no one. A spare wake-up costs a look."""
+        head_at, h, size = freeing
+        region = self.region
+        region.cas(head_at, h, h + 1)
+        if size:
+            self.freeing = (head_at, h, 0)
+            region.add(self._sb + L.S_RECV_BYTES, size)
+        wake_all_of(region, self.base + L.H_SPACE_SEQ)
+        self.freeing = None
 
     def claim(self, deadline: float | None, stop: Stop | None = None) -> Claim | None:
         """Claim, sleeping while the shard is empty; None if the deadline passed or
@@ -337,7 +363,12 @@ class Claimer(Queues):
             at = base + slot_of(self.shard, h)
             state = load(at)
             if state != L.ready(h):
-                h += 1  # taken: the next one may be the oldest left
+                # Taken: the next one may be the oldest left. Help the head past it, as a
+                # claim does: a claimer killed between freeing the slot and moving the head
+                # leaves it there, and the shard would never look drained (a peek at the end
+                # of the stream waited for ever while a recv said it ended).
+                region.cas(head_at, h, h + 1)
+                h += 1
                 continue
             offset, size, _ = L.read_slot(self.view, at)
             try:
@@ -353,10 +384,13 @@ class Claimer(Queues):
         return None
 
     def repair(self, full: bool = False) -> Claim | None:
-        """Finish what an interrupt cut short; the claim the caller never got, if any
-        (it must take it). A claim whose slot still names us is recorded in the log (once:
-        the log's last entry may hold it already) and its slot freed; releases left half
-        done are completed. Call with the receiver's turn held, before its next claim.
+        """Finish what an interrupt cut short; the claim the caller never got, if any,
+        which it must take, then clear ``claimed`` (cleared here, an interrupt before the
+        caller had it lost the claim: taken, never handed out). A claim whose slot still
+        names us is recorded in the log (once: the log's last entry may hold it already)
+        and its slot freed; one cut after its slot was freed moves the head past it and
+        wakes senders; releases left half done are completed. Call with the receiver's
+        turn held, before its next claim.
 
         ``full``: also search the whole shard and log (for a caller that lost track:
         each slot CLAIMED by us is a claim, each RELEASING or idle ACKED entry a release)."""
@@ -371,6 +405,8 @@ class Claimer(Queues):
                                       self.layout.returned_slot(self.shard, 0) else L.S_RET_HEAD)
                 self._finish_claim(at, head_at, state >> 24, entry)
             self.claiming = -1
+        if self.freeing is not None:
+            self._finish_freeing(self.freeing)
         if full:
             lay = self.layout
             for slot_of in (lay.slot, lay.returned_slot):
@@ -387,5 +423,4 @@ class Claimer(Queues):
             log.finish_releasing()
         else:
             log.finish_pending()
-        claimed, self.claimed = self.claimed, None
-        return claimed
+        return self.claimed
