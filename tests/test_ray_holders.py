@@ -1,6 +1,7 @@
 """The Ray backend's holders: a channel's large objects live on the node of the sender that
-made them, owned by that node's holder (``backends/ray/holder.py``), never by the channel's
-actor or the sender.
+made them, owned by the sender until that node's holder (``backends/ray/holder.py``) adopts
+them -- once they waited ``SHMCHANNEL_RAY_ADOPT_AFTER`` seconds, or when the sender closes --
+never by the channel's actor.
 
 The session's Ray cluster has two nodes on this machine (two raylets, each with its own
 object store), told apart by the custom resources ``node_a`` (the head, where this test
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shmchannel import ChannelClosed, DataReceiver, DataSender, ObjectLost
+from shmchannel import ChannelClosed, DataReceiver, DataSender, InvalidArgument, ObjectLost
 from shmchannel.testing import join_ok, start_process, wait_until
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'shmchannel[ray]')")
@@ -107,6 +108,17 @@ def _channel_actor(name: str) -> Any:
         return None
 
 
+def _status(name: str) -> dict[str, Any]:
+    from shmchannel.backends.ray.actors import actor_name
+
+    return ray.get(ray.get_actor(actor_name(name), namespace="default").status.remote(), timeout=30)
+
+
+def _wait_adopted(name: str) -> None:
+    """Wait until the holders adopted every object the channel queues."""
+    wait_until(lambda: _status(name)["unadopted_bytes"] == 0, 30, f"the objects of {name} to be adopted")
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shmchannel", *args], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ))
@@ -117,6 +129,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @ray.remote(num_cpus=0, resources={"node_b": 1})
 def _send_on_b(name: str, count: int, nbytes: int, max_queue_size: int) -> str:
+    os.environ["SHMCHANNEL_RAY_ADOPT_AFTER"] = "0.2"  # the objects waiting halfway are adopted
     with DataSender("ray:auto", dataset_name=name, max_queue_size=max_queue_size) as sender:
         for i in range(count):
             sender.send(np.full(nbytes, i, dtype=np.uint8))
@@ -127,8 +140,8 @@ def _send_on_b(name: str, count: int, nbytes: int, max_queue_size: int) -> str:
 def _receive_on_b_and_look(name: str, count: int, prefetch: int, queued: int) -> dict[str, Any]:
     """Receive ``count`` objects; each time the receiver's buffer is filled (one call to the
     channel actor), ask Ray where every object in it is. Once ``queued`` objects wait in the
-    channel's queue (halfway through), read the object store of node_a and the channel's
-    ``held_bytes``."""
+    channel's queue (halfway through) and were adopted, read the object store of node_a and
+    the channel's ``held_bytes``."""
     from shmchannel.backends.ray.actors import actor_name
 
     seen, where, halfway = [], {}, None
@@ -139,7 +152,7 @@ def _receive_on_b_and_look(name: str, count: int, prefetch: int, queued: int) ->
                 endpoint.fetch(60)  # what recv would do; done here to see every reference
                 held = [entry for entry in endpoint._buffer if not entry[1]]
                 locations = ray.experimental.get_object_locations([e[2] for e in held], timeout_ms=30_000)
-                for key, _, ref, node in held:
+                for key, _, ref, node, _owner in held:
                     where[key] = (node, locations[ref]["node_ids"], locations[ref]["object_size"])
             block = receiver.recv(timeout=60)
             assert block.shape == (MIB,) and (block == i).all(), f"object {i} corrupted"
@@ -147,6 +160,7 @@ def _receive_on_b_and_look(name: str, count: int, prefetch: int, queued: int) ->
             del block
             if i == count // 2:
                 wait_until(lambda: len(receiver.get_queue(0)) >= queued, 60, f"{queued} objects queued")
+                _wait_adopted(name)
                 status = ray.get(ray.get_actor(actor_name(name), namespace="default").status.remote(), timeout=30)
                 halfway = {"node_a": _store("node_a"), "held_bytes": status["held_bytes"],
                            "queued": len(receiver.get_queue(0))}
@@ -155,8 +169,9 @@ def _receive_on_b_and_look(name: str, count: int, prefetch: int, queued: int) ->
 
 def test_objects_stay_on_the_senders_node_when_the_channel_actor_is_elsewhere(ray_two_nodes: str) -> None:
     """No second hop: with the channel's actor on node_a and its sender and receiver on
-    node_b, every object's bytes are on node_b only (Ray's object directory), owned by
-    node_b's holder; node_a's object store takes none of them while they are queued, and
+    node_b, every object's bytes are on node_b only (Ray's object directory), whether its
+    sender owns them or node_b's holder adopted them (those that waited halfway: ADOPT_AFTER
+    0.2 s); node_a's object store takes none of them while they are queued, and
     the channel counts all queued bytes as held on node_b."""
     from shmchannel.backends.ray.actors import ChannelActor, actor_name
 
@@ -195,6 +210,7 @@ def test_objects_stay_on_the_senders_node_when_the_channel_actor_is_elsewhere(ra
     assert on_a["objects received"] == before["objects received"], f"objects were pulled to node_a: {on_a}"
     holder = _holder(nodes["node_b"])
     assert holder is not None and _actor_node(holder) == nodes["node_b"]
+    assert ray.get(holder.stats.remote(), timeout=30)["adopted"] >= max_queue_size
     other = _holder(nodes["node_a"])
     if other is not None:
         served = [tuple(channel) for channel in ray.get(other.stats.remote(), timeout=30)["channels"]]
@@ -206,10 +222,13 @@ def test_objects_stay_on_the_senders_node_when_the_channel_actor_is_elsewhere(ra
 
 @ray.remote(num_cpus=0, resources={"node_b": 1}, max_restarts=0)
 class _SenderOnB:
-    """A DataSender living on node_b between the test's steps."""
+    """A DataSender living on node_b between the test's steps (so that a receiver here, on
+    node_a, must pull its objects through their owner: on its own node Ray may still read an
+    object whose owner died, from the store, until the store frees it)."""
 
-    def __init__(self, name: str) -> None:
-        self.sender = DataSender("ray:auto", dataset_name=name, max_queue_size=10)
+    def __init__(self, name: str, adopt_after: str = "1") -> None:
+        os.environ["SHMCHANNEL_RAY_ADOPT_AFTER"] = adopt_after  # (read as the sender attaches)
+        self.sender = DataSender("ray:auto", dataset_name=name, max_queue_size=20)
 
     def send(self, values: list[int], nbytes: int) -> list[str]:
         """Send an array of ``nbytes`` per value; the queue's keys once the puts are in."""
@@ -217,20 +236,31 @@ class _SenderOnB:
             self.sender.send(np.full(nbytes, value, dtype=np.uint8))
         return list(self.sender.get_queue(0))
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def close(self) -> None:
         self.sender.close()
 
 
+def _sigkill(actor: Any) -> None:
+    """SIGKILL an actor's process (no close, no atexit) and wait until Ray knows it died."""
+    os.kill(ray.get(actor.pid.remote(), timeout=30), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.pid.remote(), timeout=30)
+
+
 def test_receivers_of_a_killed_holders_objects_get_object_lost(ray_two_nodes: str) -> None:
-    """Killing the holder that owns three queued objects: each of their recvs raises
-    ObjectLost within 5 s, naming the object's key and its node, and the next recv goes on
-    (no hang); small objects sent after the kill travel inline and are received."""
+    """Killing the holder that adopted three queued objects: each of their recvs raises
+    ObjectLost within 5 s, naming the object's key, its node and its holder, and the next
+    recv goes on (no hang); small objects sent after the kill travel inline and are received."""
     nodes = _nodes()
     name = f"killed-holder-{os.getpid()}"
     sender = _SenderOnB.remote(name)  # type: ignore[attr-defined]
     try:
         keys = ray.get(sender.send.remote([0, 1, 2], MIB), timeout=60)
         assert len(keys) == 3
+        _wait_adopted(name)  # 1 s after they were queued
         holder = _holder(nodes["node_b"])
         assert holder is not None
         ray.kill(holder)
@@ -247,7 +277,7 @@ def test_receivers_of_a_killed_holders_objects_get_object_lost(ray_two_nodes: st
                 took = time.monotonic() - start
                 assert took < 5, f"ObjectLost for object {key} took {took:.1f} s"
                 message = str(lost.value)
-                assert f"object {key} " in message and nodes["node_b"] in message, message
+                assert f"object {key} " in message and nodes["node_b"] in message and "holder" in message, message
             for value in (100, 101):
                 start = time.monotonic()
                 got = receiver.recv(timeout=10)
@@ -259,74 +289,182 @@ def test_receivers_of_a_killed_holders_objects_get_object_lost(ray_two_nodes: st
         ray.kill(sender)
 
 
-def _lost_numbers(exc: ObjectLost) -> list[int]:
-    """The sender's object numbers an ObjectLost of the sender names."""
-    return [int(n) for n in str(exc).split("(number ")[1].split(" of this")[0].split(", ")]
-
-
-def test_a_sender_whose_holder_died_reports_each_lost_object_and_goes_on(ray_two_nodes: str) -> None:
-    """The holder of a sender's node dies while the sender streams 1 MiB arrays with room in
-    its queue: the objects it had are lost, and a later send (or get_queue's next send)
-    raises ObjectLost naming each by its number, without sending its own object; every
-    other object arrives, in order; the sender moves to the node's next holder, and what it
-    sends after arrives."""
-    name = f"sender-lost-holder-{os.getpid()}"
-    node = ray.get_runtime_context().get_node_id()
-    lost: list[int] = []
-    numbered: list[int] = []  # the value of the sender's object number k
-    with DataSender(ray_two_nodes, dataset_name=name, max_queue_size=20) as sender, \
-            DataReceiver(ray_two_nodes, dataset_name=name, prefetch=1) as receiver:
-
-        def send(value: int) -> None:
-            try:
-                sender.send(np.full(MIB, value, dtype=np.uint8))
-            except ObjectLost as exc:  # an earlier object's; this one was not sent
-                lost.extend(numbered[n] for n in _lost_numbers(exc))
-                sender.send(np.full(MIB, value, dtype=np.uint8))
-            numbered.append(value)
-
-        send(0)
-        assert receiver.recv(timeout=30)[0] == 0
-        _kill_holder(node)
-        for i in range(1, 8):
-            send(i)
-        sender.get_queue(0)  # every put answered: a loss not yet reported is raised by the next send
-        send(8)
-        assert lost and set(lost) <= set(range(1, 8)), lost
-        got = [int(receiver.recv(timeout=30)[0]) for _ in range(8 - len(lost))]
-        assert got == sorted(set(range(1, 9)) - set(lost)), (got, lost)
-    assert _holder(node) is not None
+def test_a_holder_dying_mid_stream_loses_only_what_it_adopted(ray_two_nodes: str) -> None:
+    """The holder of a sender's node dies while the sender streams 1 MiB arrays: the five
+    objects it had adopted raise ObjectLost at their recv; the sender never notices; the
+    node's next holder adopts the five sent after, which arrive, in order."""
+    nodes = _nodes()
+    name = f"holder-dies-{os.getpid()}"
+    sender = _SenderOnB.remote(name, "0.2")  # type: ignore[attr-defined]
+    try:
+        ray.get(sender.send.remote(list(range(5)), MIB), timeout=60)
+        _wait_adopted(name)
+        first = _holder(nodes["node_b"])
+        _kill_holder(nodes["node_b"])
+        ray.get(sender.send.remote(list(range(5, 10)), MIB), timeout=60)
+        _wait_adopted(name)
+        second = _holder(nodes["node_b"])
+        assert second is not None and second._actor_id != first._actor_id
+        ray.get(sender.close.remote(), timeout=60)
+        with DataReceiver(ray_two_nodes, dataset_name=name, prefetch=1) as receiver:
+            for _ in range(5):
+                with pytest.raises(ObjectLost, match="holder"):
+                    receiver.recv(timeout=30)
+            got = [int(receiver.recv(timeout=30)[0]) for _ in range(5)]
+            assert got == list(range(5, 10))
+    finally:
+        ray.kill(sender)
 
 
 # -- 3. a SIGKILLed sender -----------------------------------------------------------------
 
 
-def _send_and_pause(address: str, name: str, ready: Any) -> None:
-    sender = DataSender(address, dataset_name=name, max_queue_size=10)
-    for i in range(5):
-        sender.send(np.full(MIB, 10 + i, dtype=np.uint8))
-    assert len(sender.get_queue(0)) == 5  # waits until its puts are in
-    ready.set()
-    signal.pause()  # SIGKILLed here: no close, no atexit
-
-
-def test_objects_outlive_their_sigkilled_sender(ray_two_nodes: str) -> None:
-    """A sender process SIGKILLed after sending five 1 MiB arrays: its node's holder owns
-    them, so a receiver still gets all five, intact and in order."""
-    name = f"killed-sender-{os.getpid()}"
-    ready = multiprocessing.get_context("spawn").Event()
-    proc = start_process(_send_and_pause, ray_two_nodes, name, ready)
+def _sigkilled_sender(name: str, adopt_after: str) -> list[str]:
+    """Five 1 MiB arrays and an inline one sent from node_b, then the sender SIGKILLed
+    (after its objects were adopted, if ``adopt_after`` lets them be); the queue's keys."""
+    sender = _SenderOnB.remote(name, adopt_after)  # type: ignore[attr-defined]
     try:
-        assert ready.wait(90), "the sender did not send its five objects"
+        ray.get(sender.send.remote([10, 11, 12, 13, 14], MIB), timeout=60)
+        keys = ray.get(sender.send.remote([99], 16), timeout=60)
+        if float(adopt_after) < 5:
+            _wait_adopted(name)
+        _sigkill(sender)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(10)
-    assert proc.exitcode == -signal.SIGKILL
+        ray.kill(sender)
+    assert len(keys) == 6
+    return keys
+
+
+def test_adopted_objects_outlive_their_sigkilled_sender(ray_two_nodes: str) -> None:
+    """A sender process SIGKILLed after its five 1 MiB arrays were adopted (they waited
+    SHMCHANNEL_RAY_ADOPT_AFTER, 1 s): a receiver on the other node still gets all five and
+    the inline one, intact and in order."""
+    name = f"killed-sender-{os.getpid()}"
+    _sigkilled_sender(name, "1")
     with DataReceiver(ray_two_nodes, dataset_name=name, wait=10) as receiver:
         for i in range(5):
             got = receiver.recv(timeout=30)
             assert got.shape == (MIB,) and (got == 10 + i).all(), f"object {i} is not the one sent"
+        assert (receiver.recv(timeout=30) == 99).all()
         assert receiver.get_queue(0) == []
+
+
+def test_objects_a_sigkilled_sender_still_owned_are_lost_and_named(ray_two_nodes: str) -> None:
+    """A sender process SIGKILLed before its objects were adopted (ADOPT_AFTER 60 s): each
+    of the five recvs raises ObjectLost within 5 s naming the object and its sender; the
+    inline object after them arrives; nothing hangs."""
+    name = f"killed-owner-{os.getpid()}"
+    keys = _sigkilled_sender(name, "60")
+    with DataReceiver(ray_two_nodes, dataset_name=name, wait=10) as receiver:
+        for key in keys[:5]:
+            start = time.monotonic()
+            with pytest.raises(ObjectLost, match="sender's process") as lost:
+                receiver.recv(timeout=30)
+            assert time.monotonic() - start < 5
+            assert f"object {key} " in str(lost.value)
+        assert (receiver.recv(timeout=30) == 99).all()
+
+
+@ray.remote(num_cpus=0, resources={"node_b": 1}, max_restarts=0)
+class _ReceiverOnB:
+    """A DataReceiver living on node_b between the test's steps."""
+
+    def __init__(self, name: str, prefetch: int) -> None:
+        self.receiver = DataReceiver("ray:auto", dataset_name=name, prefetch=prefetch, wait=60)
+
+    def fetch(self) -> int:
+        """What a first recv does: fetch up to ``prefetch`` entries, hand out none."""
+        self.receiver._endpoint.fetch(30)
+        return len(self.receiver._endpoint._buffer)
+
+    def recv(self, count: int) -> list[int]:
+        """The values of ``count`` 1 MiB arrays received, each checked whole."""
+        values = []
+        for _ in range(count):
+            got = self.receiver.recv(timeout=30)
+            assert got.shape == (MIB,) and (got == got[0]).all(), "an array is not the one sent"
+            values.append(int(got[0]))
+        return values
+
+    def end(self) -> str:
+        """The name of the exception the next recv (1 s) raises."""
+        try:
+            self.receiver.recv(timeout=1)
+        except Exception as exc:  # noqa: BLE001 -- reported to the test
+            return type(exc).__name__
+        return "an object"
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+def _send_twelve_then_leave(address: str, name: str, close: bool, node: Any, go: Any) -> None:
+    sender = DataSender(address, dataset_name=name, max_queue_size=20)
+    for i in range(12):
+        sender.send(np.full(MIB, i, dtype=np.uint8))
+    sender.get_queue(0)
+    node.put(ray.get_runtime_context().get_node_id())
+    assert go.wait(60), "the receiver did not fetch"
+    if close:
+        sender.close()  # else the exit leaves the channel (atexit)
+
+
+@pytest.mark.parametrize("how", ["close", "exit"])
+def test_a_leaving_sender_hands_every_object_to_its_holder(ray_two_nodes: str, monkeypatch: Any, how: str) -> None:
+    """A sender process whose twelve objects were not adopted yet (ADOPT_AFTER 3 s) closes,
+    or exits without close (its atexit leaves), while a receiver on the other node has
+    prefetched eight of them and takes none: leaving waits for them to be taken until they
+    are due, then has the sender's holder adopt all twelve, queued and lent, so once the
+    sender's process is gone the receiver gets all twelve, intact and in order (the lent
+    ones by asking the channel for their adopted references)."""
+    monkeypatch.setenv("SHMCHANNEL_RAY_ADOPT_AFTER", "3")
+    name = f"leaving-owner-{how}-{os.getpid()}"
+    ctx = multiprocessing.get_context("spawn")
+    node, go = ctx.Queue(), ctx.Event()
+    proc = start_process(_send_twelve_then_leave, ray_two_nodes, name, how == "close", node, go)
+    receiver = None
+    try:
+        assert node.get(timeout=90) == _nodes()["node_a"], "the sender is not on node_a"
+        receiver = _ReceiverOnB.remote(name, 8)  # type: ignore[attr-defined]
+        assert ray.get(receiver.fetch.remote(), timeout=60) == 8
+        go.set()
+        join_ok(proc, 90)
+        assert _status(name)["unadopted_bytes"] == 0
+        assert ray.get(receiver.recv.remote(12), timeout=120) == list(range(12))
+        assert ray.get(receiver.end.remote(), timeout=60) == ("ChannelClosed" if how == "close" else "ChannelTimeout")
+        ray.get(receiver.close.remote(), timeout=60)
+    finally:
+        if receiver is not None:
+            ray.kill(receiver)
+
+
+def test_a_closing_sender_whose_receiver_keeps_up_has_nothing_adopted(ray_two_nodes: str) -> None:
+    """A sender on node_b (ADOPT_AFTER 10 s) sends twenty 1 MiB arrays to a receiver on
+    node_a that takes each at once, and closes: its close waits for the receiver to take
+    the last ones instead of having them copied, so node_b's holder adopts none of them."""
+    nodes = _nodes()
+    name = f"kept-up-{os.getpid()}"
+
+    def adopted() -> int:
+        holder = _holder(nodes["node_b"])
+        return 0 if holder is None else int(ray.get(holder.stats.remote(), timeout=30)["adopted"])
+
+    before = adopted()
+    sender = _SenderOnB.remote(name, "10")  # type: ignore[attr-defined]
+    try:
+        ray.get(sender.pid.remote(), timeout=60)  # attached: the receiver does not wait for it
+        with DataReceiver(ray_two_nodes, dataset_name=name, wait=60) as receiver:
+            sending = sender.send.remote(list(range(20)), MIB)
+            got = [int(receiver.recv(timeout=30)[0]) for _ in range(20)]
+            ray.get(sending, timeout=60)
+            closing = sender.close.remote()
+            with pytest.raises(ChannelClosed):
+                receiver.recv(timeout=30)  # acknowledges the last one: the close goes on
+            ray.get(closing, timeout=60)
+        assert got == list(range(20))
+        assert adopted() == before
+    finally:
+        ray.kill(sender)
 
 
 # -- 4. an idle holder exits ----------------------------------------------------------------
@@ -346,7 +484,7 @@ def test_holder_exits_once_idle_and_holding_nothing(ray_two_nodes: str) -> None:
     _kill_holder(driver_node)  # the next one is made by the child, with the child's idle
     name = f"idle-holder-{os.getpid()}"
     report = multiprocessing.get_context("spawn").Queue()
-    os.environ["SHMCHANNEL_RAY_HOLDER_IDLE"] = "2"  # the child reads it when it imports holder.py
+    os.environ["SHMCHANNEL_RAY_HOLDER_IDLE"] = "2"  # the child's sender passes it to the channel
     try:
         proc = start_process(_send_one_and_close, ray_two_nodes, name, report)
     finally:
@@ -361,7 +499,7 @@ def test_holder_exits_once_idle_and_holding_nothing(ray_two_nodes: str) -> None:
         time.sleep(4)  # two idle periods and more without a sender
         assert _holder(node) is not None, "the holder left while a channel still queued its object"
         stats = ray.get(holder.stats.remote(), timeout=30)
-        assert stats["senders"] == 0 and stats["kept"] == 1, stats
+        assert stats["adopted"] == 1, stats  # at the child's close
 
         with DataReceiver(ray_two_nodes, dataset_name=name, wait=10) as receiver:
             got = receiver.recv(timeout=30)
@@ -435,3 +573,14 @@ def test_prefetched_objects_go_back_in_order_at_close(ray_two_nodes: str, nbytes
             assert [int(block[0]) for block in got] == list(range(2, 10))
             assert all(block.shape == (nbytes,) and (block == block[0]).all() for block in got)
             assert second.get_queue(0) == []
+
+
+# -- 7. configuration -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["SHMCHANNEL_RAY_ADOPT_AFTER", "SHMCHANNEL_RAY_HOLDER_IDLE"])
+@pytest.mark.parametrize("value", ["soon", "-1", "inf"])
+def test_a_bad_seconds_variable_is_named(ray_two_nodes: str, monkeypatch: Any, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(InvalidArgument, match=f"{variable} must be a number of seconds >= 0, got '{value}'"):
+        DataSender(ray_two_nodes, dataset_name=f"bad-env-{os.getpid()}")

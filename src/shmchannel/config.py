@@ -111,6 +111,39 @@ def spin_seconds() -> float:
     return value / 1e6
 
 
+def ray_adopt_after() -> float:
+    """``SHMCHANNEL_RAY_ADOPT_AFTER``: seconds an object waits in a Ray channel's queue
+    before the holder of its node adopts it (backends/ray/actors.py; 1 by default).
+
+    Raises:
+        InvalidArgument: it is not a finite number of seconds >= 0.
+    """
+    return _seconds("SHMCHANNEL_RAY_ADOPT_AFTER", 1.0)
+
+
+def ray_holder_idle() -> float:
+    """``SHMCHANNEL_RAY_HOLDER_IDLE``: seconds a Ray holder stays without work before it
+    exits (backends/ray/holder.py; 60 by default).
+
+    Raises:
+        InvalidArgument: it is not a finite number of seconds >= 0.
+    """
+    return _seconds("SHMCHANNEL_RAY_HOLDER_IDLE", 60.0)
+
+
+def _seconds(name: str, default: float) -> float:
+    env = os.environ.get(name)
+    if not env:
+        return default
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise InvalidArgument(f"{name} must be a number of seconds >= 0, got {env!r}")
+    return value
+
+
 def shm_name(broker_pid: int, what: str) -> str:
     """Name of one /dev/shm entry of the broker ``broker_pid``."""
     return f"{SHM_PREFIX}-{os.getuid()}-{broker_pid}-{what}"

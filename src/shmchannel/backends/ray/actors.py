@@ -6,16 +6,24 @@ notifies; a put that must wait for room waits on the same condition.
 
 What it keeps per shard is a FIFO of *entries*: a key, the part itself when it is small
 (``INLINE_THRESHOLD``: it goes back inline with the reply to recv, one call), else a
-reference to the part in Ray's object store, made and owned by the holder of the sender's
-node (``holder.py``), with that node's id and the part's size. The bytes of a large part
-never come here: receivers pull them from the node that holds them.
+reference to the part in Ray's object store, on the node of the sender that made it, with
+that node's id and the part's size. The bytes of a large part never come here: receivers
+pull them from the node that holds them.
+
+Ownership (Ray: an object dies with the process that put it, and ``ray.put(_owner=)`` is
+gone since Ray 2.56): the sender puts a large part itself, one copy, and owns it. An entry
+that waits in its queue ``adopt_after`` seconds (1 by default), and every entry of a sender
+that closes or exits, is *adopted*: the holder of the part's node (``holder.py``) puts a
+copy that it owns, and the entry takes that reference instead. An object taken by a
+receiver sooner -- the usual case while receivers keep up -- is never copied twice; one that
+waits, because receivers are behind, is copied while the sender has time to spare. What a
+SIGKILLed sender had sent less than ``adopt_after`` seconds before, and no receiver had in
+hand yet, is lost with it: those recvs raise ``ObjectLost`` (README, Guarantees).
 
 Order: a sender does not wait for the reply to a put while it knows there is room
 (``sender.py``), so its puts carry a sequence number and are queued in that order, whatever
 order Ray starts them in (Ray orders the tasks of an async actor by submission, but its
-documentation promises it for synchronous actors only), and whoever sends them: the put of
-an object with a large part comes from the holder that put that part (``holder.keep``). A
-holder that dies before passing a put on leaves a gap, which the sender closes (``skip``).
+documentation promises it for synchronous actors only).
 
 Delivery: the entries a receiver gets stay *lent* to it until it acknowledges them
 (``through``: the key of the last object it handed to its user, sent with its next
@@ -37,19 +45,23 @@ import functools
 import itertools
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable
 
 import ray
 
 from ...broker import rules
 from ...broker.rates import WINDOW, Rates
-from ...errors import ChannelError, EndpointClosed, InvalidArgument, ObjectLost
+from ...errors import ChannelError, EndpointClosed, InvalidArgument
 
 PREFIX = "shmchannel:"
 LEASE_CHECK = 1.0  # seconds between liveness checks of receivers holding unacknowledged objects
 #: How long a closing sender's puts still in flight may take to arrive (they were sent
 #: before close, so they normally come within milliseconds).
 CLOSE_WAIT = 30.0
+#: Seconds a holder may take to adopt a batch of objects (it may first have to start).
+ADOPT_WAIT = 30.0
+#: Seconds before adoption is tried again after a holder failed (it is being replaced).
+ADOPT_RETRY = 1.0
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -60,22 +72,30 @@ class Lease:
         return True
 
 
-class Entry(NamedTuple):
-    key: str
-    inline: bool
-    payload: Any  # the encoded part (inline) or an ObjectRef to it (held by ``node``'s holder)
-    size: int  # bytes of data, as the sender measured them (status)
-    node: str | None  # the node whose holder owns ``payload`` (None: inline)
+class Entry:
+    """One object's part in a queue. The same entry sits in every shard's queue of a
+    ``full_batch`` channel, and moves to ``lent`` and back: adopting it once updates all."""
 
-    def public(self) -> tuple[str, bool, Any, str | None]:
-        return self.key, self.inline, self.payload, self.node
+    __slots__ = ("key", "inline", "payload", "size", "node", "owner", "since")
+
+    def __init__(self, key: str, inline: bool, payload: Any, size: int, node: str | None) -> None:
+        self.key = key
+        self.inline = inline
+        self.payload = payload  # the encoded part (inline), else an ObjectRef to it
+        self.size = size  # bytes of data, as the sender measured them (status)
+        self.node = node  # the node whose object store holds ``payload`` (None: inline)
+        self.owner = "inline" if inline else "sender"  # then "holder" once adopted, "gone" if it never can be
+        self.since = time.monotonic()  # queued at
+
+    def public(self) -> tuple[str, bool, Any, str | None, str]:
+        return self.key, self.inline, self.payload, self.node, self.owner
 
 
 def actor_name(dataset_name: str) -> str:
     return PREFIX + dataset_name
 
 
-def _error(exc: Exception) -> tuple[str, str, str]:
+def error_reply(exc: Exception) -> tuple[str, str, str]:
     return ("error", getattr(exc, "code", "error"), str(exc))
 
 
@@ -87,7 +107,7 @@ def _answers(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         try:
             return await method(*args, **kwargs)
         except ChannelError as exc:
-            return _error(exc)
+            return error_reply(exc)
 
     return answer
 
@@ -119,8 +139,10 @@ class ChannelActor:
         self.queues: list[deque[Entry]] = []
         self.sender: str | None = None
         self.next_seq = 0  # the sender's next put to queue (see the module docstring: order)
-        self.arrived: set[int] = set()  # numbers of the sender's puts here, not yet queued or refused
-        self.skipped: set[int] = set()  # numbers that will not come (skip), above next_seq
+        self.adopt_after = 1.0  # seconds an entry waits in its queue before its holder adopts it
+        self.holder_idle = 60.0  # the idle time of holders we start (holder.py)
+        self._adopter: asyncio.Task[None] | None = None
+        self._adopting: asyncio.Lock | None = None
         self.closing = False  # the sender's close waits for its puts in flight
         self.waiting_room = False  # the sender's next put waits for room
         self.closed = False
@@ -162,7 +184,10 @@ class ChannelActor:
         return self.sender is None and not self.receivers and not any(self.queues) and not self.lent
 
     @_answers
-    async def attach_sender(self, token: str, num_shards: int, full_batch: bool, max_queue_size: int) -> Any:
+    async def attach_sender(
+        self, token: str, num_shards: int, full_batch: bool, max_queue_size: int, adopt_after: float = 1.0,
+        holder_idle: float = 60.0,
+    ) -> Any:
         rules.check_channel_shape(num_shards, max_queue_size)
         async with self.cond:
             wanted = rules.Shape(num_shards, full_batch, max_queue_size)
@@ -179,8 +204,7 @@ class ChannelActor:
             self.num_shards, self.full_batch, self.max_queue_size = num_shards, full_batch, max_queue_size
             self.configured = True
             self.sender, self.next_seq, self.closing = token, 0, False
-            self.arrived.clear()
-            self.skipped.clear()
+            self.adopt_after, self.holder_idle = adopt_after, holder_idle
             self.cond.notify_all()
             return ("ok", {**self._info(), "room": self._room()})
 
@@ -202,52 +226,24 @@ class ChannelActor:
 
         Each put is (parts, refs, timeout, asked, sizes, node, credited). ``parts[i]``: part
         i encoded (``wire.encode``) when it travels inline, else None, and its reference is
-        the next of ``refs`` (put by the holder of ``node``, which sent this call: Ray counts
-        our use of them with their owner directly). ``credited``: the sender counted room
-        for it, so it does not wait for room (a receiver's death may have put entries back
-        meanwhile: the queue then holds a few more than ``max_queue_size`` for a moment).
-        Replies ("ok", room).
+        the next of ``refs`` (put, and owned, by the sender on ``node``; we borrow it).
+        ``credited``: the sender counted room for it, so it does not wait for room (a
+        receiver's death may have put entries back meanwhile: the queue then holds a few
+        more than ``max_queue_size`` for a moment). Replies ("ok", room).
         """
-        numbers = range(seq, seq + len(puts))
-        self.arrived.update(numbers)  # before any await: a skip of them comes too late from here on
-        try:
-            async with self.cond:
-                await self.cond.wait_for(lambda: self.sender != token or self.next_seq >= seq)
-                if self.sender != token:
-                    raise EndpointClosed(f"this client is not the sender of channel {self.label}")
-                if self.next_seq > seq:
-                    raise ObjectLost(f"object {seq} of the sender of {self.label} came after its holder was "
-                                     "reported dead: it is not queued")
-                try:
-                    answer: Any = ("ok", self._room())
-                    for parts, refs, timeout, asked, sizes, node, credited in puts:
-                        answer = self._queue(parts, refs, sizes, node) if credited else await self._queue_when_room(
-                            token, parts, refs, sizes, node, timeout, asked)
-                    return answer
-                finally:
-                    self._advance(numbers[-1])
-        finally:
-            self.arrived.difference_update(numbers)
-
-    async def skip(self, token: str, seq: int) -> bool:
-        """The sender's object ``seq`` may not come (its holder died before passing it on):
-        unless it came (True: it is or will be queued, or was refused), the objects after it
-        are queued without it, and it is refused if it comes later (False)."""
         async with self.cond:
-            if self.sender != token or seq in self.arrived or seq < self.next_seq:
-                return True
-            self.skipped.add(seq)
-            if seq == self.next_seq:
-                self._advance(seq - 1)
-            return False
-
-    def _advance(self, seq: int) -> None:
-        """Object ``seq`` is queued or refused: the turn passes to the next one to come."""
-        self.next_seq = seq + 1
-        while self.next_seq in self.skipped:
-            self.skipped.discard(self.next_seq)
-            self.next_seq += 1
-        self.cond.notify_all()
+            await self.cond.wait_for(lambda: self.sender != token or self.next_seq >= seq)
+            if self.sender != token:
+                raise EndpointClosed(f"this client is not the sender of channel {self.label}")
+            try:
+                answer: Any = ("ok", self._room())
+                for parts, refs, timeout, asked, sizes, node, credited in puts:
+                    answer = self._queue(parts, refs, sizes, node) if credited else await self._queue_when_room(
+                        token, parts, refs, sizes, node, timeout, asked)
+                return answer
+            finally:
+                self.next_seq = seq + len(puts)  # queued or refused: the turn passes on
+                self.cond.notify_all()
 
     async def _queue_when_room(
         self, token: str, parts: list[Any], refs: list[Any], sizes: list[int], node: str | None,
@@ -273,20 +269,76 @@ class ChannelActor:
             raise InvalidArgument(f"send to {self.label}: {len(refs)} references for {len(parts)} parts")
         held = iter(refs)
         entries = [
-            Entry("", True, part, size, None) if part is not None else Entry("", False, next(held), size, node)
+            Entry(next(self._keys), True, part, size, None) if part is not None
+            else Entry(next(self._keys), False, next(held), size, node)
             for part, size in zip(parts, sizes)
         ]
-        if self.full_batch:
-            entry = entries[0]._replace(key=next(self._keys))
-            for queue in self.queues:
-                queue.append(entry)
-        else:
-            for queue, entry in zip(self.queues, entries):
-                queue.append(entry._replace(key=next(self._keys)))
+        for queue, entry in zip(self.queues, entries * self.num_shards if self.full_batch else entries):
+            queue.append(entry)
+        if not all(entry.inline for entry in entries) and self._adopter is None:
+            self._adopter = asyncio.ensure_future(self._adopt_when_due())
         self.sent_objects += 1
         self.sent_bytes += sum(sizes)
         self.rates.add(1, sum(sizes), 0, 0)
         return ("ok", self._room())
+
+    # -- adoption (see the module docstring: ownership) ------------------------------------
+
+    def _unadopted(self, lent_too: bool) -> list[Entry]:
+        """Entries the sender still owns: queued ones (and lent ones, with ``lent_too``)."""
+        found = {id(e): e for queue in self.queues for e in queue if e.owner == "sender"}
+        if lent_too:
+            found.update((id(e), e) for lent in self.lent.values() for _, e in lent if e.owner == "sender")
+        return list(found.values())
+
+    async def _adopt_when_due(self) -> None:
+        """While entries wait that the sender owns, have each adopted once it waited
+        ``adopt_after`` seconds. A lent entry is left to its receiver, which has it in hand
+        or soon will; if it comes back, it waits no longer."""
+        try:
+            while True:
+                waiting = self._unadopted(lent_too=False)
+                if not waiting:
+                    return
+                now = time.monotonic()
+                due = [e for e in waiting if now - e.since >= self.adopt_after]
+                if not due:
+                    await asyncio.sleep(min(e.since for e in waiting) + self.adopt_after - now)
+                elif await self._adopt(due):
+                    await asyncio.sleep(ADOPT_RETRY)  # a holder failed: it is being replaced
+        finally:
+            self._adopter = None
+
+    async def _adopt(self, entries: list[Entry]) -> int:
+        """Have the holders of their nodes adopt ``entries``; how many could not be."""
+        from .holder import holder_of
+
+        if self._adopting is None:
+            self._adopting = asyncio.Lock()
+        failed = 0
+        async with self._adopting:  # one batch at a time: the close's waits for the loop's
+            nodes: dict[str, list[Entry]] = {}
+            for entry in entries:
+                if entry.owner == "sender":  # (adopted meanwhile, or its sender died)
+                    nodes.setdefault(str(entry.node), []).append(entry)
+            for node, group in nodes.items():
+                try:
+                    holder = holder_of(node, self.holder_idle)
+                    refs = await asyncio.wait_for(
+                        holder.adopt.remote(self.namespace, self.name, [e.payload for e in group]), ADOPT_WAIT)
+                except (ray.exceptions.RayError, asyncio.TimeoutError):
+                    failed += len(group)
+                    continue
+                for entry, ref in zip(group, refs):
+                    if ref is None:  # the sender's object was gone: its process died first
+                        entry.owner = "gone"
+                    elif isinstance(ref, str):  # "later": its owner did not answer the holder
+                        failed += 1
+                    else:
+                        entry.payload, entry.owner = ref, "holder"
+        async with self.cond:
+            self.cond.notify_all()  # a closing sender waits for its objects to be adopted
+        return failed
 
     @_answers
     async def get(
@@ -330,6 +382,7 @@ class ChannelActor:
         for i, (_, entry) in enumerate(lent):
             if entry.key == through:
                 del lent[: i + 1]
+                self.cond.notify_all()  # a closing sender waits for its objects to be taken
                 break
         if not lent:
             del self.lent[token]
@@ -338,6 +391,14 @@ class ChannelActor:
         async with self.cond:
             self._ack(token, through)
         return ("ok",)
+
+    async def current(self, token: str, key: str) -> Any:
+        """The entry under ``key`` lent to ``token``, as it is now (adopted since it was
+        lent, perhaps: see close), or None."""
+        for _, entry in self.lent.get(token, ()):
+            if entry.key == key:
+                return entry.public()
+        return None
 
     async def requeue(self, token: str, shard: int, keys: list[str]) -> None:
         """Put back entries lent to ``token`` that never reached its user (a cut-short get)."""
@@ -394,22 +455,37 @@ class ChannelActor:
 
     async def held_by(self, node: str) -> int:
         """Entries queued or lent whose bytes the holder of ``node`` owns (its idle check)."""
-        queued = sum(entry.node == node for queue in self.queues for entry in queue)
-        return queued + sum(entry.node == node for lent in self.lent.values() for _, entry in lent)
+        entries = [e for queue in self.queues for e in queue] + [e for lent in self.lent.values() for _, e in lent]
+        return sum(e.node == node and e.owner == "holder" for e in entries)
 
-    async def close(self, token: str, end_of_stream: bool, sent: int) -> bool:
+    async def close(self, token: str, end_of_stream: bool, sent: int) -> tuple[bool, int]:
         """The sender leaves (ending the stream if asked) once its ``sent`` puts are queued or
-        failed; True if the actor may now be killed."""
+        failed, and no object it still owns is left, queued or lent: each is taken and
+        acknowledged by a receiver or, at the latest when it has waited ``adopt_after``
+        seconds, adopted (the sender may exit once we answer). Replies (may the actor now be
+        killed, how many objects could not be adopted: they die with the sender's process).
+
+        Waiting for the receivers first spares a copy of what they take at once, the usual
+        end of a stream whose receivers keep up: adopting every object still lent or queued
+        at close cost ``make bench large`` a tenth of its throughput (measured)."""
+        failed = 0
         async with self.cond:
             if self.sender == token:
                 self.closing = True
                 self.cond.notify_all()  # a put waiting for room ends (EndpointClosed)
                 await _wait(self.cond, lambda: self.sender != token or self.next_seq >= sent, CLOSE_WAIT)
+                left = self._unadopted(lent_too=True)
+                if left:
+                    due = max(e.since for e in left) + self.adopt_after - time.monotonic()
+                    await _wait(self.cond, lambda: not self._unadopted(lent_too=True), due)
+        if self.sender == token:
+            failed = await self._adopt(self._unadopted(lent_too=True))
+        async with self.cond:
             if self.sender == token:
                 self.sender = None
                 self.closed = self.closed or end_of_stream
                 self.cond.notify_all()
-            return self._disposable()
+            return self._disposable(), failed
 
     async def detach(self, token: str, through: str | None = None) -> bool:
         """A receiver leaves: acknowledged up to ``through``, the rest of what it was lent
@@ -424,12 +500,15 @@ class ChannelActor:
 
     async def status(self) -> dict[str, Any]:
         """This channel's figures, with the same keys as the embedded broker's (``shmchannel.status``),
-        and ``held_bytes``: bytes queued per node whose holder keeps them (inline ones: here)."""
+        and ``held_bytes``: bytes queued per node that holds them (inline ones: here), and
+        ``unadopted_bytes``: bytes queued that their sender still owns (not yet adopted)."""
         held: dict[str, int] = {}
+        unadopted = 0
         for queue in self.queues:
             for entry in queue:
                 where = entry.node or "inline"
                 held[where] = held.get(where, 0) + entry.size
+                unadopted += entry.size if entry.owner == "sender" else 0
         return {
             **self._info(),
             "closed": self.closed,
@@ -445,35 +524,5 @@ class ChannelActor:
             "rate_window": WINDOW,
             "created": self.created,
             "held_bytes": held,
+            "unadopted_bytes": unadopted,
         }
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class DataSystemActor:
-    """Key -> an encoded object, each stored (and owned) by this actor."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, Any] = {}
-        self._keys = (f"d{n:x}" for n in itertools.count(1))
-
-    async def put(self, value: Any) -> str:
-        key = next(self._keys)
-        self.objects[key] = ray.put(value)
-        return key
-
-    async def get(self, key: str) -> Any:
-        ref = self.objects.get(key)
-        if ref is None:
-            return _error(rules.no_such_key(key))
-        return ("ok", [ref])
-
-    async def delete(self, key: str) -> Any:
-        if self.objects.pop(key, None) is None:
-            return _error(rules.no_such_key(key))
-        return ("ok",)
-
-    async def contains(self, key: str) -> bool:
-        return key in self.objects
-
-    async def count(self) -> int:
-        return len(self.objects)

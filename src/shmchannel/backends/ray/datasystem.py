@@ -16,7 +16,7 @@ from .wire import decode, encode
 class RayDataSystem:
     def __init__(self, ray: Any) -> None:
         self._ray = ray
-        from .actors import DataSystemActor
+        from .datasystem_actor import DataSystemActor
 
         actor = DataSystemActor.options(  # type: ignore[attr-defined]
             name=DATASYSTEM, namespace=SHARED_NAMESPACE, lifetime="detached", get_if_exists=True

@@ -3,13 +3,15 @@
 One call to the channel actor fetches up to ``prefetch`` entries of the shard; they stay
 lent to this receiver (at-least-once) until it acknowledges them, by naming the last one it
 handed to its user (``through``) in its next call. An entry's bytes come inline or from the
-object store of the node whose holder keeps them: Ray pulls them from there straight to
-this node. When one object is handed out the pull of the next one is started
+object store of the node of the sender that made them: Ray pulls them from there straight
+to this node. When one object is handed out the pull of the next one is started
 (``ray.wait(fetch_local=True)``), so a transfer between nodes overlaps the user's work.
 
-Objects held on a node that died are lost (Ray keeps no copy of an object put by a process
-that is gone): its recv raises ``ObjectLost`` naming the object and the node, and the next
-recv goes on with the next object.
+An entry names who owns its object: the sender, or the holder of its node once it adopted
+it (``actors.py``, ownership). An object whose sender closed after we fetched the entry was
+adopted meanwhile: we ask the actor for the entry as it is now. Objects whose owner died
+are lost (Ray keeps no copy of an object put by a process that is gone): their recv raises
+``ObjectLost`` naming the object, the node and the owner, and the next recv goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from ...errors import BrokerUnavailable, ChannelError, ChannelNotFound, Endpoint
 from .cluster import Calls
 from .wire import decode
 
+#: An entry as the channel actor hands it out: (key, inline, payload, node, owner).
+Entry = tuple[str, bool, Any, "str | None", str]
+
+_OWNERS = {
+    "sender": "its sender's process (it died before the node's holder adopted the object)",
+    "holder": "the node's holder (a node that dies takes its objects with it)",
+    "gone": "its sender's process (it died before the node's holder adopted the object)",
+}
+
 
 class RayReceiver:
     def __init__(self, ray: Any, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int) -> None:
@@ -35,7 +46,7 @@ class RayReceiver:
         self._want = prefetch
         self._lease = Lease.remote()  # type: ignore[attr-defined]  # owned here: dies with this process
         self._pid = os.getpid()
-        self._buffer: deque[tuple[str, bool, Any, str | None]] = deque()  # lent, not yet handed out
+        self._buffer: deque[Entry] = deque()  # lent, not yet handed out
         self._through: str | None = None  # key of the object handed out last
         self._before: str | None = None  # and of the one before it
         # Taken by a hand-out and by close() of another thread: what close gives back is
@@ -107,22 +118,29 @@ class RayReceiver:
             self._ray.wait([following[2]], timeout=0, fetch_local=True)  # start pulling the next
         return obj, None
 
-    def _handed(self, entry: tuple[str, bool, Any, str | None]) -> None:
+    def _handed(self, entry: Entry) -> None:
         self._buffer.popleft()
         self._before, self._through = self._through, entry[0]
 
-    def _open(self, entry: tuple[str, bool, Any, str | None]) -> Any:
+    def _open(self, entry: Entry) -> Any:
         """The object of an entry; its arrays are read-only views of Ray's memory."""
-        key, inline, payload, node = entry
+        key, inline, payload, node, owner = entry
         if inline:
             return decode(payload)
         try:
-            wire = self._ray.get(payload)
-        except self._ray.exceptions.ObjectLostError as exc:  # also OwnerDiedError: its holder is gone
+            try:
+                wire = self._ray.get(payload)
+            except self._ray.exceptions.ObjectLostError:  # also OwnerDiedError
+                now = self._calls.call("current", self._token, key) if owner == "sender" else None
+                if now is None or now[4] != "holder":
+                    raise
+                key, inline, payload, node, owner = now  # its sender closed: its holder adopted it
+                wire = self._ray.get(payload)
+        except self._ray.exceptions.ObjectLostError as exc:
             raise ObjectLost(
                 f"object {key} of shard {self._shard} of channel {self._calls.label} is lost: it was held on "
-                f"node {node}, whose holder is gone (a node that dies takes its objects with it; README, "
-                f"Guarantees). Ray said: {type(exc).__name__}"
+                f"node {node} by {_OWNERS.get(owner, owner)}, which is gone (README, Guarantees). "
+                f"Ray said: {type(exc).__name__}"
             ) from None
         except self._ray.exceptions.RayError as exc:
             raise BrokerUnavailable(f"fetching object {key} of {self._calls.label} failed in Ray: {exc}") from exc

@@ -1,10 +1,11 @@
-"""The Ray backend's sender: large parts to its node's holder, metadata to the channel actor.
+"""The Ray backend's sender: large parts into this node's object store, metadata to the channel actor.
 
 A send encodes each part (``wire.encode``). Parts over ``INLINE_THRESHOLD`` bytes, and parts
-the shards share (``full_batch``), go to the holder of this node (``holder.keep``), which
-puts them as objects it owns and passes the put on to the channel actor with their
-references; the others travel inline, in a put straight to the channel actor. Either way
-the sender makes one call per object and goes on.
+the shards share (``full_batch``), are put into the object store of this node
+(``ray.put``, one copy, owned by this process until the holder of this node adopts them:
+see ``actors.py``, ownership); the put naming their references goes to the channel actor,
+with the others inline. The sender makes one call per object, or one per batch of small
+ones, and goes on.
 
 Backpressure by credit: the sender knows the room the channel had at its last reply and
 how many of its puts are in flight since; while that leaves room, a send does not wait for
@@ -12,9 +13,9 @@ the actor at all (its put is *credited*). Otherwise it waits for its put's reply
 the actor gives once there is room (or the timeout ran out, or the channel closed). The
 puts are numbered and the actor queues them in that order.
 
-A credited put that fails (its holder died with it; the channel actor is gone)
-is reported by the sender's next call -- send or close -- which raises the error naming
-it; the objects after it are unaffected. ``close`` waits until every put is queued.
+A credited put that fails (the channel actor is gone) is reported by the sender's next
+call -- send or close -- which raises the error naming it. ``close`` waits until every put
+is queued and the holder adopted every object not yet received.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from ... import config
 from ...errors import BrokerUnavailable, ChannelError, ObjectLost
-from .cluster import Calls, reply
+from .cluster import Calls
 from .wire import encode, wire_size
 
 #: Parts of at most this many bytes (``wire_size``) stay values in the channel actor and come
-#: back inline with the reply to recv (one actor call); larger ones go to the holder.
+#: back inline with the reply to recv (one actor call); larger ones are put (``ray.put``).
 INLINE_THRESHOLD = 64 * 1024
 #: A sender with credit looks at its puts' replies once this many are in flight (a look at
 #: them costs about 90 us, measured: not worth it on every send).
@@ -55,10 +57,13 @@ class RaySender:
             name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
         ).remote(namespace, dataset_name)
         self._calls = Calls(ray, actor, f"{namespace}/{dataset_name}")
-        info = self._calls.call("attach_sender", self._token, num_shards, full_batch, max_queue_size)[1]
+        info = self._calls.call(
+            "attach_sender", self._token, num_shards, full_batch, max_queue_size,
+            config.ray_adopt_after(), config.ray_holder_idle(),
+        )[1]
         self._room = int(info["room"])  # at the reply of the oldest put not in _flight
-        # (first number, objects, reply ref, through the holder) of calls not looked at
-        self._flight: deque[tuple[int, int, Any, bool]] = deque()
+        # (first number, objects, reply ref) of calls not looked at
+        self._flight: deque[tuple[int, int, Any]] = deque()
         self._in_flight = 0  # objects in _flight
         # Small objects sent while the actor has not answered our last call wait here (with
         # credit) and go in one call once it has: one actor call per object capped a stream
@@ -73,28 +78,12 @@ class RaySender:
         self._seq = 0  # the number of the next put
         self._next_look = LOOK_EVERY  # objects in flight at which a send looks at replies again
         self._shared = full_batch and num_shards > 1
-        self._lease: Any = None  # made with the first holder: it dies with this process
-        self._holder: Any = None
         self._sending = 0  # threads inside send: the replies are theirs to look at
-        self._last_large: Any = None  # the reply to the put of the last large part, until looked at
-        self._node: str | None = None
+        self._node = ray.get_runtime_context().get_node_id()
         self._pid = os.getpid()
         # A process that exits without close() leaves the channel (the stream goes on, the
         # name is free again). Registered after ray.init, so it runs before Ray's shutdown.
         atexit.register(self._leave_at_exit)
-
-    def _holder_here(self) -> Any:
-        if self._holder is None:
-            from .actors import Lease
-            from .holder import attach_here
-
-            if self._lease is None:
-                self._lease = Lease.remote()  # type: ignore[attr-defined]
-            try:
-                self._holder, self._node = attach_here(self._ray, self._token, self._lease, self._namespace, self._dataset_name)
-            except self._ray.exceptions.RayError as exc:
-                raise BrokerUnavailable(f"no holder on this node takes the objects of {self._calls.label}: {exc}") from exc
-        return self._holder
 
     def send(self, parts: list[Any], timeout: float | None) -> None:
         self._sending += 1
@@ -115,23 +104,16 @@ class RaySender:
         if all(inline) and credited:
             self._add((small, [], None, timeout, sizes, None, True))
             return
-        if not all(inline):
-            self._check_holder()
         try:
+            refs = [self._ray.put(wire) for wire, small in zip(wires, inline) if not small]
             with self._lock:
                 self._flush()  # the small ones before go first
-                if all(inline):
-                    ref = self._calls.actor.put.remote(
-                        self._token, self._seq, [(small, [], timeout, timeout, sizes, None, False)])
-                else:  # the holder puts the large parts and passes the put on: see holder.py
-                    held = [wire for wire, small in zip(wires, inline) if not small]
-                    ref = self._holder_here().keep.remote(
-                        self._calls.actor, self._token, self._seq,
-                        (small, None if credited else timeout, timeout, sizes, credited), *held)
-                    self._last_large = ref
-                self._sent(ref, 1, not all(inline))
+                put = (small, refs, None if credited else timeout, timeout, sizes, self._node, credited)
+                self._sent(self._calls.actor.put.remote(self._token, self._seq, [put]), 1)
         except TypeError as exc:  # Ray could not serialize an argument (encode carried it: unexpected)
             raise ChannelError(f"send to {self._calls.label} could not be submitted to Ray: {exc}") from exc
+        except self._ray.exceptions.RayError as exc:  # ray.put: the object store refused
+            raise BrokerUnavailable(f"send to {self._calls.label} could not put its object into Ray: {exc}") from exc
         if not credited:
             self._look(block=True, own=self._seq - 1)
 
@@ -156,10 +138,10 @@ class RaySender:
         """Send the batch, if any, in one call (the lock held)."""
         if self._batch:
             batch, self._batch = self._batch, []
-            self._sent(self._calls.actor.put.remote(self._token, self._seq, batch), len(batch), False)
+            self._sent(self._calls.actor.put.remote(self._token, self._seq, batch), len(batch))
 
-    def _sent(self, ref: Any, count: int, held: bool) -> None:
-        self._flight.append((self._seq, count, ref, held))
+    def _sent(self, ref: Any, count: int) -> None:
+        self._flight.append((self._seq, count, ref))
         self._in_flight += count
         self._seq += count
         self._last_call = ref
@@ -183,17 +165,6 @@ class RaySender:
                 if self._last_call is last:
                     self._flush()
 
-    def _check_holder(self) -> None:
-        """If the put of the last large part came back, look at it now: had its holder died,
-        the error names the objects lost with it before this call's object goes (to the
-        node's next holder), instead of losing every large part until the next look.
-
-        (``keep`` returns the put's reply: no reference to the object comes back to us.)"""
-        last = self._last_large
-        if last is not None and self._ray.wait([last], timeout=0)[0]:
-            self._last_large = None
-            self._look(block=False)
-
     def _look(self, block: bool, own: int | None = None) -> None:
         """Take the replies of calls in flight that came (all of them, waiting, if ``block``);
         raise the failures among them (``own``: the number of the put this call made)."""
@@ -206,9 +177,9 @@ class RaySender:
             done = len(self._ray.wait([c[2] for c in calls], num_returns=len(calls), timeout=0)[0])
         self._next_look = self._in_flight + LOOK_EVERY
         failures: list[tuple[int, ChannelError]] = []
-        for seq, count, ref, held in calls[:done]:  # the actor replies in order: the first ``done`` came
+        for seq, count, ref in calls[:done]:  # the actor replies in order: the first ``done`` came
             try:  # an interrupt while waiting leaves the call in flight, looked at next time
-                room = self._room_after(seq, ref, held)
+                room = int(self._calls.result(ref, "put")[1])
             except ChannelError as exc:
                 room = None
                 failures.extend((seq + i, exc) for i in range(count))
@@ -223,26 +194,9 @@ class RaySender:
         if failures:
             raise self._failed(failures, own)
 
-    def _room_after(self, seq: int, ref: Any, held: bool) -> int:
-        """The room the reply to put ``seq`` reports, or its error. A holder that died before
-        passing the put on leaves a gap in the numbers, which we close (``skip``); one that
-        died after left the object queued, and lost: its receivers are told (ObjectLost)."""
-        if held:
-            try:
-                return int(reply(self._ray.get(ref))[1])
-            except self._ray.exceptions.RayActorError as exc:
-                if self._calls.call("skip", self._token, seq):
-                    return self._room  # it had passed the put on (its receivers learn of the loss)
-                raise ObjectLost(f"the holder of node {self._node} died with object {seq} of this sender: {exc}") from None
-            except self._ray.exceptions.RayError as exc:
-                raise BrokerUnavailable(f"put on channel {self._calls.label} failed in Ray: {exc}") from exc
-        return int(self._calls.result(ref, "put")[1])
-
     def _failed(self, failures: list[tuple[int, ChannelError]], own: int | None) -> ChannelError:
         """The error to raise for puts that failed: this call's own as it is, else one
         naming every object lost."""
-        if any(isinstance(exc, ObjectLost) for _, exc in failures):
-            self._holder = None  # it died: the next large part goes to the node's next holder
         seq, exc = failures[0]
         if len(failures) == 1 and seq == own:
             return exc
@@ -276,25 +230,27 @@ class RaySender:
         and is queued whole or not at all."""
 
     def _leave(self, end_of_stream: bool) -> None:
-        """Close on the actor, which waits until the puts in flight are queued; then raise
-        the first of them that failed."""
+        """Close on the actor, which waits until the puts in flight are queued and has the
+        holder of this node adopt what we still own; then raise the first put that failed,
+        or name what could not be adopted."""
         with self._lock:
             self._flush()
             self._stopping = True
             self._more.notify()
+        unadopted = 0
         try:
-            self._calls.dispose("close", self._token, end_of_stream, self._seq)
-        finally:
-            holder, lease, self._holder, self._lease = self._holder, self._lease, None, None
-            try:
-                if holder is not None:
-                    holder.detach.remote(self._token)
-                if lease is not None:
-                    self._ray.kill(lease)
-            except Exception:  # noqa: BLE001 -- Ray already gone: so are they
-                pass
+            disposable, unadopted = self._calls.call("close", self._token, end_of_stream, self._seq)
+            if disposable:
+                self._ray.kill(self._calls.actor)
+        except ChannelError:
+            pass  # the actor is gone, and what it queued with it
         if not self._sending:  # else that thread's send reports them (its own: EndpointClosed)
             self._look(block=True)
+        if unadopted:
+            raise ObjectLost(
+                f"{unadopted} object(s) sent to {self._calls.label} and not yet received could not be handed to "
+                f"the holder of node {self._node}: they are lost when this process exits (README, Guarantees)"
+            )
 
     def _leave_at_exit(self) -> None:
         try:
