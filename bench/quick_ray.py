@@ -19,7 +19,10 @@ not the other Ray clusters of the machine as `ray stop` would. Measures, in one 
    channel, received on the other node (every byte crosses nodes, as in (a), and each node
    both sends and receives). Aggregate GB/s = all bytes / (last recv - first send; a
    sender's clock starts at its first send, once attached).
-   Target: (b) / (a) >= 1.5 (medians; (a) and (b) alternate). Also the CPU the channel
+   Target: (b) / (a) >= 1.5 (medians; (a) and (b) alternate). The same two layouts with
+   plain Ray (put + Queue per stream, as in 1.) give this machine's own ceiling: both
+   "nodes" share its cores and memory, so what plain Ray cannot scale here, nothing can.
+   Also the CPU the channel
    actors use per object: utime + stime of each actor's process (/proc/<pid>/stat, 10 ms
    ticks, summed over the reps), read while the stream's receivers are still attached
    (the actor exits when the last one leaves).
@@ -239,6 +242,43 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
+@ray.remote(num_cpus=0)
+def ray_stream(queue: Any, count: int, consumer: list[Any]) -> tuple[str, float]:
+    """``ray_send`` timed as ``shm_send``: (node, time of the first put)."""
+    data = payload()
+    start = time.perf_counter()
+    for i in range(count):
+        data[0] = i % 256
+        queue.put([ray.put(data)])
+    ray.get(consumer[0], timeout=TIMEOUT)
+    return node_id(), start
+
+
+@ray.remote(num_cpus=0)
+def ray_drain(queue: Any, count: int) -> tuple[str, float]:
+    """``shm_drain`` for plain Ray: (node, time of the last get)."""
+    for i in range(count):
+        arr = ray.get(queue.get(timeout=60)[0])
+        assert arr.nbytes == SIZE and arr[0] == i % 256
+        del arr
+    return node_id(), time.perf_counter()
+
+
+def ray_scale_rep(streams: list[tuple[str, str, str]], count: int) -> float:
+    """``scale_rep`` with plain Ray: aggregate GB/s."""
+    from ray.util.queue import Queue
+
+    queues = [Queue(maxsize=2, actor_options={"num_cpus": 0}) for _ in streams]
+    drains = [ray_drain.options(resources={r: 1}).remote(q, count) for q, (_, _, r) in zip(queues, streams)]
+    sends = [ray_stream.options(resources={s: 1}).remote(q, count, [d]) for q, d, (_, s, _) in zip(queues, drains, streams)]
+    sent, received = ray.get(sends, timeout=TIMEOUT), ray.get(drains, timeout=TIMEOUT)
+    for queue in queues:
+        queue.shutdown()
+    assert all(s_node != r_node for (s_node, _), (r_node, _) in zip(sent, received))
+    wall = max(end for _, end in received) - min(start for _, start in sent)
+    return len(streams) * count * SIZE / wall / 1e9
+
+
 def scale_rep(streams: list[tuple[str, str, str]], count: int) -> tuple[float, int, float]:
     """Streams of ``count`` arrays, each (dataset_name, sender's node, receiver's node), all
     at once; (aggregate GB/s, the channel actors' CPU ticks, seconds between the first sends)."""
@@ -322,6 +362,7 @@ def main() -> None:
         }
         scale_rep(layouts["2 senders"]("warm"), 2)  # untimed: node_b's holder, workers started
         agg: dict[str, list[float]] = {k: [] for k in layouts}
+        plain_agg: dict[str, list[float]] = {k: [] for k in layouts}
         ticks = {k: 0 for k in layouts}
         for rep in range(REPS):
             for layout, streams in layouts.items():
@@ -330,7 +371,10 @@ def main() -> None:
                 ticks[layout] += used
                 print(f"scale rep {rep + 1} {layout}: {rate:.2f} GB/s aggregate, channel actors {used} ticks, "
                       f"first sends {skew * 1e3:.0f} ms apart", flush=True)
+                plain_agg[layout].append(ray_scale_rep(streams(rep), COUNT))
+                print(f"scale rep {rep + 1} {layout}, plain Ray: {plain_agg[layout][-1]:.2f} GB/s aggregate", flush=True)
         one, two = statistics.median(agg["1 sender"]), statistics.median(agg["2 senders"])
+        plain_one, plain_two = statistics.median(plain_agg["1 sender"]), statistics.median(plain_agg["2 senders"])
         objects = {k: REPS * COUNT * len(streams(0)) for k, streams in layouts.items()}
         per_object = {k: ticks[k] * tick / objects[k] for k in layouts}
 
@@ -344,6 +388,8 @@ def main() -> None:
         print(f"scale: 2 senders (node_a->node_b + node_b->node_a, own channels) {two:.2f} GB/s ({runs(agg['2 senders'])}) "
               f"vs 1 sender (node_a->node_b) {one:.2f} GB/s ({runs(agg['1 sender'])}): ratio {two / one:.2f} "
               f"(target >= 1.5): {verdict(two / one >= 1.5)}")
+        print(f"scale, plain Ray (this machine's ceiling): 2 streams {plain_two:.2f} GB/s ({runs(plain_agg['2 senders'])}) "
+              f"vs 1 stream {plain_one:.2f} GB/s ({runs(plain_agg['1 sender'])}): ratio {plain_two / plain_one:.2f}")
         print(f"channel actor CPU per object (utime+stime, {tick:.0f} ms ticks): 1 sender "
               f"{per_object['1 sender']:.2f} ms ({ticks['1 sender']} ticks / {objects['1 sender']} objects), "
               f"2 senders {per_object['2 senders']:.2f} ms ({ticks['2 senders']} ticks / {objects['2 senders']} objects) "

@@ -8,17 +8,8 @@ What it keeps per shard is a FIFO of *entries*: a key, the part itself when it i
 (``INLINE_THRESHOLD``: it goes back inline with the reply to recv, one call), else a
 reference to the part in Ray's object store, on the node of the sender that made it, with
 that node's id and the part's size. The bytes of a large part never come here: receivers
-pull them from the node that holds them.
-
-Ownership (Ray: an object dies with the process that put it, and ``ray.put(_owner=)`` is
-gone since Ray 2.56): the sender puts a large part itself, one copy, and owns it. An entry
-that waits in its queue ``adopt_after`` seconds (1 by default), and every entry of a sender
-that closes or exits, is *adopted*: the holder of the part's node (``holder.py``) puts a
-copy that it owns, and the entry takes that reference instead. An object taken by a
-receiver sooner -- the usual case while receivers keep up -- is never copied twice; one that
-waits, because receivers are behind, is copied while the sender has time to spare. What a
-SIGKILLed sender had sent less than ``adopt_after`` seconds before, and no receiver had in
-hand yet, is lost with it: those recvs raise ``ObjectLost`` (README, Guarantees).
+pull them from the node that holds them. Who owns each of them, and when that changes:
+``ownership.py``.
 
 Order: a sender does not wait for the reply to a put while it knows there is room
 (``sender.py``), so its puts carry a sequence number and are queued in that order, whatever
@@ -52,43 +43,19 @@ import ray
 from ...broker import rules
 from ...broker.rates import WINDOW, Rates
 from ...errors import ChannelError, EndpointClosed, InvalidArgument
+from .ownership import Adoption, Entry
 
 PREFIX = "shmchannel:"
 LEASE_CHECK = 1.0  # seconds between liveness checks of receivers holding unacknowledged objects
 #: How long a closing sender's puts still in flight may take to arrive (they were sent
 #: before close, so they normally come within milliseconds).
 CLOSE_WAIT = 30.0
-#: Seconds a holder may take to adopt a batch of objects (it may first have to start).
-ADOPT_WAIT = 30.0
-#: Seconds before adoption is tried again after a holder failed (it is being replaced).
-ADOPT_RETRY = 1.0
-
-
 @ray.remote(num_cpus=0, max_restarts=0)
 class Lease:
     """Owned by an endpoint's process, so it dies with it: the actors that care ping it."""
 
     def ping(self) -> bool:
         return True
-
-
-class Entry:
-    """One object's part in a queue. The same entry sits in every shard's queue of a
-    ``full_batch`` channel, and moves to ``lent`` and back: adopting it once updates all."""
-
-    __slots__ = ("key", "inline", "payload", "size", "node", "owner", "since")
-
-    def __init__(self, key: str, inline: bool, payload: Any, size: int, node: str | None) -> None:
-        self.key = key
-        self.inline = inline
-        self.payload = payload  # the encoded part (inline), else an ObjectRef to it
-        self.size = size  # bytes of data, as the sender measured them (status)
-        self.node = node  # the node whose object store holds ``payload`` (None: inline)
-        self.owner = "inline" if inline else "sender"  # then "holder" once adopted, "gone" if it never can be
-        self.since = time.monotonic()  # queued at
-
-    def public(self) -> tuple[str, bool, Any, str | None, str]:
-        return self.key, self.inline, self.payload, self.node, self.owner
 
 
 def actor_name(dataset_name: str) -> str:
@@ -126,7 +93,7 @@ async def _wait(cond: asyncio.Condition, ready: Any, timeout: float | None) -> b
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
-class ChannelActor:
+class ChannelActor(Adoption):
     """Per-shard FIFO queues of entries for one (namespace, dataset_name)."""
 
     def __init__(self, namespace: str, dataset_name: str) -> None:
@@ -142,7 +109,7 @@ class ChannelActor:
         self.adopt_after = 1.0  # seconds an entry waits in its queue before its holder adopts it
         self.holder_idle = 60.0  # the idle time of holders we start (holder.py)
         self._adopter: asyncio.Task[None] | None = None
-        self._adopting: asyncio.Lock | None = None
+        self._adopting = asyncio.Lock()  # one adoption at a time (ownership.py)
         self.closing = False  # the sender's close waits for its puts in flight
         self.waiting_room = False  # the sender's next put waits for room
         self.closed = False
@@ -157,13 +124,9 @@ class ChannelActor:
         self.rates = Rates()
         self.created = time.time()
         self._keys = (f"{n:x}" for n in itertools.count(1))
-        self._cond: asyncio.Condition | None = None
-
-    @property
-    def cond(self) -> asyncio.Condition:
-        if self._cond is None:  # made in the actor's event loop
-            self._cond = asyncio.Condition()
-        return self._cond
+        # (Since Python 3.10 an asyncio primitive binds to the loop that first waits on it,
+        # not the one running when it is made: the actor's loop runs in another thread.)
+        self.cond = asyncio.Condition()
 
     @property
     def label(self) -> str:
@@ -282,64 +245,6 @@ class ChannelActor:
         self.rates.add(1, sum(sizes), 0, 0)
         return ("ok", self._room())
 
-    # -- adoption (see the module docstring: ownership) ------------------------------------
-
-    def _unadopted(self, lent_too: bool) -> list[Entry]:
-        """Entries the sender still owns: queued ones (and lent ones, with ``lent_too``)."""
-        found = {id(e): e for queue in self.queues for e in queue if e.owner == "sender"}
-        if lent_too:
-            found.update((id(e), e) for lent in self.lent.values() for _, e in lent if e.owner == "sender")
-        return list(found.values())
-
-    async def _adopt_when_due(self) -> None:
-        """While entries wait that the sender owns, have each adopted once it waited
-        ``adopt_after`` seconds. A lent entry is left to its receiver, which has it in hand
-        or soon will; if it comes back, it waits no longer."""
-        try:
-            while True:
-                waiting = self._unadopted(lent_too=False)
-                if not waiting:
-                    return
-                now = time.monotonic()
-                due = [e for e in waiting if now - e.since >= self.adopt_after]
-                if not due:
-                    await asyncio.sleep(min(e.since for e in waiting) + self.adopt_after - now)
-                elif await self._adopt(due):
-                    await asyncio.sleep(ADOPT_RETRY)  # a holder failed: it is being replaced
-        finally:
-            self._adopter = None
-
-    async def _adopt(self, entries: list[Entry]) -> int:
-        """Have the holders of their nodes adopt ``entries``; how many could not be."""
-        from .holder import holder_of
-
-        if self._adopting is None:
-            self._adopting = asyncio.Lock()
-        failed = 0
-        async with self._adopting:  # one batch at a time: the close's waits for the loop's
-            nodes: dict[str, list[Entry]] = {}
-            for entry in entries:
-                if entry.owner == "sender":  # (adopted meanwhile, or its sender died)
-                    nodes.setdefault(str(entry.node), []).append(entry)
-            for node, group in nodes.items():
-                try:
-                    holder = holder_of(node, self.holder_idle)
-                    refs = await asyncio.wait_for(
-                        holder.adopt.remote(self.namespace, self.name, [e.payload for e in group]), ADOPT_WAIT)
-                except (ray.exceptions.RayError, asyncio.TimeoutError):
-                    failed += len(group)
-                    continue
-                for entry, ref in zip(group, refs):
-                    if ref is None:  # the sender's object was gone: its process died first
-                        entry.owner = "gone"
-                    elif isinstance(ref, str):  # "later": its owner did not answer the holder
-                        failed += 1
-                    else:
-                        entry.payload, entry.owner = ref, "holder"
-        async with self.cond:
-            self.cond.notify_all()  # a closing sender waits for its objects to be adopted
-        return failed
-
     @_answers
     async def get(
         self, token: str, shard: int, peek: bool, timeout: float | None, asked: float | None, want: int = 1,
@@ -452,11 +357,6 @@ class ChannelActor:
             return ("ok", {i: [e.key for e in q] for i, q in enumerate(self.queues)})
         rules.check_shard(shard, self.num_shards)
         return ("ok", [e.key for e in self.queues[shard]])
-
-    async def held_by(self, node: str) -> int:
-        """Entries queued or lent whose bytes the holder of ``node`` owns (its idle check)."""
-        entries = [e for queue in self.queues for e in queue] + [e for lent in self.lent.values() for _, e in lent]
-        return sum(e.node == node and e.owner == "holder" for e in entries)
 
     async def close(self, token: str, end_of_stream: bool, sent: int) -> tuple[bool, int]:
         """The sender leaves (ending the stream if asked) once its ``sent`` puts are queued or
