@@ -367,7 +367,8 @@ class ChannelActor(Adoption):
 
         Waiting for the receivers first spares a copy of what they take at once, the usual
         end of a stream whose receivers keep up: adopting every object still lent or queued
-        at close cost ``make bench large`` a tenth of its throughput (measured)."""
+        at once, ``make bench``'s large (24 objects of 64 MiB per rep, 10 queued) ran at
+        93-121 msgs/s, against 166-173 waiting (two A/B rounds, same minutes)."""
         failed = 0
         async with self.cond:
             if self.sender == token:
