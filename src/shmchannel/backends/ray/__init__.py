@@ -7,7 +7,8 @@ in this process). We use Ray as it is and write no transport of our own.
 Where things live:
 
 - the data of a channel stays on the node of the sender that made it, in Ray's object store,
-  owned by that node's *holder* (``holder.py``: one detached actor per node), so that it
+  owned by the sender and, once it has waited a while or the sender leaves, by that node's
+  *holder* (``ownership.py``, ``holder.py``: one detached actor per node), so that it
   outlives the sender; receivers pull it straight from there;
 - the channel's broker is a named, detached async actor (``actors.ChannelActor``) in the Ray
   namespace ``namespace``, named after ``dataset_name``; it keeps metadata only: per-shard
@@ -15,9 +16,9 @@ Where things live:
 - a part travels in our layout (``wire.py``), so the user's buffers start on 64-byte
   boundaries whatever Ray's pickling would do.
 
-Per object: a sender submits the holder's ``keep`` and the actor's ``put`` and goes on
-while it knows there is room (``sender.py``); a receiver fetches several entries per call
-to the actor (``receiver.py``).
+Per object: a sender puts its large parts and submits the actor's ``put`` (small objects
+in batches) and goes on while it knows there is room (``sender.py``); a receiver fetches
+several entries per call to the actor (``receiver.py``).
 
 Differences from the embedded backend, all Ray's: received arrays are read-only views of
 Ray's memory (zero-copy on the receiving node); objects held on a node that dies are lost
