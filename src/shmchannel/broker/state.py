@@ -106,6 +106,10 @@ class BrokerState(Takeover):
             if channel is not None and channel.sender == client.id:
                 # The stream does not end: what was sent stays queued, a new sender may go on.
                 channel.sender = None
+                if channel.closed:
+                    # It marked the end and left with no farewell (killed, or cut again in
+                    # its close) maybe before its wake-up: receivers would sleep past it.
+                    channel.queues.wake_all()
             self._collect(ident)
         for ident in list(client.receives_from):
             channel = self.channels.get(ident)
@@ -290,11 +294,15 @@ class BrokerState(Takeover):
 
     def close_channel(self, client: Client, channel: Channel) -> None:
         """End of stream (the sender marked it in shared memory already; this is for a
-        sender whose process could not, and for the journal)."""
+        sender whose process could not, for receivers its wake-up may have missed, and
+        for the journal)."""
         self._check_sender(client, channel)
         if not channel.queues.closed:
             channel.queues.region.store(channel.queues.base + layout.H_CLOSED, 1)
-            channel.queues.wake_all()
+        # Also when the sender marked it: an interrupt between its store and its wake-up,
+        # the close not said again, left receivers asleep past the end. A spare wake-up
+        # costs a look.
+        channel.queues.wake_all()
         self._log({"r": "close", "ns": channel.namespace, "name": channel.name})
         self.detach(client, channel)
 
