@@ -395,6 +395,18 @@ class DataSender(ChannelEnd):
     def close(self) -> None:
         """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent.
 
+        On the Ray backend it blocks until every object sent is queued and, for at most
+        ``SHMCHANNEL_RAY_ADOPT_AFTER`` seconds (1), until receivers took the objects this
+        process still owns; the holder of this node then adopts the rest, so that they
+        outlive the process (README, "Where things live").
+
+        Raises (Ray backend only; the stream is ended all the same):
+            BrokerUnavailable, or the error of an earlier send that returned before the
+                channel's actor had answered it (a send with room does not wait): it names
+                the objects not queued.
+            ObjectLost: the holder could not adopt some objects (its node's holder failed,
+                or did not answer within 10 s): they die with this process.
+
         Example::
 
             sender = DataSender(dataset_name="clicks")
