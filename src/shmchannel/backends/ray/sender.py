@@ -97,6 +97,9 @@ class RaySender:
         if not credited or self._in_flight >= self._next_look:
             self._look(block=False)  # an earlier put's failure is this call's, before anything more goes
             credited = self._room - self._pending() > 0
+            while not credited and self._flight:  # the oldest reply may bring room: a sliding
+                self._look(block=True, oldest=True)  # window, not a drain of every call
+                credited = self._room - self._pending() > 0
         wires = [encode(part) for part in parts]  # the codec carries a block's own rows only
         sizes = [wire_size(wire) for wire in wires]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
@@ -165,13 +168,14 @@ class RaySender:
                 if self._last_call is last:
                     self._flush()
 
-    def _look(self, block: bool, own: int | None = None) -> None:
-        """Take the replies of calls in flight that came (all of them, waiting, if ``block``);
-        raise the failures among them (``own``: the number of the put this call made)."""
+    def _look(self, block: bool, own: int | None = None, oldest: bool = False) -> None:
+        """Take the replies of calls in flight that came (all of them, waiting, if ``block``;
+        the oldest only with ``oldest``); raise the failures among them (``own``: the number
+        of the put this call made)."""
         with self._lock:
             if block:
                 self._flush()
-            calls = list(self._flight)
+            calls = list(self._flight)[:1] if oldest else list(self._flight)
         done = len(calls)
         if done and not block:
             done = len(self._ray.wait([c[2] for c in calls], num_returns=len(calls), timeout=0)[0])
