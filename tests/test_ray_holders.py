@@ -115,7 +115,7 @@ def _status(name: str) -> dict[str, Any]:
 
 
 def _wait_adopted(name: str) -> None:
-    """Wait until the holders adopted every object the channel queues."""
+    """Wait until the holders adopted every object the channel queues or lends."""
     wait_until(lambda: _status(name)["unadopted_bytes"] == 0, 30, f"the objects of {name} to be adopted")
 
 
@@ -127,9 +127,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 # -- 1. no second hop ----------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0, resources={"node_b": 1})
+# ADOPT_AFTER 0.2 s: the objects waiting halfway are adopted (a worker of its own: Ray reuses
+# a task's worker process, environment and all)
+@ray.remote(num_cpus=0, resources={"node_b": 1}, runtime_env={"env_vars": {"SHMCHANNEL_RAY_ADOPT_AFTER": "0.2"}})
 def _send_on_b(name: str, count: int, nbytes: int, max_queue_size: int) -> str:
-    os.environ["SHMCHANNEL_RAY_ADOPT_AFTER"] = "0.2"  # the objects waiting halfway are adopted
     with DataSender("ray:auto", dataset_name=name, max_queue_size=max_queue_size) as sender:
         for i in range(count):
             sender.send(np.full(nbytes, i, dtype=np.uint8))
@@ -438,6 +439,30 @@ def test_a_leaving_sender_hands_every_object_to_its_holder(ray_two_nodes: str, m
             ray.kill(receiver)
 
 
+def test_prefetched_objects_are_adopted_too_and_outlive_a_sigkilled_sender(ray_two_nodes: str) -> None:
+    """Eight of ten objects a sender on node_b sent wait prefetched (lent) in a receiver on
+    node_a for longer than ADOPT_AFTER (0.5 s): they are adopted like the queued ones (a
+    receiver's reference does not keep an object alive once its owner died), so after the
+    sender is SIGKILLed the receiver gets two, gives the other six back at close, and the
+    next receiver gets those six and the last two, intact and in order."""
+    name = f"lent-adopted-{os.getpid()}"
+    sender = _SenderOnB.remote(name, "0.5")  # type: ignore[attr-defined]
+    try:
+        assert len(ray.get(sender.send.remote(list(range(10)), MIB), timeout=60)) == 10
+        with DataReceiver(ray_two_nodes, dataset_name=name, prefetch=8) as first:
+            first._endpoint.fetch(30)
+            assert len(first._endpoint._buffer) == 8
+            _wait_adopted(name)  # queued and lent
+            _sigkill(sender)
+            assert [int(first.recv(timeout=30)[0]) for _ in range(2)] == [0, 1]
+        with DataReceiver(ray_two_nodes, dataset_name=name) as second:
+            got = [second.recv(timeout=30) for _ in range(8)]
+            assert [int(block[0]) for block in got] == list(range(2, 10))
+            assert all(block.shape == (MIB,) and (block == block[0]).all() for block in got)
+    finally:
+        ray.kill(sender)
+
+
 def test_a_closing_sender_whose_receiver_keeps_up_has_nothing_adopted(ray_two_nodes: str) -> None:
     """A sender on node_b (ADOPT_AFTER 10 s) sends twenty 1 MiB arrays to a receiver on
     node_a that takes each at once, and closes: its close waits for the receiver to take
@@ -578,9 +603,18 @@ def test_prefetched_objects_go_back_in_order_at_close(ray_two_nodes: str, nbytes
 # -- 7. configuration -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variable", ["SHMCHANNEL_RAY_ADOPT_AFTER", "SHMCHANNEL_RAY_HOLDER_IDLE"])
-@pytest.mark.parametrize("value", ["soon", "-1", "inf"])
-def test_a_bad_seconds_variable_is_named(ray_two_nodes: str, monkeypatch: Any, variable: str, value: str) -> None:
+BAD_SECONDS = [(variable, least, value)
+               for variable, least in (("SHMCHANNEL_RAY_ADOPT_AFTER", "0"), ("SHMCHANNEL_RAY_HOLDER_IDLE", "2"))
+               for value in ("soon", "-1", "inf", "nan")] + [("SHMCHANNEL_RAY_HOLDER_IDLE", "2", "1.5")]
+
+
+@pytest.mark.parametrize(("variable", "least", "value"), BAD_SECONDS)
+def test_a_bad_seconds_variable_is_named(ray_two_nodes: str, monkeypatch: Any, variable: str, least: str, value: str) -> None:
+    """A sender refuses a value of the Ray backend's seconds variables that is not a
+    finite number of seconds from their least value, naming the variable, what it must be
+    and what it got, before it makes the channel's actor (none is left)."""
+    name = f"bad-env-{os.getpid()}"
     monkeypatch.setenv(variable, value)
-    with pytest.raises(InvalidArgument, match=f"{variable} must be a number of seconds >= 0, got '{value}'"):
-        DataSender(ray_two_nodes, dataset_name=f"bad-env-{os.getpid()}")
+    with pytest.raises(InvalidArgument, match=f"^{variable} must be a number of seconds >= {least}, got '{value}'$"):
+        DataSender(ray_two_nodes, dataset_name=name)
+    assert _channel_actor(name) is None

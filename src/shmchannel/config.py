@@ -123,15 +123,16 @@ def ray_adopt_after() -> float:
 
 def ray_holder_idle() -> float:
     """``SHMCHANNEL_RAY_HOLDER_IDLE``: seconds a Ray holder stays without work before it
-    exits (backends/ray/holder.py; 60 by default).
+    exits (backends/ray/holder.py; 60 by default). At least 2: a holder must outlive the
+    moment between its answer to an adoption and the channel counting what it adopted.
 
     Raises:
-        InvalidArgument: it is not a finite number of seconds >= 0.
+        InvalidArgument: it is not a finite number of seconds >= 2.
     """
-    return _seconds("SHMCHANNEL_RAY_HOLDER_IDLE", 60.0)
+    return _seconds("SHMCHANNEL_RAY_HOLDER_IDLE", 60.0, minimum=2.0)
 
 
-def _seconds(name: str, default: float) -> float:
+def _seconds(name: str, default: float, minimum: float = 0.0) -> float:
     env = os.environ.get(name)
     if not env:
         return default
@@ -139,8 +140,8 @@ def _seconds(name: str, default: float) -> float:
         value = float(env)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise InvalidArgument(f"{name} must be a number of seconds >= 0, got {env!r}")
+    if not minimum <= value < float("inf"):
+        raise InvalidArgument(f"{name} must be a number of seconds >= {minimum:g}, got {env!r}")
     return value
 
 

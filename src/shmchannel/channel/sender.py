@@ -395,10 +395,10 @@ class DataSender(ChannelEnd):
     def close(self) -> None:
         """End the stream: receivers get what is queued, then ``ChannelClosed``. Idempotent.
 
-        On the Ray backend it blocks until every object sent is queued and, for at most
-        ``SHMCHANNEL_RAY_ADOPT_AFTER`` seconds (1), until receivers took the objects this
-        process still owns; the holder of this node then adopts the rest, so that they
-        outlive the process (README, "Where things live").
+        On the Ray backend it blocks until every object sent is queued, then for up to
+        ``SHMCHANNEL_RAY_ADOPT_AFTER`` seconds (1) until receivers took the objects this
+        process still owns, then while the holder of this node copies the rest (it adopts
+        them), so that they outlive the process (README, "Where things live").
 
         Raises (Ray backend only; the stream is ended all the same):
             BrokerUnavailable, or the error of an earlier send that returned before the

@@ -50,6 +50,8 @@ LEASE_CHECK = 1.0  # seconds between liveness checks of receivers holding unackn
 #: How long a closing sender's puts still in flight may take to arrive (they were sent
 #: before close, so they normally come within milliseconds).
 CLOSE_WAIT = 30.0
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class Lease:
     """Owned by an endpoint's process, so it dies with it: the actors that care ping it."""
@@ -238,8 +240,8 @@ class ChannelActor(Adoption):
         ]
         for queue, entry in zip(self.queues, entries * self.num_shards if self.full_batch else entries):
             queue.append(entry)
-        if not all(entry.inline for entry in entries) and self._adopter is None:
-            self._adopter = asyncio.ensure_future(self._adopt_when_due())
+        if not all(entry.inline for entry in entries):
+            self._adopt_soon()
         self.sent_objects += 1
         self.sent_bytes += sum(sizes)
         self.rates.add(1, sum(sizes), 0, 0)
@@ -298,9 +300,10 @@ class ChannelActor(Adoption):
         return ("ok",)
 
     async def current(self, token: str, key: str) -> Any:
-        """The entry under ``key`` lent to ``token``, as it is now (adopted since it was
-        lent, perhaps: see close), or None."""
-        for _, entry in self.lent.get(token, ()):
+        """The entry under ``key`` lent to ``token`` or queued (a peek's), as it is now
+        (adopted since it was handed out, perhaps), or None."""
+        queued = (entry for queue in self.queues for entry in queue)
+        for entry in itertools.chain((e for _, e in self.lent.get(token, ())), queued):
             if entry.key == key:
                 return entry.public()
         return None
@@ -370,23 +373,25 @@ class ChannelActor(Adoption):
         at once, ``make bench``'s large (24 objects of 64 MiB per rep, 10 queued) ran at
         93-121 msgs/s, against 166-173 waiting (two A/B rounds, same minutes)."""
         failed = 0
-        async with self.cond:
+        try:
+            async with self.cond:
+                if self.sender == token:
+                    self.closing = True
+                    self.cond.notify_all()  # a put waiting for room ends (EndpointClosed)
+                    await _wait(self.cond, lambda: self.sender != token or self.next_seq >= sent, CLOSE_WAIT)
+                    left = self._unadopted()
+                    if left:
+                        due = max(e.since for e in left) + self.adopt_after - time.monotonic()
+                        await _wait(self.cond, lambda: not self._unadopted(), due)
             if self.sender == token:
-                self.closing = True
-                self.cond.notify_all()  # a put waiting for room ends (EndpointClosed)
-                await _wait(self.cond, lambda: self.sender != token or self.next_seq >= sent, CLOSE_WAIT)
-                left = self._unadopted(lent_too=True)
-                if left:
-                    due = max(e.since for e in left) + self.adopt_after - time.monotonic()
-                    await _wait(self.cond, lambda: not self._unadopted(lent_too=True), due)
-        if self.sender == token:
-            failed = await self._adopt(self._unadopted(lent_too=True))
-        async with self.cond:
-            if self.sender == token:
-                self.sender = None
-                self.closed = self.closed or end_of_stream
-                self.cond.notify_all()
-            return self._disposable(), failed
+                failed = await self._adopt_for_close()
+        finally:  # whatever failed, the sender leaves: a channel kept by a dead one would be stuck
+            async with self.cond:
+                if self.sender == token:
+                    self.sender = None
+                    self.closed = self.closed or end_of_stream
+                    self.cond.notify_all()
+        return self._disposable(), failed
 
     async def detach(self, token: str, through: str | None = None) -> bool:
         """A receiver leaves: acknowledged up to ``through``, the rest of what it was lent
@@ -402,14 +407,12 @@ class ChannelActor(Adoption):
     async def status(self) -> dict[str, Any]:
         """This channel's figures, with the same keys as the embedded broker's (``shmchannel.status``),
         and ``held_bytes``: bytes queued per node that holds them (inline ones: here), and
-        ``unadopted_bytes``: bytes queued that their sender still owns (not yet adopted)."""
+        ``unadopted_bytes``: bytes queued or lent whose sender still owns them (ownership.py)."""
         held: dict[str, int] = {}
-        unadopted = 0
         for queue in self.queues:
             for entry in queue:
                 where = entry.node or "inline"
                 held[where] = held.get(where, 0) + entry.size
-                unadopted += entry.size if entry.owner == "sender" else 0
         return {
             **self._info(),
             "closed": self.closed,
@@ -425,5 +428,5 @@ class ChannelActor(Adoption):
             "rate_window": WINDOW,
             "created": self.created,
             "held_bytes": held,
-            "unadopted_bytes": unadopted,
+            "unadopted_bytes": sum(entry.size for entry in self._unadopted()),
         }

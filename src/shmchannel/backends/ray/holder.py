@@ -32,7 +32,7 @@ from .actors import actor_name
 from .cluster import HOLDER, SHARED_NAMESPACE
 
 CHECK = 1.0  # seconds between a holder's idle checks
-#: Seconds a holder waits to read the objects of one adoption. Its owner must answer for it: an actor that
+#: Seconds a holder waits to read one object. Its owner must answer for it: an actor that
 #: exits (``ray.actor.exit_actor``) does not while its atexit handlers run (measured), and
 #: the adoption its sender's close then asks for would wait for ever.
 READ_WAIT = 10.0
@@ -48,31 +48,36 @@ class Holder:
         self.channels: set[tuple[str, str]] = set()  # (namespace, dataset_name) served
         self.last = time.monotonic()
         self.adopted = 0
+        self.adopting = 0  # adoptions under way: we do not leave under one
         self._watch: asyncio.Task[None] | None = None
 
     async def adopt(self, namespace: str, dataset_name: str, refs: list[Any]) -> list[Any]:
         """A reference we own to a copy of each of ``refs`` (a list: Ray passes the references
         themselves); None for one whose owner died before we could read it, "later" for one
-        we could not read within ``READ_WAIT`` seconds."""
-        self.last = time.monotonic()
+        we could not read within ``READ_WAIT`` seconds or not put (our node's store full)."""
+        self.adopting += 1
         self.channels.add((namespace, dataset_name))
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_idle())
-        out: list[Any] = []
-        deadline = time.monotonic() + READ_WAIT
-        for ref in refs:
-            try:
-                value = await asyncio.wait_for(asyncio.wrap_future(ref.future()), max(deadline - time.monotonic(), 0))
-            except ray.exceptions.RayError:  # OwnerDiedError, ObjectLostError: nothing to copy
-                out.append(None)
-                continue
-            except asyncio.TimeoutError:
-                out.append("later")
-                continue
-            out.append(ray.put(value))
-            self.adopted += 1
-        self.last = time.monotonic()
-        return out
+        try:
+            return [await self._copy(ref) for ref in refs]
+        finally:
+            self.adopting -= 1
+            self.last = time.monotonic()
+
+    async def _copy(self, ref: Any) -> Any:
+        try:
+            value = await asyncio.wait_for(asyncio.wrap_future(ref.future()), READ_WAIT)
+        except ray.exceptions.ObjectLostError:  # (OwnerDiedError is one) nothing left to copy
+            return None
+        except (ray.exceptions.RayError, asyncio.TimeoutError):
+            return "later"
+        try:
+            copy = ray.put(value)
+        except ray.exceptions.RayError:  # ObjectStoreFullError: the sender's copy stays
+            return "later"
+        self.adopted += 1
+        return copy
 
     async def stats(self) -> dict[str, Any]:
         return {"node": self.node, "adopted": self.adopted, "channels": sorted(self.channels)}
@@ -86,7 +91,7 @@ class Holder:
             return
 
     def _in_use(self) -> bool:
-        return time.monotonic() - self.last < self.idle
+        return bool(self.adopting) or time.monotonic() - self.last < self.idle
 
     async def _holding(self) -> bool:
         """Does a channel we served still queue or lend an object we own?"""

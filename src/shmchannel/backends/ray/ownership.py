@@ -3,7 +3,7 @@
 Ray: an object dies with the process that put it, and ``ray.put(_owner=)`` is gone since
 Ray 2.56 (ray-notes.md). The sender puts a large part itself, one copy, and owns it. An
 entry that has waited in its queue ``adopt_after`` seconds (``SHMCHANNEL_RAY_ADOPT_AFTER``,
-1 by default) is *adopted*: the holder of the part's node (``holder.py``) reads it, puts a
+1 by default) since it was queued, lent to a receiver or not, is *adopted*: the holder of the part's node (``holder.py``) reads it, puts a
 copy that it owns on the same node, and the entry takes that reference instead; the
 sender's copy is freed once no receiver holds it. A closing or exiting sender gives its
 receivers up to ``adopt_after`` seconds to take what is left, then has the rest adopted,
@@ -22,6 +22,7 @@ lost with it; those recvs raise ``ObjectLost`` (README, Guarantees).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -32,6 +33,10 @@ import ray
 ADOPT_WAIT = 30.0
 #: Seconds before adoption is tried again after a holder failed (it is being replaced).
 ADOPT_RETRY = 1.0
+#: Tries a closing sender's adoption gets (its process exits once we answer).
+ADOPT_TRIES = 3
+
+log = logging.getLogger("shmchannel")
 
 
 class Entry:
@@ -67,20 +72,29 @@ class Adoption:
 
     cond: asyncio.Condition
 
-    def _unadopted(self, lent_too: bool) -> list[Entry]:
-        """Entries the sender still owns: queued ones (and lent ones, with ``lent_too``)."""
+    def _unadopted(self) -> list[Entry]:
+        """Entries whose sender still owns their object, queued or lent (a receiver's
+        reference does not keep an object alive once its owner died: Ray)."""
         found = {id(e): e for queue in self.queues for e in queue if e.owner == "sender"}
-        if lent_too:
-            found.update((id(e), e) for lent in self.lent.values() for _, e in lent if e.owner == "sender")
+        found.update((id(e), e) for lent in self.lent.values() for _, e in lent if e.owner == "sender")
         return list(found.values())
 
+    def _present(self) -> set[int]:
+        """The ids of the entries queued or lent."""
+        return {id(e) for queue in self.queues for e in queue} | {id(e) for lent in self.lent.values() for _, e in lent}
+
+    def _adopt_soon(self) -> None:
+        """Start the adoption loop unless it runs (it ends by itself when nothing waits):
+        after a large object is queued, and after entries go back to a queue."""
+        if self._adopter is None:
+            self._adopter = asyncio.ensure_future(self._adopt_when_due())
+
     async def _adopt_when_due(self) -> None:
-        """While entries wait that the sender owns, have each adopted once it waited
-        ``adopt_after`` seconds. A lent entry is left to its receiver, which has it in hand
-        or soon will; if it comes back, it waits no longer."""
+        """While there are entries whose sender owns their object, have each adopted once
+        it has waited ``adopt_after`` seconds since it was queued, lent or not."""
         try:
             while True:
-                waiting = self._unadopted(lent_too=False)
+                waiting = self._unadopted()
                 if not waiting:
                     return
                 now = time.monotonic()
@@ -92,8 +106,24 @@ class Adoption:
         finally:
             self._adopter = None
 
+    async def _adopt_for_close(self) -> int:
+        """Have everything the sender still owns adopted, trying again while a holder fails
+        (one that is leaving as we call it: the next one takes them); how many of those
+        still queued or lent were not."""
+        mine = self._unadopted()
+        for attempt in range(ADOPT_TRIES):
+            if attempt:
+                await asyncio.sleep(ADOPT_RETRY)
+            present = self._present()
+            left = [e for e in mine if e.owner == "sender" and id(e) in present]
+            if not left or not await self._adopt(left):
+                break
+        present = self._present()
+        return sum(e.owner != "holder" and id(e) in present for e in mine)
+
     async def _adopt(self, entries: list[Entry]) -> int:
-        """Have the holders of their nodes adopt ``entries``; how many could not be."""
+        """Have the holders of their nodes adopt ``entries``; how many were not (the holder
+        failed, or could not read the object: "gone" if its owner died)."""
         from .holder import holder_of
 
         failed = 0
@@ -107,13 +137,16 @@ class Adoption:
                     holder = holder_of(node, self.holder_idle)
                     refs = await asyncio.wait_for(
                         holder.adopt.remote(self.namespace, self.name, [e.payload for e in group]), ADOPT_WAIT)
-                except (ray.exceptions.RayError, asyncio.TimeoutError):
+                except Exception as exc:  # noqa: BLE001 -- whatever it is, the objects stay the sender's
                     failed += len(group)
+                    log.warning("the holder of node %s did not adopt %d object(s) of channel %s/%s: %r",
+                                node, len(group), self.namespace, self.name, exc)
                     continue
                 for entry, ref in zip(group, refs):
-                    if ref is None:  # the sender's object was gone: its process died first
+                    if ref is None:  # its owner died before the holder could read it
                         entry.owner = "gone"
-                    elif isinstance(ref, str):  # "later": its owner did not answer the holder
+                        failed += 1
+                    elif isinstance(ref, str):  # "later": it could not read or put it now
                         failed += 1
                     else:
                         entry.payload, entry.owner = ref, "holder"

@@ -8,7 +8,7 @@ to this node. When one object is handed out the pull of the next one is started
 (``ray.wait(fetch_local=True)``), so a transfer between nodes overlaps the user's work.
 
 An entry names who owns its object: the sender, or the holder of its node once it adopted
-it (``actors.py``, ownership). An object whose sender closed after we fetched the entry was
+it (``ownership.py``). An object whose sender closed after we fetched the entry was
 adopted meanwhile: we ask the actor for the entry as it is now. Objects whose owner died
 are lost (Ray keeps no copy of an object put by a process that is gone): their recv raises
 ``ObjectLost`` naming the object, the node and the owner, and the next recv goes on.

@@ -3,7 +3,7 @@
 A send encodes each part (``wire.encode``). Parts over ``INLINE_THRESHOLD`` bytes, and parts
 the shards share (``full_batch``), are put into the object store of this node
 (``ray.put``, one copy, owned by this process until the holder of this node adopts them:
-see ``actors.py``, ownership); the put naming their references goes to the channel actor,
+``ownership.py``); the put naming their references goes to the channel actor,
 with the others inline. The sender makes one call per object, or one per batch of small
 ones, and goes on.
 
@@ -15,7 +15,8 @@ puts are numbered and the actor queues them in that order.
 
 A credited put that fails (the channel actor is gone) is reported by the sender's next
 call -- send or close -- which raises the error naming it. ``close`` waits until every put
-is queued and the holder adopted every object not yet received.
+is queued, then up to ``SHMCHANNEL_RAY_ADOPT_AFTER`` seconds for receivers to take what
+this process still owns, and until the holder adopted the rest.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ... import config
-from ...errors import BrokerUnavailable, ChannelError, ObjectLost
+from ...errors import BrokerUnavailable, ChannelError, ObjectLost, StoreFull
 from .cluster import Calls
 from .wire import encode, wire_size
 
@@ -53,13 +54,13 @@ class RaySender:
         self._ray = ray
         self._namespace, self._dataset_name = namespace, dataset_name
         self._data_system: Any = None
+        adopt_after, holder_idle = config.ray_adopt_after(), config.ray_holder_idle()  # before the actor is made
         actor = ChannelActor.options(  # type: ignore[attr-defined]
             name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
         ).remote(namespace, dataset_name)
         self._calls = Calls(ray, actor, f"{namespace}/{dataset_name}")
         info = self._calls.call(
-            "attach_sender", self._token, num_shards, full_batch, max_queue_size,
-            config.ray_adopt_after(), config.ray_holder_idle(),
+            "attach_sender", self._token, num_shards, full_batch, max_queue_size, adopt_after, holder_idle,
         )[1]
         self._room = int(info["room"])  # at the reply of the oldest put not in _flight
         # (first number, objects, reply ref) of calls not looked at
@@ -115,6 +116,8 @@ class RaySender:
                 self._sent(self._calls.actor.put.remote(self._token, self._seq, [put]), 1)
         except TypeError as exc:  # Ray could not serialize an argument (encode carried it: unexpected)
             raise ChannelError(f"send to {self._calls.label} could not be submitted to Ray: {exc}") from exc
+        except self._ray.exceptions.ObjectStoreFullError as exc:
+            raise StoreFull(f"send to {self._calls.label}: this node's Ray object store is full: {exc}") from exc
         except self._ray.exceptions.RayError as exc:  # ray.put: the object store refused
             raise BrokerUnavailable(f"send to {self._calls.label} could not put its object into Ray: {exc}") from exc
         if not credited:
@@ -264,6 +267,12 @@ class RaySender:
 
     def close(self, end_of_stream: bool) -> None:
         if os.getpid() == self._pid:
+            try:
+                self._leave(end_of_stream)
+            except ChannelError:  # left, with something to report
+                atexit.unregister(self._leave_at_exit)
+                raise
+            # Only now: a close cut short (Ctrl-C while the holder adopts) leaves the exit
+            # to leave again, which waits for the adoption the actor goes on with.
             atexit.unregister(self._leave_at_exit)  # (bound methods compare equal)
-            self._leave(end_of_stream)
 
