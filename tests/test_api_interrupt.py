@@ -11,6 +11,7 @@ import pytest
 from shmchannel import DataReceiver, DataSender, DataSystem
 
 from .conftest import ADDRESS
+from .interrupted.common import in_futex_wait, store_left
 
 
 class Interrupted(Exception):
@@ -163,12 +164,7 @@ def _last_object_cut(name: str, cuts: list[Any]) -> str | None:
                 return f"after the last object, {call.__name__} raised {type(exc).__name__}: {exc}"
     finally:
         receiver.close()
-    with DataSystem(ADDRESS) as ds:
-        try:
-            wait_until(lambda: (s := ds.stats()).objects == 0 and s.used == 0, 10, "the store to empty")
-        except AssertionError:
-            return f"the store did not empty: {ds.stats()}"
-    return None
+    return store_left(ADDRESS)
 
 
 @pytest.mark.timeout(600)
@@ -229,12 +225,7 @@ def _asleep_in_await(thread: Any) -> bool:
     frame = sys._current_frames().get(thread.ident)
     if frame is None or frame.f_code is not Queues._await.__code__ or frame.f_lineno != wait_line:
         return False
-    try:
-        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
-            wchan = f.read()
-    except OSError:
-        return True
-    return wchan in ("", "0") or "futex" in wchan
+    return in_futex_wait(thread)
 
 
 def _sleeping_recv(receiver: Any) -> tuple[Any, list[Any]]:

@@ -28,10 +28,11 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from shmchannel import ChannelClosed, DataReceiver, DataSender, DataSystem
+from shmchannel import ChannelClosed, DataReceiver, DataSender
 from shmchannel.testing import join_ok, start_process, wait_until
 
 from .conftest import ADDRESS
+from .interrupted.common import store_left
 from .test_api_interrupt import _interrupt, _nth
 
 SHARDS = 2
@@ -164,15 +165,6 @@ class Asleep:
                 receiver.close()
 
 
-def _store_left() -> str | None:
-    with DataSystem(ADDRESS) as ds:
-        try:
-            wait_until(lambda: (s := ds.stats()).objects == 0 and s.used == 0, 10, "the store to empty")
-        except AssertionError:
-            return f"the store did not empty: {ds.stats()}"
-    return None
-
-
 def _marked(sender: DataSender) -> bool:
     """Whether the sender's stream is marked closed in shared memory (private: the backend
     endpoint that close() took, or still holds after an interrupt)."""
@@ -218,7 +210,7 @@ def _cut_close(name: str, point: Any, then: str) -> str | None:
             problem = asleep.problem()
     finally:
         sender.close()
-    return problem or _store_left()
+    return problem or store_left(ADDRESS)
 
 
 def _each_instant(where: str, then: str) -> int:
@@ -328,4 +320,4 @@ def test_sender_process_leaving_right_after_marking_the_end_wakes_receivers(brok
         else:
             join_ok(proc, 30)
     assert problem is None, f"sender {how}: {problem}"
-    assert _store_left() is None
+    assert store_left(ADDRESS) is None

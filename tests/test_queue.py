@@ -27,6 +27,7 @@ from shmchannel._native import Region
 from shmchannel.queue.log import ACKED, CLAIMED, FREE, RETURNED, STATUS, ClaimLog, LogFull
 from shmchannel.queue.ring import Claimer, Publisher
 
+from .interrupted.common import in_futex_wait
 from .test_loans_interrupt import AtSignalPoint
 
 OFF = 1 << 30
@@ -293,16 +294,6 @@ def _nth(k: int) -> Callable[[Any], bool]:
     return lambda frame: next(asked) == k
 
 
-def _in_futex_wait(thread: threading.Thread) -> bool:
-    """Whether ``thread`` sleeps in the kernel on a futex (True if the kernel does not say)."""
-    try:
-        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
-            wchan = f.read()
-    except OSError:
-        return True
-    return wchan in ("", "0") or "futex" in wchan
-
-
 def _sleeping_sender(mem: Memory) -> tuple[threading.Thread, list[bool]]:
     """A thread asleep on the space event count, announced there as a sender waiting for
     room does; it appends whether it was woken (False: 5 s passed)."""
@@ -312,7 +303,7 @@ def _sleeping_sender(mem: Memory) -> tuple[threading.Thread, list[bool]]:
     thread.start()
     # Counted, the wait has let go of the GIL: asleep once the kernel says it waits on a futex.
     deadline = time.monotonic() + 5
-    while not (mem.region.load32(SLEEPERS) == 1 and _in_futex_wait(thread)):
+    while not (mem.region.load32(SLEEPERS) == 1 and in_futex_wait(thread)):
         assert time.monotonic() < deadline, "set-up: the sender's thread never fell asleep"
         time.sleep(0.001)
     return thread, woken

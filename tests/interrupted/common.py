@@ -1,15 +1,17 @@
 """What the interrupted loops share: object sizes, how long a loop runs, how a received
 object is checked, how a loop reports errors, closes its endpoints and counts the
 connections it left. The parent side checks with the same sizes, ``seq_of`` and
-``error_text``."""
+``error_text``; the exact-instant tests with ``in_futex_wait`` and ``store_left``."""
 
 from __future__ import annotations
 
 import gc
+import threading
 from typing import Any
 
 import numpy as np
 
+from shmchannel import DataSystem
 from shmchannel.broker import daemon
 from shmchannel.testing import broker_connections, wait_until
 
@@ -17,6 +19,26 @@ SECONDS = 2.0  # how long each time-bound interrupted loop runs
 
 # Sizes in int64 elements: 24 KB, 60 KB (inline by default), 160 KB, 600 KB, 2 MB (arena).
 SMALL, INLINE, MEDIUM, LARGE_INLINE, ARENA = 3_000, 7_500, 20_000, 75_000, 250_000
+
+
+def in_futex_wait(thread: threading.Thread) -> bool:
+    """Whether ``thread`` sleeps in the kernel on a futex (True if the kernel does not say)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            wchan = f.read()
+    except OSError:
+        return True
+    return wchan in ("", "0") or "futex" in wchan
+
+
+def store_left(address: str) -> str | None:
+    """What is wrong if the store of the broker at ``address`` does not empty within 10 s."""
+    with DataSystem(address) as ds:
+        try:
+            wait_until(lambda: (s := ds.stats()).objects == 0 and s.used == 0, 10, "the store to empty")
+        except AssertionError:
+            return f"the store did not empty: {ds.stats()}"
+    return None
 
 
 def seq_of(obj: Any, sizes: Any) -> tuple[int | None, str | None]:
