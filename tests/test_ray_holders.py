@@ -320,14 +320,14 @@ def test_a_holder_dying_mid_stream_loses_only_what_it_adopted(ray_two_nodes: str
 # -- 3. a SIGKILLed sender -----------------------------------------------------------------
 
 
-def _sigkilled_sender(name: str, adopt_after: str) -> list[str]:
+def _sigkilled_sender(name: str, adopt_after: str, adopted: bool) -> list[str]:
     """Five 1 MiB arrays and an inline one sent from node_b, then the sender SIGKILLed
-    (after its objects were adopted, if ``adopt_after`` lets them be); the queue's keys."""
+    (after its objects were adopted, with ``adopted``); the queue's keys."""
     sender = _SenderOnB.remote(name, adopt_after)  # type: ignore[attr-defined]
     try:
         ray.get(sender.send.remote([10, 11, 12, 13, 14], MIB), timeout=60)
         keys = ray.get(sender.send.remote([99], 16), timeout=60)
-        if float(adopt_after) < 5:
+        if adopted:
             _wait_adopted(name)
         _sigkill(sender)
     finally:
@@ -341,7 +341,7 @@ def test_adopted_objects_outlive_their_sigkilled_sender(ray_two_nodes: str) -> N
     SHMCHANNEL_RAY_ADOPT_AFTER, 1 s): a receiver on the other node still gets all five and
     the inline one, intact and in order."""
     name = f"killed-sender-{os.getpid()}"
-    _sigkilled_sender(name, "1")
+    _sigkilled_sender(name, "1", adopted=True)
     with DataReceiver(ray_two_nodes, dataset_name=name, wait=10) as receiver:
         for i in range(5):
             got = receiver.recv(timeout=30)
@@ -350,12 +350,17 @@ def test_adopted_objects_outlive_their_sigkilled_sender(ray_two_nodes: str) -> N
         assert receiver.get_queue(0) == []
 
 
-def test_objects_a_sigkilled_sender_still_owned_are_lost_and_named(ray_two_nodes: str) -> None:
-    """A sender process SIGKILLed before its objects were adopted (ADOPT_AFTER 60 s): each
-    of the five recvs raises ObjectLost within 5 s naming the object and its sender; the
-    inline object after them arrives; nothing hangs."""
-    name = f"killed-owner-{os.getpid()}"
-    keys = _sigkilled_sender(name, "60")
+@pytest.mark.parametrize("adopt_after", ["60", "2"], ids=["ray-finds", "holder-found"])
+def test_objects_a_sigkilled_sender_still_owned_are_lost_and_named(ray_two_nodes: str, adopt_after: str) -> None:
+    """A sender process SIGKILLed before its objects were adopted: each of the five recvs
+    raises ObjectLost within 5 s naming the object and its sender, whether Ray finds the
+    owner dead at the recv (ADOPT_AFTER 60 s) or the holder found it when it came to adopt
+    them (2 s: then at once, without asking Ray again); the inline object after them
+    arrives; nothing hangs."""
+    name = f"killed-owner-{adopt_after}-{os.getpid()}"
+    keys = _sigkilled_sender(name, adopt_after, adopted=False)
+    if adopt_after == "2":
+        _wait_adopted(name)  # tried: the holder found their owner dead ("gone")
     with DataReceiver(ray_two_nodes, dataset_name=name, wait=10) as receiver:
         for key in keys[:5]:
             start = time.monotonic()
@@ -363,6 +368,8 @@ def test_objects_a_sigkilled_sender_still_owned_are_lost_and_named(ray_two_nodes
                 receiver.recv(timeout=30)
             assert time.monotonic() - start < 5
             assert f"object {key} " in str(lost.value)
+            if adopt_after == "2":
+                assert "before the holder could adopt it" in str(lost.value), lost.value
         assert (receiver.recv(timeout=30) == 99).all()
 
 

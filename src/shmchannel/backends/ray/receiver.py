@@ -127,6 +127,8 @@ class RayReceiver:
         key, inline, payload, node, owner = entry
         if inline:
             return decode(payload)
+        if owner == "gone":  # its holder found its owner dead: no wait for Ray to say so again
+            raise self._lost(key, node, owner, "its owner died before the holder could adopt it")
         try:
             try:
                 wire = self._ray.get(payload)
@@ -137,14 +139,16 @@ class RayReceiver:
                 key, inline, payload, node, owner = now  # its sender closed: its holder adopted it
                 wire = self._ray.get(payload)
         except self._ray.exceptions.ObjectLostError as exc:
-            raise ObjectLost(
-                f"object {key} of shard {self._shard} of channel {self._calls.label} is lost: it was held on "
-                f"node {node} by {_OWNERS.get(owner, owner)}, which is gone (README, Guarantees). "
-                f"Ray said: {type(exc).__name__}"
-            ) from None
+            raise self._lost(key, node, owner, f"Ray said: {type(exc).__name__}") from None
         except self._ray.exceptions.RayError as exc:
             raise BrokerUnavailable(f"fetching object {key} of {self._calls.label} failed in Ray: {exc}") from exc
         return decode(wire)
+
+    def _lost(self, key: str, node: str | None, owner: str, cause: str) -> ObjectLost:
+        return ObjectLost(
+            f"object {key} of shard {self._shard} of channel {self._calls.label} is lost: it was held on "
+            f"node {node} by {_OWNERS.get(owner, owner)}, which is gone (README, Guarantees); {cause}"
+        )
 
     def withdraw(self, thread: int | None) -> None:
         """Nothing: an actor call cannot be withdrawn; ``close`` ends it."""
