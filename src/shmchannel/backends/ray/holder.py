@@ -5,8 +5,8 @@ Ray 2.56 (ray-notes.md). So an object that must outlive its sender has to be put
 process that outlives it: one *holder* per node, a detached actor pinned to that node
 (``NodeAffinitySchedulingStrategy(soft=False)``), named after the node, started by the first
 channel actor that needs it and found by name afterwards. A channel actor asks it to
-*adopt* the objects a sender of its node put and still owns (``actors.py``: when they have
-waited ``adopt_after`` seconds, or when their sender closes): the holder reads each one
+*adopt* the objects a sender of its node put and still owns (``ownership.py``: when they
+have waited ``adopt_after`` seconds, or when their sender leaves): the holder reads each one
 (zero-copy: it is in its own node's object store) and puts a copy that it owns, on the same
 node. That second copy is the price of "data outlives the sender" in Ray; it is paid only
 for objects that wait, and no byte leaves the node.
@@ -14,10 +14,10 @@ for objects that wait, and no byte leaves the node.
 The holder keeps no reference of its own to what it adopted: the channel actor's queue and
 the receivers are what keep each object alive, so killing a channel's actor frees that
 channel's objects on every node (``shmchannel stop --ray``). A holder exits after
-``SHMCHANNEL_RAY_HOLDER_IDLE`` seconds (60 by default; the value of the sender that made
-the channel) without an adoption, once no channel it served queues or lends an object it
-owns. The decision is taken in its own event loop, where ``adopt`` also runs: nothing is
-adopted by a holder that has decided to leave.
+``SHMCHANNEL_RAY_HOLDER_IDLE`` seconds (60 by default; as the sender of the channel that
+started it read it) without an adoption, none under way, once no channel it served queues
+or lends an object it owns. The decision is taken in its own event loop, where ``adopt``
+also runs: nothing is adopted by a holder that has decided to leave.
 """
 
 from __future__ import annotations
