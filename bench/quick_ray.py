@@ -145,13 +145,15 @@ def shm_rate(name: str, count: int) -> tuple[str, float]:
 
 
 @ray.remote(num_cpus=0)
-def ray_send(queue: Any, count: int, consumer: list[Any]) -> str:
+def ray_send(queue: Any, count: int, consumer: list[Any]) -> tuple[str, float]:
+    """``shm_send`` for plain Ray: (node, time of the first put)."""
     data = payload()
+    start = time.perf_counter()
     for i in range(count):
         data[0] = i % 256
         queue.put([ray.put(data)])  # nested: the queue actor and the consumer borrow it unresolved
     ray.get(consumer[0], timeout=TIMEOUT)  # we own the objects: stay until the consumer is done
-    return node_id()
+    return node_id(), start
 
 
 @ray.remote(num_cpus=0)
@@ -177,7 +179,7 @@ def throughput_rep(peer: str, rep: int) -> float:
 
         queue = Queue(maxsize=2, actor_options={"num_cpus": 0})
         consumer = ray_rate.options(**on_b).remote(queue, COUNT)
-        p_node = ray.get(ray_send.options(**on_a).remote(queue, COUNT, [consumer]), timeout=TIMEOUT)
+        p_node, _ = ray.get(ray_send.options(**on_a).remote(queue, COUNT, [consumer]), timeout=TIMEOUT)
         c_node, rate = ray.get(consumer, timeout=TIMEOUT)
         queue.shutdown()
     assert c_node != p_node
@@ -243,18 +245,6 @@ def cpu_ticks(pid: int) -> int:
 
 
 @ray.remote(num_cpus=0)
-def ray_stream(queue: Any, count: int, consumer: list[Any]) -> tuple[str, float]:
-    """``ray_send`` timed as ``shm_send``: (node, time of the first put)."""
-    data = payload()
-    start = time.perf_counter()
-    for i in range(count):
-        data[0] = i % 256
-        queue.put([ray.put(data)])
-    ray.get(consumer[0], timeout=TIMEOUT)
-    return node_id(), start
-
-
-@ray.remote(num_cpus=0)
 def ray_drain(queue: Any, count: int) -> tuple[str, float]:
     """``shm_drain`` for plain Ray: (node, time of the last get)."""
     for i in range(count):
@@ -270,7 +260,7 @@ def ray_scale_rep(streams: list[tuple[str, str, str]], count: int) -> float:
 
     queues = [Queue(maxsize=2, actor_options={"num_cpus": 0}) for _ in streams]
     drains = [ray_drain.options(resources={r: 1}).remote(q, count) for q, (_, _, r) in zip(queues, streams)]
-    sends = [ray_stream.options(resources={s: 1}).remote(q, count, [d]) for q, d, (_, s, _) in zip(queues, drains, streams)]
+    sends = [ray_send.options(resources={s: 1}).remote(q, count, [d]) for q, d, (_, s, _) in zip(queues, drains, streams)]
     sent, received = ray.get(sends, timeout=TIMEOUT), ray.get(drains, timeout=TIMEOUT)
     for queue in queues:
         queue.shutdown()

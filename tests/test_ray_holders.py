@@ -109,9 +109,7 @@ def _channel_actor(name: str) -> Any:
 
 
 def _status(name: str) -> dict[str, Any]:
-    from shmchannel.backends.ray.actors import actor_name
-
-    return ray.get(ray.get_actor(actor_name(name), namespace="default").status.remote(), timeout=30)
+    return ray.get(_channel_actor(name).status.remote(), timeout=30)
 
 
 def _wait_adopted(name: str) -> None:
@@ -143,8 +141,6 @@ def _receive_on_b_and_look(name: str, count: int, prefetch: int, queued: int) ->
     channel actor), ask Ray where every object in it is. Once ``queued`` objects wait in the
     channel's queue (halfway through) and were adopted, read the object store of node_a and
     the channel's ``held_bytes``."""
-    from shmchannel.backends.ray.actors import actor_name
-
     seen, where, halfway = [], {}, None
     with DataReceiver("ray:auto", dataset_name=name, prefetch=prefetch, wait=60) as receiver:
         endpoint = receiver._endpoint
@@ -162,7 +158,7 @@ def _receive_on_b_and_look(name: str, count: int, prefetch: int, queued: int) ->
             if i == count // 2:
                 wait_until(lambda: len(receiver.get_queue(0)) >= queued, 60, f"{queued} objects queued")
                 _wait_adopted(name)
-                status = ray.get(ray.get_actor(actor_name(name), namespace="default").status.remote(), timeout=30)
+                status = _status(name)
                 halfway = {"node_a": _store("node_a"), "held_bytes": status["held_bytes"],
                            "queued": len(receiver.get_queue(0))}
     return {"node": str(ray.get_runtime_context().get_node_id()), "seen": seen, "where": where, "halfway": halfway}

@@ -14,7 +14,7 @@
     ├── StoreFull (MemoryError)                   the shared-memory store cannot hold an object
     │   └── StoreFullTimeout (TimeoutError)       ...and no space came free before the timeout
     ├── BrokerUnavailable (ConnectionError)       the broker cannot be reached or died
-    ├── ObjectLost                                Ray lost an object with the node holding it
+    ├── ObjectLost                                Ray lost an object with the process owning it
     ├── ProtocolError                             the broker sent something we do not understand
     └── ReentrantCall (RuntimeError)              a signal handler called an endpoint its own
                                                   thread was inside
@@ -195,10 +195,11 @@ class BrokerUnavailable(ChannelError, ConnectionError):
 
 
 class ObjectLost(ChannelError):
-    """An object sent on the Ray backend is lost: the node that held it (its sender's node,
-    whose holder owns it) died, and Ray keeps no other copy of an object put by a process
-    that is gone. The message names the object and the node. The object is consumed; the
-    next ``recv`` returns the next one.
+    """An object sent on the Ray backend is lost: the process that owned it died -- its
+    sender, before the holder of its node adopted it, or that holder, with its node -- and
+    Ray keeps no other copy of an object put by a process that is gone. The message names
+    the object, its node and its owner. The object is consumed; the next ``recv`` returns
+    the next one. A sender's ``close`` raises it for objects the holder could not adopt.
 
     Example::
 

@@ -64,6 +64,13 @@ def actor_name(dataset_name: str) -> str:
     return PREFIX + dataset_name
 
 
+def channel_actor(namespace: str, dataset_name: str) -> Any:
+    """The handle of the channel's actor, made (detached, named) if there is none."""
+    return ChannelActor.options(  # type: ignore[attr-defined]
+        name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
+    ).remote(namespace, dataset_name)
+
+
 def error_reply(exc: Exception) -> tuple[str, str, str]:
     return ("error", getattr(exc, "code", "error"), str(exc))
 

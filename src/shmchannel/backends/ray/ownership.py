@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
@@ -43,16 +43,19 @@ class Entry:
     """One object's part in a queue. The same entry sits in every shard's queue of a
     ``full_batch`` channel, and moves to ``lent`` and back: adopting it once updates all."""
 
-    __slots__ = ("key", "inline", "payload", "size", "node", "owner", "since")
+    __slots__ = ("key", "payload", "size", "node", "owner", "since")
 
     def __init__(self, key: str, inline: bool, payload: Any, size: int, node: str | None) -> None:
         self.key = key
-        self.inline = inline
         self.payload = payload  # the encoded part (inline), else an ObjectRef to it
         self.size = size  # bytes of data, as the sender measured them (status)
         self.node = node  # the node whose object store holds ``payload`` (None: inline)
         self.owner = "inline" if inline else "sender"  # then "holder" once adopted, "gone" if it never can be
         self.since = time.monotonic()  # queued at
+
+    @property
+    def inline(self) -> bool:
+        return self.owner == "inline"
 
     def public(self) -> tuple[str, bool, Any, str | None, str]:
         return self.key, self.inline, self.payload, self.node, self.owner
@@ -72,20 +75,25 @@ class Adoption:
 
     cond: asyncio.Condition
 
+    def _entries(self) -> Iterator[Entry]:
+        """The entries queued or lent (a ``full_batch`` one once per shard)."""
+        for queue in self.queues:
+            yield from queue
+        for lent in self.lent.values():
+            yield from (entry for _, entry in lent)
+
     def _unadopted(self) -> list[Entry]:
         """Entries whose sender still owns their object, queued or lent (a receiver's
         reference does not keep an object alive once its owner died: Ray)."""
-        found = {id(e): e for queue in self.queues for e in queue if e.owner == "sender"}
-        found.update((id(e), e) for lent in self.lent.values() for _, e in lent if e.owner == "sender")
-        return list(found.values())
+        return list({id(e): e for e in self._entries() if e.owner == "sender"}.values())
 
     def _present(self) -> set[int]:
         """The ids of the entries queued or lent."""
-        return {id(e) for queue in self.queues for e in queue} | {id(e) for lent in self.lent.values() for _, e in lent}
+        return {id(e) for e in self._entries()}
 
     def _adopt_soon(self) -> None:
         """Start the adoption loop unless it runs (it ends by itself when nothing waits):
-        after a large object is queued, and after entries go back to a queue."""
+        after a large object is queued."""
         if self._adopter is None:
             self._adopter = asyncio.ensure_future(self._adopt_when_due())
 
@@ -156,5 +164,4 @@ class Adoption:
 
     async def held_by(self, node: str) -> int:
         """Entries queued or lent whose bytes the holder of ``node`` owns (its idle check)."""
-        entries = [e for queue in self.queues for e in queue] + [e for lent in self.lent.values() for _, e in lent]
-        return sum(e.node == node and e.owner == "holder" for e in entries)
+        return sum(e.node == node and e.owner == "holder" for e in self._entries())

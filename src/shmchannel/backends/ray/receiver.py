@@ -29,16 +29,13 @@ from .wire import decode
 #: An entry as the channel actor hands it out: (key, inline, payload, node, owner).
 Entry = tuple[str, bool, Any, "str | None", str]
 
-_OWNERS = {
-    "sender": "its sender's process (it died before the node's holder adopted the object)",
-    "holder": "the node's holder (a node that dies takes its objects with it)",
-    "gone": "its sender's process (it died before the node's holder adopted the object)",
-}
+_SENDER = "its sender's process (it died before the node's holder adopted the object)"
+_OWNERS = {"sender": _SENDER, "gone": _SENDER, "holder": "the node's holder (a node that dies takes its objects with it)"}
 
 
 class RayReceiver:
     def __init__(self, ray: Any, namespace: str, dataset_name: str, shard_id: int, wait: float | None, prefetch: int) -> None:
-        from .actors import ChannelActor, Lease, actor_name
+        from .actors import Lease, actor_name, channel_actor
 
         self._ray = ray
         self._token = uuid.uuid4().hex
@@ -62,9 +59,7 @@ class RayReceiver:
                     f"no sender has created dataset_name {dataset_name!r} in namespace {namespace!r}"
                 ) from None
         else:  # create it if need be: the sender's attach then wakes us, no polling
-            actor = ChannelActor.options(  # type: ignore[attr-defined]
-                name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
-            ).remote(namespace, dataset_name)
+            actor = channel_actor(namespace, dataset_name)
         self._calls = Calls(ray, actor, label)
         try:
             info = self._calls.call("attach_receiver", self._token, shard_id, wait, self._lease)[1]

@@ -48,17 +48,14 @@ BATCH = 64
 
 class RaySender:
     def __init__(self, ray: Any, namespace: str, dataset_name: str, num_shards: int, full_batch: bool, max_queue_size: int) -> None:
-        from .actors import ChannelActor, actor_name
+        from .actors import channel_actor
 
         self._token = uuid.uuid4().hex
         self._ray = ray
         self._namespace, self._dataset_name = namespace, dataset_name
         self._data_system: Any = None
         adopt_after, holder_idle = config.ray_adopt_after(), config.ray_holder_idle()  # before the actor is made
-        actor = ChannelActor.options(  # type: ignore[attr-defined]
-            name=actor_name(dataset_name), namespace=namespace, lifetime="detached", get_if_exists=True
-        ).remote(namespace, dataset_name)
-        self._calls = Calls(ray, actor, f"{namespace}/{dataset_name}")
+        self._calls = Calls(ray, channel_actor(namespace, dataset_name), f"{namespace}/{dataset_name}")
         info = self._calls.call(
             "attach_sender", self._token, num_shards, full_batch, max_queue_size, adopt_after, holder_idle,
         )[1]
@@ -94,13 +91,13 @@ class RaySender:
             self._sending -= 1
 
     def _send(self, parts: list[Any], timeout: float | None) -> None:
-        credited = self._room - self._pending() > 0
+        credited = self._credited()
         if not credited or self._in_flight >= self._next_look:
             self._look(block=False)  # an earlier put's failure is this call's, before anything more goes
-            credited = self._room - self._pending() > 0
+            credited = self._credited()
             while not credited and self._flight:  # the oldest reply may bring room: a sliding
                 self._look(block=True, oldest=True)  # window, not a drain of every call
-                credited = self._room - self._pending() > 0
+                credited = self._credited()
         wires = [encode(part) for part in parts]  # the codec carries a block's own rows only
         sizes = [wire_size(wire) for wire in wires]
         inline = [n <= INLINE_THRESHOLD and not self._shared for n in sizes]
@@ -123,8 +120,9 @@ class RaySender:
         if not credited:
             self._look(block=True, own=self._seq - 1)
 
-    def _pending(self) -> int:
-        return self._in_flight + len(self._batch)
+    def _credited(self) -> bool:
+        """Is there room for one more put, counting the puts not answered yet?"""
+        return self._room - self._in_flight - len(self._batch) > 0
 
     def _add(self, put: tuple[Any, ...]) -> None:
         """A credited small put: to the actor now if it answered our last call, else with
